@@ -1,0 +1,40 @@
+"""The emulated hardware: N x86_64 CPUs (one Unicorn instance each) on one shared kernel text.
+
+Only `cpus._unicorn` imports Unicorn; `cpus` never imports `textpoke`.
+"""
+
+from .boot import BootImage
+from .coherence import SnoopModel
+from .config import MAX_CPUS, CostModel, MachineConfig, NmiSource
+from .delivery import Gate, NmiArrival, NmiState, Vector
+from .errors import ConfigError, SimulatorBug, TextpokeError
+from .machine import Agent, Cpu, Crash, Delay, Fine, Instrument, Machine, SendIpi, WaitUntil, WriteText
+from .trace import Trace, format_record
+
+__all__ = [
+    "MAX_CPUS",
+    "Agent",
+    "BootImage",
+    "ConfigError",
+    "CostModel",
+    "Cpu",
+    "Crash",
+    "Delay",
+    "Fine",
+    "Gate",
+    "Instrument",
+    "Machine",
+    "MachineConfig",
+    "NmiArrival",
+    "NmiSource",
+    "NmiState",
+    "SendIpi",
+    "SimulatorBug",
+    "SnoopModel",
+    "TextpokeError",
+    "Trace",
+    "Vector",
+    "WaitUntil",
+    "WriteText",
+    "format_record",
+]

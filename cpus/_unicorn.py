@@ -1,0 +1,303 @@
+"""The only module that imports Unicorn: one `Engine` per emulated CPU.
+
+Rules
+-----
+1. Everything Unicorn-specific (paging set-up, GDT, hooks, TB-cache control, error codes) lives here;
+   the rest of `cpus` talks to `Engine` in terms of kernel virtual addresses and registers by name.
+2. Memory is shared: the machine hands every engine the same host buffers; `mem_read`/`mem_write`
+   here take *physical* addresses, because that is what Unicorn takes under paging.
+3. A guest fault is never an exception for the caller: `run()` returns a `RunStop` naming the Unicorn
+   error, and the machine turns it into a crash record. A Python exception raised inside one of our
+   hooks is a simulator bug and is re-raised by `run()` as is.
+
+Measured recipes (UNICORN-NOTES.md) applied here: real paging with 2 MiB-free 4-level tables and the
+default TLB mode (fastest), a 16 MiB TCG buffer (the default reserves 1 GiB per instance), `until` at an
+unmapped address, every hook added before the first instruction is translated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_BLOCK,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    Uc,
+    UcError,
+)
+from unicorn import x86_const as x86
+from unicorn.unicorn_py3.unicorn import (
+    HOOK_CODE_CFUNC,
+    HOOK_INSN_INVALID_CFUNC,
+    HOOK_INTR_CFUNC,
+    uc_hook_h,
+    uclib,
+)
+
+__all__ = ["REGS", "Engine", "HostMemory", "RunStop", "engine_error_name"]
+
+#: Register name -> Unicorn id, for the registers the machine and the tools read.
+REGS: dict[str, int] = {
+    "rax": x86.UC_X86_REG_RAX,
+    "rbx": x86.UC_X86_REG_RBX,
+    "rcx": x86.UC_X86_REG_RCX,
+    "rdx": x86.UC_X86_REG_RDX,
+    "rsi": x86.UC_X86_REG_RSI,
+    "rdi": x86.UC_X86_REG_RDI,
+    "rbp": x86.UC_X86_REG_RBP,
+    "rsp": x86.UC_X86_REG_RSP,
+    "r8": x86.UC_X86_REG_R8,
+    "r9": x86.UC_X86_REG_R9,
+    "r10": x86.UC_X86_REG_R10,
+    "r11": x86.UC_X86_REG_R11,
+    "r12": x86.UC_X86_REG_R12,
+    "r13": x86.UC_X86_REG_R13,
+    "r14": x86.UC_X86_REG_R14,
+    "r15": x86.UC_X86_REG_R15,
+    "rip": x86.UC_X86_REG_RIP,
+    "rflags": x86.UC_X86_REG_RFLAGS,
+}
+_RIP = x86.UC_X86_REG_RIP
+_RSP = x86.UC_X86_REG_RSP
+_RFLAGS = x86.UC_X86_REG_RFLAGS
+
+_TCG_BUFFER = 16 << 20
+
+
+class HostMemory:
+    """One host buffer standing for a range of physical memory, shared by every engine."""
+
+    def __init__(self, pa: int, size: int) -> None:
+        self.pa = pa
+        self.size = size
+        self.buf = mmap.mmap(-1, size)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+
+    def contains(self, pa: int, n: int = 1) -> bool:
+        return self.pa <= pa and pa + n <= self.pa + self.size
+
+    def read(self, pa: int, n: int) -> bytes:
+        off = pa - self.pa
+        return self.buf[off : off + n]
+
+    def write(self, pa: int, data: bytes) -> None:
+        off = pa - self.pa
+        self.buf[off : off + len(data)] = data
+
+
+@dataclass(frozen=True, slots=True)
+class RunStop:
+    """Why a quantum ended early: the Unicorn error a guest fault produced."""
+
+    error: str
+    errno: int
+
+
+def engine_error_name(errno: int) -> str:
+    import unicorn.unicorn_const as uc_const
+
+    for name in dir(uc_const):
+        if name.startswith("UC_ERR_") and getattr(uc_const, name) == errno:
+            return name
+    return f"UC_ERR_{errno}"
+
+
+CodeHook = Callable[[int, int], None]  # (address, instruction size)
+IntrHook = Callable[[int], None]  # (interrupt number)
+CpuidHook = Callable[[], bool]
+
+
+class Engine:
+    """One x86_64 CPU core in long mode, ring 0, paging on, sharing `memories` with its siblings."""
+
+    def __init__(
+        self,
+        memories: Iterable[HostMemory],
+        cr3: int,
+        gdt_va: int,
+        gs_base: int,
+        kernel_cs: int,
+        kernel_ds: int,
+    ) -> None:
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_tcg_buffer_size(_TCG_BUFFER)
+        self.uc = uc
+        for mem in memories:
+            uc.mem_map_ptr(mem.pa, mem.size, UC_PROT_ALL, mem.addr)
+        uc.reg_write(x86.UC_X86_REG_CR3, cr3)
+        uc.reg_write(x86.UC_X86_REG_CR4, uc.reg_read(x86.UC_X86_REG_CR4) | 0x20)  # PAE
+        uc.reg_write(x86.UC_X86_REG_CR0, uc.reg_read(x86.UC_X86_REG_CR0) | 0x80010001)  # PG WP PE
+        uc.reg_write(x86.UC_X86_REG_GDTR, (0, gdt_va, 31, 0))
+        uc.reg_write(x86.UC_X86_REG_CS, kernel_cs)
+        uc.reg_write(x86.UC_X86_REG_SS, kernel_ds)
+        uc.reg_write(x86.UC_X86_REG_GS_BASE, gs_base)
+        self._reg_read = uc.reg_read
+        self._reg_write = uc.reg_write
+        self._uch = uc._uch
+        self._u64 = ctypes.c_uint64()
+        self._u64_ref = ctypes.byref(self._u64)
+        self._callbacks: dict[int, object] = {}
+        self.hook_error: BaseException | None = None
+
+    # -- hooks ----------------------------------------------------------------------------------
+    # Callbacks go straight from ctypes to ours (the binding's generic wrappers cost several
+    # microseconds a call). An exception in a callback stops the engine and is re-raised by run().
+    def _guard(self, fn: Callable[..., object]) -> Callable[..., object]:
+        def guarded(*args: object) -> object:
+            try:
+                return fn(*args)
+            except BaseException as err:
+                if self.hook_error is None:
+                    self.hook_error = err
+                uclib.uc_emu_stop(self._uch)
+                return None
+
+        return guarded
+
+    def _add(self, htype: int, fptr: object, begin: int, end: int) -> int:
+        handle = uc_hook_h()
+        status = uclib.uc_hook_add(
+            self._uch,
+            ctypes.byref(handle),
+            htype,
+            fptr,
+            ctypes.c_void_p(0),
+            ctypes.c_uint64(begin),
+            ctypes.c_uint64(end),
+        )
+        if status:
+            raise UcError(status)
+        self._callbacks[handle.value] = fptr
+        return handle.value
+
+    def hook_code_at(self, address: int, size: int, callback: CodeHook) -> int:
+        """Call `callback(address, size)` before each instruction starting in [address, address+size).
+
+        A hook added after code was translated only sees blocks translated afterwards: callers drop
+        the decoded range (`drop_decoded`) after adding one to a running machine."""
+        inner = self._guard(callback)
+        fptr = HOOK_CODE_CFUNC(lambda _h, addr, sz, _k: inner(addr, sz))
+        return self._add(UC_HOOK_CODE, fptr, address, address + max(size, 1) - 1)
+
+    def hook_block_at(self, address: int, size: int, callback: CodeHook) -> int:
+        """Call `callback(address, block_size)` when a translated block starting in
+        [address, address+size) begins to run.
+
+        Unlike a code hook, a block hook costs nothing per instruction elsewhere: with `count`
+        slicing Unicorn checks every code hook before every instruction, so the machine keeps code
+        hooks to the few `iretq`/`popfq` sites. Caveat: when a quantum's count runs out right at
+        a block start, the hook has fired but the block does not run (the machine discounts it)."""
+        inner = self._guard(callback)
+        fptr = HOOK_CODE_CFUNC(lambda _h, addr, sz, _k: inner(addr, sz))
+        return self._add(UC_HOOK_BLOCK, fptr, address, address + max(size, 1) - 1)
+
+    def hook_del(self, handle: int) -> None:
+        status = uclib.uc_hook_del(self._uch, uc_hook_h(handle))
+        if status:
+            raise UcError(status)
+        del self._callbacks[handle]
+
+    def hook_interrupts(self, callback: IntrHook) -> None:
+        inner = self._guard(callback)
+        fptr = HOOK_INTR_CFUNC(lambda _h, intno, _k: inner(intno))
+        self._add(UC_HOOK_INTR, fptr, 1, 0)
+
+    def hook_invalid_insn(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` when the CPU meets an instruction it cannot decode (#UD); emulation stops.
+
+        Without this hook Unicorn sometimes reports UC_ERR_INSN_INVALID and sometimes (when the bad
+        instruction is reached through a chained block) returns quietly with RIP stuck on it."""
+        inner = self._guard(callback)
+
+        def on_invalid(_h: object, _k: object) -> bool:
+            inner()
+            return False
+
+        self._add(UC_HOOK_INSN_INVALID, HOOK_INSN_INVALID_CFUNC(on_invalid), 1, 0)
+
+    def hook_cpuid(self, callback: CpuidHook) -> None:
+        def trampoline(_uc: Uc, _user: object) -> bool:
+            return callback()
+
+        self.uc.hook_add(UC_HOOK_INSN, trampoline, None, 1, 0, x86.UC_X86_INS_CPUID)
+
+    # -- execution ------------------------------------------------------------------------------
+    def run(self, rip: int, until: int, count: int) -> RunStop | None:
+        """Execute up to `count` instructions from `rip`; a guest fault ends it early."""
+        status = uclib.uc_emu_start(self._uch, rip, until, 0, count)
+        if self.hook_error is not None:
+            err, self.hook_error = self.hook_error, None
+            raise err
+        if status:
+            return RunStop(engine_error_name(status), status)
+        return None
+
+    def stop(self) -> None:
+        uclib.uc_emu_stop(self._uch)
+
+    # -- registers ------------------------------------------------------------------------------
+    def rip(self) -> int:
+        uclib.uc_reg_read(self._uch, _RIP, self._u64_ref)
+        return self._u64.value
+
+    def set_rip(self, value: int) -> None:
+        self._reg_write(_RIP, value)
+
+    def rsp(self) -> int:
+        uclib.uc_reg_read(self._uch, _RSP, self._u64_ref)
+        return self._u64.value
+
+    def set_rsp(self, value: int) -> None:
+        self._reg_write(_RSP, value)
+
+    def rflags(self) -> int:
+        uclib.uc_reg_read(self._uch, _RFLAGS, self._u64_ref)
+        return self._u64.value
+
+    def set_rflags(self, value: int) -> None:
+        self._reg_write(_RFLAGS, value)
+
+    def cr2(self) -> int:
+        return self._reg_read(x86.UC_X86_REG_CR2)
+
+    def reg(self, name: str) -> int:
+        return self._reg_read(REGS[name])
+
+    def set_reg(self, name: str, value: int) -> None:
+        self._reg_write(REGS[name], value)
+
+    def registers(self) -> dict[str, int]:
+        return {name: self._reg_read(rid) for name, rid in REGS.items()}
+
+    # -- memory and decoded-code cache ----------------------------------------------------------
+    def mem_read(self, pa: int, n: int) -> bytes:
+        return bytes(self.uc.mem_read(pa, n))
+
+    def mem_write(self, pa: int, data: bytes) -> None:
+        self.uc.mem_write(pa, data)
+
+    def drop_decoded(self, lo: int, hi: int) -> None:
+        """Forget every translated block overlapping [lo, hi): the next fetch decodes memory again."""
+        self.uc.ctl_remove_cache(lo, hi)
+
+    def decode_at(self, address: int) -> None:
+        """Translate the block at `address` from current memory now (the CPU "decodes" it)."""
+        self.uc.ctl_request_cache(address)
+
+    def flush_decoded(self) -> None:
+        self.uc.ctl_flush_tb()
+
+
+def pack_frame(rip: int, cs: int, rflags: int, rsp: int, ss: int) -> bytes:
+    """The five-word frame event delivery pushes, lowest address first."""
+    return struct.pack("<5Q", rip, cs, rflags, rsp, ss)

@@ -1,0 +1,33 @@
+"""What the machine needs from a kernel image to boot its CPUs.
+
+The machine knows nothing about ftrace or patching: a kernel (built by `textpoke.image`) hands it
+text and data bytes, the IDT gates, where each CPU starts, which text ranges are patchable (so the
+fetch-coherence model watches them) and where its `iretq`/`popfq` instructions are (the machine
+executes `iretq` itself and watches `popfq` for interrupts that become deliverable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .delivery import Gate
+
+__all__ = ["BootImage"]
+
+
+@dataclass(frozen=True)
+class BootImage:
+    text: bytes  # placed at layout.TEXT_VA
+    data: bytes  # placed at layout.IMAGE_DATA_VA
+    gates: dict[int, Gate]  # vector -> gate
+    worker_entry: int  # where non-patcher CPUs start
+    idle_entry: int  # where the patcher CPU starts (and returns to after its work)
+    watch: tuple[tuple[int, int], ...]  # (address, length) of every patchable site
+    iret_sites: tuple[int, ...]
+    popf_sites: tuple[int, ...]
+    #: (cpu, seed) -> initial general registers, e.g. a per-CPU random state
+    boot_regs: Callable[[int, int], dict[str, int]] = field(default=lambda cpu, seed: {})
+    #: (cpu, layout) -> {offset in the per-CPU area: u64 value}
+    percpu_init: Callable[[int, object], dict[int, int]] = field(default=lambda cpu, layout: {})
+    symbols: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,42 @@
+"""Capstone helpers: the machine's own view of bytes as instructions, for checks and reports."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+__all__ = ["describe", "disasm", "insn_length"]
+
+_CS = Cs(CS_ARCH_X86, CS_MODE_64)
+
+
+def disasm(code: bytes, address: int, limit: int = 0) -> list[tuple[int, bytes, str]]:
+    """(address, bytes, text) per instruction decoded from `code`, stopping at the first invalid one."""
+    out = []
+    for insn in _CS.disasm(code, address):
+        out.append((insn.address, bytes(insn.bytes), f"{insn.mnemonic} {insn.op_str}".strip()))
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+@lru_cache(maxsize=4096)
+def insn_length(code: bytes) -> int | None:
+    """Length of the first instruction in `code`, or None when it does not decode."""
+    for insn in _CS.disasm(code, 0, 1):
+        return insn.size
+    return None
+
+
+@lru_cache(maxsize=4096)
+def describe(code: bytes, address: int = 0) -> str:
+    """One-line disassembly of `code` ("(bad)" for what does not decode)."""
+    parts = []
+    pos = 0
+    for a, b, text in disasm(code, address):
+        parts.append(text)
+        pos = a - address + len(b)
+    if pos < len(code):
+        parts.append("(bad) " + code[pos:].hex(" "))
+    return "; ".join(parts)

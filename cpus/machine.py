@@ -1,0 +1,841 @@
+"""The emulated SMP machine: N x86_64 CPUs on one shared kernel text, and everything the hardware
+supplies that Unicorn does not.
+
+Theory of operation
+-------------------
+Each CPU is an `Engine` (one Unicorn instance) with a cycle clock. The scheduler always runs the CPU
+that is furthest behind in simulated time (ties: lowest index) for one quantum of instructions drawn
+from the seed; quanta are cut so that a timed event (an NMI from a source, an IPI's arrival, a snoop
+point) lands exactly on an instruction boundary of its CPU at its time. Between quanta the machine
+delivers what is due; during a quantum Unicorn calls back for the things only hardware does:
+
+* `int3` and faults arrive through the interrupt hook: `int3` is delivered through its gate,
+  everything else is a crash record (DESIGN.md 1.7);
+* `iretq` is executed here, not by Unicorn (code hooks on every `iretq` of the text): pop the frame,
+  check it, unblock NMIs, serialize, then deliver a latched NMI or a pending interrupt;
+* `popfq` is watched so that an interrupt held back by IF=0 is delivered right when IF comes back;
+* the patchable sites are watched so the fetch-coherence model knows what each CPU executes there.
+
+Agents are Python programs that occupy a CPU instead of guest code (the patcher): generators that
+yield actions (`Delay`, `WriteText`, `SendIpi`, `WaitUntil`, `Fine`) costed on that CPU's clock.
+
+Time inside a quantum: events raised by the running CPU itself (int3, iretq) are stamped with the
+quantum's start time plus the cycles charged so far; external events are exact.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import struct
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import layout as L
+from ._unicorn import Engine, HostMemory
+from .boot import BootImage
+from .coherence import FetchCoherence
+from .config import MachineConfig
+from .delivery import (
+    FRED_NMI_BIT,
+    RFLAGS_IF,
+    Gate,
+    NmiArrival,
+    NmiState,
+    Vector,
+    decode_gate,
+    encode_gate,
+    entry_rflags,
+    frame_base,
+)
+from .disasm import describe, insn_length
+from .errors import ConfigError, SimulatorBug
+from .trace import Trace
+
+__all__ = [
+    "Agent",
+    "Cpu",
+    "Crash",
+    "Delay",
+    "Fine",
+    "Instrument",
+    "Machine",
+    "SendIpi",
+    "WaitUntil",
+    "WriteText",
+]
+
+_EV_NMI = 0
+_EV_IPI = 1
+_EV_SNOOP = 2
+_EV_CALL = 3
+
+IST_NMI = 2  # Linux: IST_INDEX_NMI = ESTACK_NMI + 1
+_GDT = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
+_CANONICAL_HI = 0xFFFF800000000000
+
+
+# --------------------------------------------------------------------------------------------
+# Records and observers
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Crash:
+    """A CPU the guest killed: where, what it was executing, and the last things it did."""
+
+    cpu: int
+    time: int
+    reason: str
+    rip: int
+    code: bytes  # bytes at RIP as the CPU saw them (empty when unmapped)
+    disassembly: str
+    tail: tuple[tuple, ...]
+
+    def __str__(self) -> str:
+        return (
+            f"cpu{self.cpu} crashed at t={self.time}: {self.reason} at {self.rip:#x}: "
+            f"{self.code.hex(' ') or '<unmapped>'} ({self.disassembly})"
+        )
+
+
+class Instrument(Protocol):
+    """Observers of the machine (the safety oracle, recorders). Every method is optional."""
+
+    def on_fetch(self, cpu: int, time: int, site: int, code: bytes) -> None: ...
+    def on_text_write(self, cpu: int, time: int, addr: int, data: bytes) -> None: ...
+    def on_serialize(self, cpu: int, time: int) -> None: ...
+    def on_deliver(self, cpu: int, time: int, vector: int, frame: tuple[int, ...]) -> None: ...
+    def on_iret(self, cpu: int, time: int, frame: tuple[int, ...], unblocked: bool) -> None: ...
+    def on_nmi(self, cpu: int, time: int, outcome: str) -> None: ...
+    def on_crash(self, crash: Crash) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Agent actions
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Delay:
+    cycles: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteText:
+    """One store to text of `data` (atomic as a whole; split it to model a torn write)."""
+
+    addr: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendIpi:
+    targets: tuple[int, ...]
+    vector: int = int(Vector.IPI)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitUntil:
+    """Spin (one poll every `costs.poll` cycles) until `predicate()` holds."""
+
+    predicate: Callable[[], bool]
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Fine:
+    """Enter (True) or leave (False) fine-grained scheduling around a patch step."""
+
+    on: bool
+
+
+Action = Delay | WriteText | SendIpi | WaitUntil | Fine
+Agent = Generator[Action, None, Any]
+
+
+class Cpu:
+    """One CPU: its engine plus the state Unicorn lacks."""
+
+    __slots__ = (
+        "agent",
+        "agent_done",
+        "agent_result",
+        "clock",
+        "crash",
+        "engine",
+        "events",
+        "extra",
+        "index",
+        "nmi",
+        "pending",
+        "popf_hooks",
+        "rip",
+        "stats",
+        "tentative",
+    )
+
+    def __init__(self, index: int, engine: Engine, fred: bool) -> None:
+        self.index = index
+        self.engine = engine
+        self.nmi = NmiState(fred)
+        self.pending: set[int] = set()  # maskable vectors waiting for IF=1
+        self.clock = 0
+        self.events: list[tuple[int, int, int, int, Any]] = []
+        self.crash: Crash | None = None
+        self.agent: Agent | None = None
+        self.agent_result: Any = None
+        self.agent_done = False
+        self.extra = 0  # cycles charged by events during the running quantum
+        self.rip = 0
+        self.tentative: tuple[int, int, bytes] | None = None
+        self.popf_hooks: list[int] = []
+        self.stats = {
+            "site_exec": 0,
+            "instructions": 0,
+            "quanta": 0,
+            "nmi_raised": 0,
+            "nmi_delivered": 0,
+            "nmi_latched": 0,
+            "nmi_dropped": 0,
+            "ipi_received": 0,
+            "ipi_delivered": 0,
+            "int3": 0,
+            "iret": 0,
+            "serialize_drops": 0,
+        }
+
+    @property
+    def alive(self) -> bool:
+        return self.crash is None
+
+    def now(self) -> int:
+        return self.clock + self.extra
+
+
+class Machine:
+    """N CPUs, one shared text, one shared data segment, private stacks and per-CPU areas."""
+
+    def __init__(self, config: MachineConfig, image: BootImage, instruments: Iterable[object] = ()) -> None:
+        if not isinstance(config, MachineConfig):
+            raise ConfigError("Machine needs a MachineConfig")
+        self.config = config
+        self.image = image
+        self.costs = config.costs
+        n = config.cpus
+        self.layout = L.Layout(n, len(image.text), L.DATA_RESERVED + len(image.data))
+        lay = self.layout
+        self.mem_pt = HostMemory(L.PT_PA, len(lay.page_tables))
+        self.mem_text = HostMemory(L.TEXT_PA, lay.text_size)
+        self.mem_data = HostMemory(L.DATA_PA, lay.data_size)
+        self.mem_percpu = HostMemory(L.PERCPU_PA, lay.percpu_size)
+        self._mems = (self.mem_percpu, self.mem_data, self.mem_text, self.mem_pt)
+        self.mem_pt.write(L.PT_PA, lay.page_tables)
+        self.mem_text.write(L.TEXT_PA, image.text)
+        self.write(L.GDT_VA, _GDT)
+        for vec, gate in image.gates.items():
+            self.write(L.IDT_VA + 16 * int(vec), encode_gate(gate))
+        self.write(L.IMAGE_DATA_VA, image.data)
+
+        self.trace = Trace(n, keep=config.keep_trace)
+        self.instruments = list(instruments)
+        self._on_fetch = [f for i in self.instruments if (f := getattr(i, "on_fetch", None))]
+        self._sched_rng = random.Random(f"{config.seed}/sched")
+        self._snoop_rng = random.Random(f"{config.seed}/snoop")
+        self._seq = 0
+        self.fine = 0
+        self._pending_wait: dict[int, WaitUntil] = {}
+        self._site_hooks: dict[int, list[int]] = {}  # watched site -> hook handle per CPU
+        self._release: set[int] = set()  # sites to stop watching once no CPU holds them stale
+        self.text_lo = L.TEXT_VA
+        self.text_hi = L.TEXT_VA + len(image.text)
+
+        self.cpus: list[Cpu] = []
+        for i in range(n):
+            eng = Engine(self._mems, L.PT_PA, L.GDT_VA, lay.percpu_va(i), L.KERNEL_CS, L.KERNEL_DS)
+            self.cpus.append(Cpu(i, eng, config.fred))
+        self.coherence = FetchCoherence(
+            n, image.watch, self.read, lambda c, lo, hi: self.cpus[c].engine.drop_decoded(lo, hi)
+        )
+        for cpu in self.cpus:
+            self._boot(cpu)
+        self._start_nmi_sources()
+
+    # ----------------------------------------------------------------------------------------
+    # Boot
+    # ----------------------------------------------------------------------------------------
+    def _boot(self, cpu: Cpu) -> None:
+        i = cpu.index
+        lay = self.layout
+        tss = bytearray(104)
+        struct.pack_into("<Q", tss, 4, lay.kstack_top(i))  # RSP0
+        struct.pack_into("<Q", tss, 0x24 + 8 * (IST_NMI - 1), lay.nmi_stack_top(i))
+        self.write(lay.tss_va(i), bytes(tss))
+        for off, value in self.image.percpu_init(i, lay).items():
+            self.write(lay.percpu_va(i) + off, struct.pack("<Q", value & (2**64 - 1)))
+        eng = cpu.engine
+        for a in self.image.iret_sites:
+            eng.hook_code_at(a, 1, self._iret_hook(cpu))
+        eng.hook_interrupts(self._intr_hook(cpu))
+        eng.hook_invalid_insn(lambda: self._crash(cpu, "exception #UD (invalid opcode)", cpu.engine.rip()))
+        eng.hook_cpuid(self._cpuid_hook(cpu))
+        eng.set_rsp(lay.kstack_top(i))
+        eng.set_rflags(0x202)
+        for name, value in self.image.boot_regs(i, self.config.seed).items():
+            eng.set_reg(name, value)
+        entry = self.image.idle_entry if i == self.config.patcher_cpu else self.image.worker_entry
+        eng.set_rip(entry)
+        cpu.rip = entry
+
+    def _start_nmi_sources(self) -> None:
+        for src in self.config.nmi_sources:
+            for c in self.config.nmi_targets(src):
+                rng = random.Random(f"{self.config.seed}/nmi/{src.name}/{c}")
+                first = src.start + rng.randrange(src.period)
+                self._schedule(c, first, _EV_NMI, (src, rng))
+
+    # ----------------------------------------------------------------------------------------
+    # Memory
+    # ----------------------------------------------------------------------------------------
+    def _phys(self, va: int, n: int) -> tuple[HostMemory, int] | None:
+        pa = self.layout.pa(va, n)
+        if pa is None:
+            return None
+        for m in self._mems:
+            if m.contains(pa, n):
+                return m, pa
+        return None
+
+    def read(self, va: int, n: int) -> bytes:
+        """Read kernel memory (a data read: text reads see the latest bytes)."""
+        loc = self._phys(va, n)
+        if loc is None:
+            raise ConfigError(f"address range {va:#x}+{n} is not mapped")
+        m, pa = loc
+        return m.read(pa, n)
+
+    def read_u64(self, va: int) -> int:
+        return struct.unpack("<Q", self.read(va, 8))[0]
+
+    def write(self, va: int, data: bytes) -> None:
+        """Write kernel data (not text: use `write_text`, which the coherence model sees)."""
+        loc = self._phys(va, len(data))
+        if loc is None:
+            raise ConfigError(f"address range {va:#x}+{len(data)} is not mapped")
+        m, pa = loc
+        if m is self.mem_text:
+            raise ConfigError("text is written with write_text(), so every CPU's fetch model sees it")
+        m.write(pa, data)
+
+    def percpu(self, cpu: int, offset: int) -> int:
+        """A u64 per-CPU variable of `cpu`."""
+        return self.read_u64(self.layout.percpu_va(cpu) + offset)
+
+    def is_text(self, addr: int, n: int = 1) -> bool:
+        return self.text_lo <= addr and addr + n <= self.text_hi
+
+    def write_text(self, addr: int, data: bytes, writer: int | None = None) -> None:
+        """One store of `data` into text by CPU `writer` (default: the patcher), visible at once to
+        data reads and, per the coherence model, to each CPU's instruction fetch."""
+        if not self.is_text(addr, len(data)):
+            raise ConfigError(f"text write {addr:#x}+{len(data)} is outside the kernel text")
+        w = self.config.patcher_cpu if writer is None else writer
+        self.watch(self.coherence.sites_overlapping(addr, addr + len(data)))
+        now = self.cpus[w].now()
+        self.mem_text.write(L.TEXT_PA + (addr - L.TEXT_VA), data)
+        self.trace.add((now, w, "write", addr, bytes(data)))
+        for inst in self.instruments:
+            f = getattr(inst, "on_text_write", None)
+            if f:
+                f(w, now, addr, bytes(data))
+        for cpu, site in self.coherence.written(w, addr, addr + len(data)):
+            delay = self.config.snoop.draw(self._snoop_rng)
+            if delay is not None:
+                self._schedule(cpu, now + delay, _EV_SNOOP, site)
+
+    def watch(self, sites: Iterable[int]) -> None:
+        """Observe fetches of these patchable sites on every CPU (DESIGN.md 1.6; see coherence).
+
+        From now on every CPU holds a decoded copy of each site's current bytes: its block is
+        translated here, on every CPU, with the observing hook in it."""
+        for site in sites:
+            self._release.discard(site)
+            if site in self._site_hooks:
+                continue
+            if site not in self.coherence.sites:
+                raise ConfigError(f"{site:#x} is not a patchable site of this kernel image")
+            length = self.coherence.sites[site]
+            handles = []
+            for cpu in self.cpus:
+                eng = cpu.engine
+                handles.append(eng.hook_block_at(site, length, self._site_hook(cpu)))
+                eng.drop_decoded(site, site + length)
+                eng.decode_at(site)
+            self._site_hooks[site] = handles
+            self.coherence.watch(site)
+            self.trace.add((self.now(), -1, "watch", site))
+
+    def release(self, sites: Iterable[int]) -> None:
+        """Stop observing these sites as soon as no CPU holds a stale copy of them."""
+        self._release.update(s for s in sites if s in self._site_hooks)
+        self._settle()
+
+    def _settle(self) -> None:
+        for site in sorted(self._release):
+            if self.coherence.stale_count.get(site):
+                continue
+            self._release.discard(site)
+            length = self.coherence.sites[site]
+            for cpu, handle in zip(self.cpus, self._site_hooks.pop(site), strict=False):
+                cpu.engine.hook_del(handle)
+                cpu.engine.drop_decoded(site, site + length)
+            self.coherence.unwatch(site)
+            self.trace.add((self.now(), -1, "unwatch", site))
+
+    @property
+    def watched(self) -> frozenset[int]:
+        return frozenset(self._site_hooks)
+
+    # ----------------------------------------------------------------------------------------
+    # Event queue
+    # ----------------------------------------------------------------------------------------
+    def _schedule(self, cpu: int, time: int, kind: int, arg: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self.cpus[cpu].events, (time, kind, self._seq, kind, arg))
+
+    def send_ipi(self, sender: int, target: int, vector: int = int(Vector.IPI)) -> None:
+        now = self.cpus[sender].now()
+        arrive = now + self.costs.ipi_latency
+        self.trace.add((now, sender, "ipi-send", target, vector))
+        self._schedule(target, arrive, _EV_IPI, vector)
+
+    def call_at(self, cpu: int, time: int, fn: Callable[[Machine, Cpu], None]) -> None:
+        """Run `fn(machine, cpu)` when `cpu` reaches `time` (an instruction boundary)."""
+        self._schedule(cpu, time, _EV_CALL, fn)
+
+    def _due(self, cpu: Cpu) -> None:
+        ev = cpu.events
+        while ev and ev[0][0] <= cpu.clock and cpu.crash is None:
+            t, _, _, kind, arg = heapq.heappop(ev)
+            if kind == _EV_NMI:
+                src, rng = arg
+                nxt = t + src.period + int(rng.uniform(-src.jitter, src.jitter) * src.period)
+                self._schedule(cpu.index, max(nxt, t + 1), _EV_NMI, arg)
+                self.raise_nmi(cpu.index, src.name)
+            elif kind == _EV_IPI:
+                cpu.pending.add(arg)
+                cpu.stats["ipi_received"] += 1
+                if_on = bool(cpu.engine.rflags() & RFLAGS_IF)
+                self.trace.add((cpu.clock, cpu.index, "ipi-arrive", arg, if_on))
+                if not if_on and not cpu.popf_hooks and self.image.popf_sites:
+                    self._watch_popf(cpu, True)
+            elif kind == _EV_SNOOP:
+                if self.coherence.snoop(cpu.index, arg):
+                    self.trace.add((cpu.clock, cpu.index, "snoop", arg))
+            else:
+                arg(self, cpu)
+        if cpu.crash is None and cpu.pending and cpu.agent is None and cpu.engine.rflags() & RFLAGS_IF:
+            self._deliver_pending_irq(cpu, cpu.engine.rip())
+
+    def raise_nmi(self, cpu_index: int, source: str = "test") -> None:
+        """An NMI reaches `cpu_index` now (at its current instruction boundary)."""
+        cpu = self.cpus[cpu_index]
+        cpu.stats["nmi_raised"] += 1
+        outcome = cpu.nmi.arrive()
+        now = cpu.now()
+        if outcome is NmiArrival.DELIVER:
+            if cpu.agent is not None:
+                # an agent is Python code and cannot take an NMI: it stays latched for later
+                cpu.nmi.latched = True
+                outcome = NmiArrival.LATCH
+            else:
+                self._deliver(cpu, Vector.NMI, cpu.engine.rip())
+        if outcome is NmiArrival.LATCH:
+            cpu.stats["nmi_latched"] += 1
+        elif outcome is NmiArrival.DROP:
+            cpu.stats["nmi_dropped"] += 1
+        self.trace.add((now, cpu_index, "nmi", source, outcome.value))
+        for inst in self.instruments:
+            f = getattr(inst, "on_nmi", None)
+            if f:
+                f(cpu_index, now, outcome.value)
+
+    # ----------------------------------------------------------------------------------------
+    # Event delivery (the hardware part)
+    # ----------------------------------------------------------------------------------------
+    def _gate(self, vector: int) -> Gate | None:
+        return decode_gate(self.read(L.IDT_VA + 16 * vector, 16))
+
+    def _deliver(self, cpu: Cpu, vector: int, ret_rip: int) -> bool:
+        """Deliver `vector` to `cpu` with `ret_rip` as the saved RIP; False if the CPU died."""
+        if cpu.tentative is not None:
+            self._confirm_fetch(cpu)
+        gate = self._gate(vector)
+        if gate is None:
+            self._crash(cpu, f"no IDT gate for vector {vector} (triple fault)", ret_rip)
+            return False
+        eng = cpu.engine
+        rsp = eng.rsp()
+        rflags = eng.rflags()
+        ist_top = None
+        if gate.ist:
+            ist_top = self.read_u64(self.layout.tss_va(cpu.index) + 0x24 + 8 * (gate.ist - 1))
+        base = frame_base(rsp, ist_top)
+        loc = self._phys(base, 40)
+        if loc is None:
+            self._crash(
+                cpu, f"delivering vector {vector}: stack {base:#x} not mapped (double fault)", ret_rip
+            )
+            return False
+        ss = L.KERNEL_DS | ((1 << FRED_NMI_BIT) if (vector == Vector.NMI and self.config.fred) else 0)
+        frame = (ret_rip, L.KERNEL_CS, rflags, rsp, ss)
+        m, pa = loc
+        m.write(pa, struct.pack("<5Q", *frame))
+        eng.set_rsp(base)
+        eng.set_rflags(entry_rflags(rflags, gate))
+        eng.set_rip(gate.handler)
+        now = cpu.now()
+        cpu.extra += self.costs.event_entry
+        if vector == Vector.NMI:
+            cpu.nmi.delivered()
+            cpu.stats["nmi_delivered"] += 1
+        elif vector == Vector.BP:
+            cpu.stats["int3"] += 1
+        self.trace.add((now, cpu.index, "deliver", vector, ret_rip, rsp, base))
+        for inst in self.instruments:
+            f = getattr(inst, "on_deliver", None)
+            if f:
+                f(cpu.index, now, vector, frame)
+        self._serialize(cpu)
+        return True
+
+    def _watch_popf(self, cpu: Cpu, on: bool) -> None:
+        """Hook the kernel's popfq instructions on `cpu` while an interrupt waits for IF=1 there.
+
+        Only then: with count-sliced execution every code hook costs something on every instruction.
+        """
+        eng = cpu.engine
+        if on:
+            for a in self.image.popf_sites:
+                cpu.popf_hooks.append(eng.hook_code_at(a, 1, self._popf_hook(cpu)))
+        else:
+            for h in cpu.popf_hooks:
+                eng.hook_del(h)
+            cpu.popf_hooks = []
+        for a in self.image.popf_sites:
+            eng.drop_decoded(a, a + 1)
+
+    def _deliver_pending_irq(self, cpu: Cpu, ret_rip: int) -> None:
+        vector = max(cpu.pending)  # the local APIC serves the highest vector first
+        cpu.pending.discard(vector)
+        cpu.stats["ipi_delivered"] += 1
+        self._deliver(cpu, vector, ret_rip)
+
+    def _serialize(self, cpu: Cpu) -> None:
+        dropped = self.coherence.serialize(cpu.index)
+        if dropped:
+            cpu.stats["serialize_drops"] += dropped
+            self.trace.add((cpu.now(), cpu.index, "serialize", dropped))
+        for inst in self.instruments:
+            f = getattr(inst, "on_serialize", None)
+            if f:
+                f(cpu.index, cpu.now())
+
+    def _crash(self, cpu: Cpu, reason: str, rip: int) -> None:
+        if cpu.crash is not None:
+            return
+        if cpu.tentative is not None:
+            self._confirm_fetch(cpu)
+        loc = self._phys(rip, 1)
+        code = b""
+        if loc is not None:
+            end = rip + 16
+            while end > rip and self._phys(rip, end - rip) is None:
+                end -= 1
+            code = self.read(rip, end - rip)
+        dis = describe(code[:16], rip) if code else "<unmapped>"
+        now = cpu.now()
+        self.trace.add((now, cpu.index, "crash", reason, rip, code[:16]))
+        crash = Crash(cpu.index, now, reason, rip, code[:16], dis, tuple(self.trace.tails[cpu.index]))
+        cpu.crash = crash
+        cpu.engine.stop()
+        for inst in self.instruments:
+            f = getattr(inst, "on_crash", None)
+            if f:
+                f(crash)
+
+    def _fetch_fault(self, rip: int) -> str | None:
+        """The fault fetching the instruction at `rip` raises, or None when it decodes."""
+        if self._phys(rip, 1) is None:
+            return f"exception #PF (instruction fetch from unmapped {rip:#x})"
+        end = rip + 15
+        while self._phys(rip, end - rip) is None:
+            end -= 1
+        if insn_length(self.read(rip, end - rip)) is None:
+            return "exception #UD (invalid opcode)"
+        return None
+
+    # -- Unicorn callbacks ----------------------------------------------------------------------
+    def _intr_hook(self, cpu: Cpu) -> Callable[[int], None]:
+        def on_interrupt(intno: int) -> None:
+            eng = cpu.engine
+            if intno == Vector.BP:
+                self._deliver(cpu, Vector.BP, eng.rip())  # RIP is already past the 0xcc: a trap
+                return
+            names = {0: "#DE", 1: "#DB", 6: "#UD", 8: "#DF", 13: "#GP", 14: "#PF", 12: "#SS"}
+            reason = f"exception {names.get(intno, intno)}"
+            if intno == 14:
+                reason += f" (cr2={eng.cr2():#x})"
+            self._crash(cpu, reason, eng.rip())
+
+        return on_interrupt
+
+    def _iret_hook(self, cpu: Cpu) -> Callable[[int, int], None]:
+        def on_iretq(addr: int, _size: int) -> None:
+            if cpu.tentative is not None:
+                self._confirm_fetch(cpu)
+            eng = cpu.engine
+            rsp = eng.rsp()
+            loc = self._phys(rsp, 40)
+            if loc is None:
+                self._crash(cpu, f"iretq with RSP {rsp:#x} not mapped (#SS)", addr)
+                return
+            m, pa = loc
+            frame = struct.unpack("<5Q", m.read(pa, 40))
+            rip, cs, rflags, new_rsp, ss = frame
+            if cs != L.KERNEL_CS or (ss & 0xFFFF) not in (L.KERNEL_DS, 0) or rip < _CANONICAL_HI:
+                self._crash(
+                    cpu,
+                    f"iretq frame invalid (#GP): rip={rip:#x} cs={cs:#x} ss={ss:#x} at rsp={rsp:#x}",
+                    addr,
+                )
+                return
+            eng.set_rsp(new_rsp)
+            eng.set_rflags((rflags & 0x3F7FD7) | 2)
+            eng.set_rip(rip)
+            now = cpu.now()
+            cpu.extra += self.costs.iret
+            cpu.stats["iret"] += 1
+            unblocked = cpu.nmi.iret(ss)
+            self.trace.add((now, cpu.index, "iret", rip, new_rsp, unblocked))
+            for inst in self.instruments:
+                f = getattr(inst, "on_iret", None)
+                if f:
+                    f(cpu.index, now, frame, unblocked)
+            self._serialize(cpu)
+            if cpu.nmi.take_latched():
+                self.trace.add((now, cpu.index, "nmi", "latched", "deliver"))
+                self._deliver(cpu, Vector.NMI, rip)
+            elif cpu.pending and rflags & RFLAGS_IF:
+                self._deliver_pending_irq(cpu, rip)
+
+        return on_iretq
+
+    def _popf_hook(self, cpu: Cpu) -> Callable[[int, int], None]:
+        def on_popfq(addr: int, _size: int) -> None:
+            if not cpu.pending:
+                return  # nothing waits for IF: let Unicorn execute it
+            eng = cpu.engine
+            rsp = eng.rsp()
+            loc = self._phys(rsp, 8)
+            if loc is None:
+                self._crash(cpu, f"popfq with RSP {rsp:#x} not mapped (#SS)", addr)
+                return
+            m, pa = loc
+            value = struct.unpack("<Q", m.read(pa, 8))[0]
+            eng.set_rsp(rsp + 8)
+            eng.set_rflags((value & 0x3F7FD7) | 2)
+            eng.set_rip(addr + 1)
+            if value & RFLAGS_IF:
+                self._deliver_pending_irq(cpu, addr + 1)
+
+        return on_popfq
+
+    def _site_hook(self, cpu: Cpu) -> Callable[[int, int], None]:
+        """Block hook on a watched site: a translated block starting there begins to run.
+
+        The report stays tentative until something proves the block ran (another block hook, an
+        event on this CPU, or the quantum ending anywhere but at this very address): when a
+        quantum's count runs out at a block start, Unicorn has fired the hook without running it."""
+        sites = self.coherence.sites
+        fetch = self.coherence.fetch
+        decoded = self.coherence.decoded[cpu.index]
+
+        def on_site(addr: int, _block_size: int) -> None:
+            if cpu.tentative is not None:
+                self._confirm_fetch(cpu)
+            if addr not in sites:
+                self.trace.add((cpu.now(), cpu.index, "mid-site", addr))
+                return
+            fresh = addr not in decoded
+            code = fetch(cpu.index, addr)
+            if fresh:
+                self.trace.add((cpu.now(), cpu.index, "decode", addr, code))
+            cpu.tentative = (cpu.now(), addr, code)
+            if insn_length(code) is None:
+                self._crash(cpu, "exception #UD (invalid opcode)", addr)
+
+        return on_site
+
+    def _confirm_fetch(self, cpu: Cpu) -> None:
+        t, site, code = cpu.tentative  # type: ignore[misc]
+        cpu.tentative = None
+        cpu.stats["site_exec"] += 1
+        for f in self._on_fetch:
+            f(cpu.index, t, site, code)
+
+    def _cpuid_hook(self, cpu: Cpu) -> Callable[[], bool]:
+        def on_cpuid() -> bool:
+            self._serialize(cpu)
+            return False  # let Unicorn execute cpuid itself
+
+        return on_cpuid
+
+    # ----------------------------------------------------------------------------------------
+    # Agents
+    # ----------------------------------------------------------------------------------------
+    def start_agent(self, cpu: int, agent: Agent) -> None:
+        """Occupy `cpu` with a Python program (the patcher) until it returns."""
+        c = self.cpus[cpu]
+        if c.agent is not None:
+            raise ConfigError(f"cpu{cpu} already runs an agent")
+        c.agent = agent
+        c.agent_done = False
+        c.agent_result = None
+
+    def _step_agent(self, cpu: Cpu) -> None:
+        waits = self._pending_wait
+        w = waits.get(cpu.index)
+        if w is not None:
+            if not w.predicate():
+                cpu.clock += self.costs.poll
+                return
+            del waits[cpu.index]
+        try:
+            action = next(cpu.agent)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            cpu.agent = None
+            cpu.agent_done = True
+            cpu.agent_result = stop.value
+            self.trace.add((cpu.clock, cpu.index, "agent-done"))
+            self._serialize(cpu)
+            return
+        if isinstance(action, Delay):
+            cpu.clock += action.cycles
+        elif isinstance(action, WriteText):
+            self.write_text(action.addr, action.data, cpu.index)
+            cpu.clock += self.costs.text_write
+        elif isinstance(action, SendIpi):
+            for t in action.targets:
+                self.send_ipi(cpu.index, t, action.vector)
+                cpu.clock += self.costs.ipi_send
+        elif isinstance(action, WaitUntil):
+            if not action.predicate():
+                waits[cpu.index] = action
+                cpu.clock += self.costs.poll
+        elif isinstance(action, Fine):
+            self.fine += 1 if action.on else -1
+        else:
+            raise SimulatorBug(f"agent on cpu{cpu.index} yielded {action!r}, which is not an action")
+
+    # ----------------------------------------------------------------------------------------
+    # Scheduling
+    # ----------------------------------------------------------------------------------------
+    def run(self, cycles: int, stop_when: Callable[[], bool] | None = None) -> None:
+        """Advance every live CPU by `cycles` from the furthest-behind clock (or until `stop_when`
+        holds at a scheduling point)."""
+        if cycles < 0:
+            raise ConfigError("cycles must be >= 0")
+        live = [c for c in self.cpus if c.crash is None]
+        if not live:
+            return
+        end = min(c.clock for c in live) + cycles
+        heap = [(c.clock, c.index) for c in live]
+        heapq.heapify(heap)
+        rng = self._sched_rng.randrange
+        q_mean = self.config.quantum
+        q_fine = self.config.fine_quantum
+        insn = self.costs.instruction
+        cpus = self.cpus
+        trace_add = self.trace.add
+        while heap:
+            clock, i = heap[0]
+            if clock >= end:
+                break
+            if self._release:
+                self._settle()
+            if stop_when is not None and stop_when():
+                break
+            cpu = cpus[i]
+            if cpu.agent is not None:
+                self._step_agent(cpu)
+                heapq.heapreplace(heap, (cpu.clock, i))
+                continue
+            if cpu.events and cpu.events[0][0] <= clock:
+                self._due(cpu)
+                if cpu.crash is not None:
+                    heapq.heappop(heap)
+                    continue
+            q = rng(1, q_fine + 1) if self.fine > 0 else rng(1, 2 * q_mean)
+            limit = end - clock
+            if cpu.events:
+                limit = min(limit, cpu.events[0][0] - clock)
+            q = max(1, min(q, (limit + insn - 1) // insn))
+            eng = cpu.engine
+            rip = eng.rip()
+            cpu.extra = 0
+            stop = eng.run(rip, L.UNTIL, q)
+            if stop is not None and cpu.crash is None:
+                self._crash(cpu, f"guest fault: {stop.error}", eng.rip())
+            elif cpu.crash is None and eng.rip() == rip:
+                # Unicorn may stop quietly, without an error or an interrupt, on an instruction it
+                # cannot fetch or decode: a CPU that made no progress gets the fault it would take
+                reason = self._fetch_fault(rip)
+                if reason:
+                    self._crash(cpu, reason, rip)
+            if cpu.tentative is not None:
+                if eng.rip() == cpu.tentative[1]:
+                    cpu.tentative = None  # the count ran out at the block start: not executed
+                else:
+                    self._confirm_fetch(cpu)
+            cpu.clock = clock + q * insn + cpu.extra
+            cpu.extra = 0
+            cpu.stats["instructions"] += q
+            cpu.stats["quanta"] += 1
+            trace_add((clock, i, "run", rip, q))
+            if cpu.popf_hooks and not cpu.pending:
+                self._watch_popf(cpu, False)  # not from inside the hook that delivered it
+            if cpu.crash is not None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (cpu.clock, i))
+
+    def run_agent(self, cpu: int, agent: Agent, limit: int = 10**9) -> Any:
+        """Start `agent` on `cpu` and run the machine until it returns; returns its value."""
+        self.start_agent(cpu, agent)
+        c = self.cpus[cpu]
+        start = c.clock
+        self.run(limit, stop_when=lambda: c.agent_done)
+        if not c.agent_done:
+            raise SimulatorBug(f"agent on cpu{cpu} did not finish within {limit} cycles of t={start}")
+        return c.agent_result
+
+    # ----------------------------------------------------------------------------------------
+    # Results
+    # ----------------------------------------------------------------------------------------
+    @property
+    def trace_hash(self) -> str:
+        return self.trace.hash
+
+    @property
+    def crashes(self) -> list[Crash]:
+        return [c.crash for c in self.cpus if c.crash is not None]
+
+    def now(self) -> int:
+        return min(c.clock for c in self.cpus)
+
+    def stats(self) -> list[dict[str, int]]:
+        return [dict(c.stats, clock=c.clock) for c in self.cpus]
+
+    def symbol(self, name: str) -> int:
+        try:
+            return self.image.symbols[name]
+        except KeyError:
+            raise ConfigError(f"the kernel image has no symbol {name!r}") from None

@@ -1,0 +1,254 @@
+"""The emulated SMP machine: scheduling, x86 event semantics, fetch coherence, crashes."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from cpus import ConfigError, MachineConfig, NmiSource, SnoopModel, Vector
+from cpus.delivery import RFLAGS_IF
+from textpoke.bpdesc import OPCODE_JMP, PokeDescriptor, publish
+from textpoke.image import Percpu, call_bytes
+
+
+def u64(x: int) -> bytes:
+    return struct.pack("<Q", x)
+
+
+class Recorder:
+    """Collects what the machine reports, with a stack of the events each CPU is handling."""
+
+    def __init__(self) -> None:
+        self.fetches: list[tuple[int, int, int, bytes]] = []
+        self.delivered: list[tuple[int, int, int, tuple]] = []
+        self.irets: list[tuple[int, int, tuple, bool]] = []
+        self.stack: dict[int, list[int]] = {}
+        self.bp_iret_unblocked_inside_nmi = False
+
+    def on_fetch(self, cpu, time, site, code):
+        self.fetches.append((cpu, time, site, code))
+
+    def on_deliver(self, cpu, time, vector, frame):
+        self.delivered.append((cpu, time, vector, frame))
+        self.stack.setdefault(cpu, []).append(vector)
+
+    def on_iret(self, cpu, time, frame, unblocked):
+        self.irets.append((cpu, time, frame, unblocked))
+        st = self.stack.get(cpu, [])
+        if st:
+            leaving = st.pop()
+            if leaving == Vector.BP and Vector.NMI in st and unblocked:
+                self.bp_iret_unblocked_inside_nmi = True
+
+
+def test_same_seed_same_trace_and_different_seed_different_interleaving(make_machine):
+    """Same configuration and seed give one trace hash; another seed interleaves differently."""
+
+    def run(seed):
+        m = make_machine(cpus=4, seed=seed, keep_trace=True, nmi_sources=(NmiSource(period=3000),))
+        m.run(200_000)
+        runs = [(r[1], r[4]) for r in m.trace if r[2] == "run"]
+        return m.trace_hash, runs, m.stats()
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a[0] != c[0]
+    assert a[1] != c[1]  # the scheduling decisions themselves differ
+
+
+def test_ipi_waits_while_interrupts_are_off(make_machine, kernel):
+    """An IPI that reaches a CPU with IF=0 is delivered only once it sets IF=1 (its popfq)."""
+    m = make_machine(cpus=2, seed=3, keep_trace=True)
+    base = m.layout.percpu_va(1)
+    m.write(base + Percpu.IRQOFF_MASK, u64(1))
+    m.write(base + Percpu.IRQOFF_LEN, u64(3000))
+    eng = m.cpus[1].engine
+    m.run(10**6, stop_when=lambda: not eng.rflags() & RFLAGS_IF)
+    assert not eng.rflags() & RFLAGS_IF, "cpu1 never entered an interrupts-off section"
+    m.send_ipi(0, 1)
+    m.run(50_000)
+    arrive = [r for r in m.trace if r[2] == "ipi-arrive" and r[1] == 1]
+    deliver = [r for r in m.trace if r[2] == "deliver" and r[1] == 1 and r[3] == Vector.IPI]
+    assert len(arrive) == 1 and arrive[0][4] is False  # it arrived while IF was 0
+    assert len(deliver) == 1
+    (popf,) = kernel.popf_sites
+    assert deliver[0][4] == popf + 1  # interrupted right after the popfq that set IF
+    assert deliver[0][0] > arrive[0][0]
+    assert m.percpu(1, Percpu.IPI_COUNT) == 1
+
+
+def test_ipi_with_interrupts_on_is_delivered_on_arrival(make_machine):
+    """With IF=1 the IPI is taken at the instruction boundary where it arrives."""
+    m = make_machine(cpus=2, seed=4, keep_trace=True)
+    m.run(5_000)
+    m.send_ipi(0, 1)
+    m.run(20_000)
+    arrive = [r for r in m.trace if r[2] == "ipi-arrive"]
+    deliver = [r for r in m.trace if r[2] == "deliver" and r[3] == Vector.IPI]
+    assert arrive[0][4] is True
+    assert deliver[0][0] == arrive[0][0]
+    assert m.percpu(1, Percpu.IPI_COUNT) == 1
+
+
+def test_second_nmi_is_latched_and_third_dropped(make_machine):
+    """NMIs are blocked in the handler: one more is latched and delivered right after the
+    handler's iretq; any further one is lost."""
+    rec = Recorder()
+    m = make_machine(cpus=2, seed=1, keep_trace=True, instruments=[rec])
+    m.run(5_000)
+    m.raise_nmi(1)
+    m.run(10)  # a few instructions into the handler
+    m.raise_nmi(1)
+    m.raise_nmi(1)
+    s = m.cpus[1].stats
+    assert (s["nmi_raised"], s["nmi_delivered"], s["nmi_latched"], s["nmi_dropped"]) == (3, 1, 1, 1)
+    m.run(5_000)
+    assert s["nmi_delivered"] == 2
+    assert m.percpu(1, Percpu.NMI_COUNT) == 2
+    nmis = [d for d in rec.delivered if d[0] == 1 and d[2] == Vector.NMI]
+    first_iret = next(i for i in rec.irets if i[0] == 1)
+    # delivered at the very boundary after that iretq completes
+    assert nmis[1][1] == first_iret[1] + m.costs.iret
+    assert nmis[1][3][0] == first_iret[2][0]  # and it interrupts where that iretq returned to
+
+
+def _arm_int3_on_nmi_sites(m, kernel):
+    sites = [kernel.site_of(i) for i in range(kernel.config.nmi_funcs)]
+    publish(m, [PokeDescriptor(s, s + 5, 5, OPCODE_JMP) for s in sites])
+    for s in sites:
+        m.write_text(s, b"\xcc")
+
+
+@pytest.mark.parametrize("fred", [False, True])
+def test_int3_iret_inside_nmi_unblocks_nmis(make_machine, kernel, fred):
+    """The flaw: the iretq of an int3 taken in an NMI handler unblocks NMIs, so the next NMI
+    nests on the same IST stack. With FRED-style returns it stays latched instead."""
+    rec = Recorder()
+    m = make_machine(cpus=2, seed=2, keep_trace=True, fred=fred, instruments=[rec], fine_quantum=1)
+    _arm_int3_on_nmi_sites(m, kernel)
+    m.run(2_000)
+    m.fine += 1  # one instruction per quantum: stop_when sees every step
+    m.raise_nmi(1)
+    m.run(100_000, stop_when=lambda: rec.bp_iret_unblocked_inside_nmi or len(rec.irets) > 40)
+    if fred:
+        assert not rec.bp_iret_unblocked_inside_nmi
+        assert m.cpus[1].nmi.blocked or m.cpus[1].stats["nmi_delivered"] == 1
+        # re-run the scenario up to the int3's return inside the NMI and raise a second NMI there
+        m2 = make_machine(
+            cpus=2, seed=2, keep_trace=True, fred=True, instruments=[rec2 := Recorder()], fine_quantum=1
+        )
+        _arm_int3_on_nmi_sites(m2, kernel)
+        m2.run(2_000)
+        m2.fine += 1
+        m2.raise_nmi(1)
+        m2.run(100_000, stop_when=lambda: any(i[0] == 1 for i in rec2.irets))
+        assert rec2.stack[1] == [Vector.NMI]  # back in the NMI handler after the int3's iretq
+        m2.raise_nmi(1)
+        assert m2.cpus[1].stats["nmi_latched"] == 1
+        assert m2.cpus[1].stats["nmi_delivered"] == 1
+        return
+    assert rec.bp_iret_unblocked_inside_nmi
+    first = next(d for d in rec.delivered if d[2] == Vector.NMI)
+    m.raise_nmi(1)
+    nmis = [d for d in rec.delivered if d[2] == Vector.NMI]
+    assert len(nmis) == 2  # delivered, not latched: it nests inside the first handler
+    assert rec.stack[1] == [Vector.NMI, Vector.NMI]
+    first_base = next(r for r in m.trace if r[2] == "deliver" and r[3] == Vector.NMI)[6]
+    second_base = [r for r in m.trace if r[2] == "deliver" and r[3] == Vector.NMI][1][6]
+    assert first_base == second_base  # same IST top: the nested frame overwrote the first one
+    assert first[3] != nmis[1][3]
+
+
+@pytest.mark.parametrize("snoop", [None, 4000])
+def test_stale_decode_until_serialization_or_snoop(make_machine, kernel, snoop):
+    """A CPU that decoded a site keeps executing the old bytes after another CPU rewrites it,
+    until it serializes (here: an IPI) or its snoop point comes; then it executes the new bytes."""
+    rec = Recorder()
+    model = SnoopModel(None, None) if snoop is None else SnoopModel(snoop, snoop)
+    m = make_machine(cpus=2, seed=5, snoop=model, instruments=[rec], keep_trace=True)
+    fn = 5
+    site = kernel.site_of(fn)
+    new = call_bytes(site, kernel.symbols["ftrace_caller"])
+    m.run(50_000)
+    assert m.percpu(1, Percpu.WL_COUNT + 8 * fn) > 0
+    m.write_text(site, new)  # one atomic store
+    t_write = m.cpus[0].now()
+    wl_at_write = m.percpu(1, Percpu.WL_COUNT + 8 * fn)
+    m.run(3_000 if snoop else 400_000)
+    assert m.percpu(1, Percpu.FT_COUNT + 8 * fn) == 0
+    assert m.percpu(1, Percpu.WL_COUNT + 8 * fn) > wl_at_write  # it kept running the old nop
+    if snoop is None:
+        m.send_ipi(0, 1)
+    m.run(400_000)
+    assert m.percpu(1, Percpu.FT_COUNT + 8 * fn) > 0
+    mine = [f for f in rec.fetches if f[0] == 1 and f[2] == site]
+    switch = next(i for i, f in enumerate(mine) if f[3] == new)
+    assert all(f[3] == bytes.fromhex("0f1f440000") for f in mine[:switch])
+    assert all(f[3] == new for f in mine[switch:])
+    assert any(f[1] > t_write for f in mine[:switch])  # old bytes executed after the write
+    if snoop:
+        assert mine[switch][1] >= t_write + snoop
+    else:
+        ipi = next(r for r in m.trace if r[2] == "deliver" and r[1] == 1 and r[3] == Vector.IPI)
+        assert mine[switch][1] >= ipi[0]
+    # the workload and ftrace agree from the switch on: every later call was traced
+    calls_after = (
+        m.percpu(1, Percpu.WL_COUNT + 8 * fn)
+        - sum(1 for f in mine[:switch])
+        - (wl_at_write - len([f for f in mine[:switch] if f[1] <= t_write]))
+    )
+    assert calls_after >= m.percpu(1, Percpu.FT_COUNT + 8 * fn) - 1
+
+
+def test_garbage_in_text_is_a_recorded_crash(make_machine, kernel):
+    """Executing bytes that do not decode ends as a crash record with a disassembly; the run
+    returns normally and the other CPUs go on."""
+    m = make_machine(cpus=3, seed=1)
+    site = kernel.site_of(3)
+    m.write_text(site, bytes.fromhex("ffffffffff"))
+    m.run(300_000)
+    crashes = m.crashes
+    assert {c.cpu for c in crashes} == {1, 2}
+    c = crashes[0]
+    assert c.rip == site
+    assert c.code[:5] == bytes.fromhex("ffffffffff")
+    assert "(bad)" in c.disassembly
+    assert c.tail  # the last events of that CPU
+    assert m.cpus[0].alive and m.cpus[0].clock >= 300_000
+
+
+def test_jump_to_unmapped_memory_is_a_recorded_crash(make_machine):
+    m = make_machine(cpus=2, seed=1)
+    m.run(1_000)
+    m.cpus[1].engine.set_rip(0xFFFFFFFF90000000)
+    m.run(1_000)
+    (c,) = m.crashes
+    assert c.cpu == 1 and c.rip == 0xFFFFFFFF90000000
+    assert c.code == b"" and c.disassembly == "<unmapped>"
+    assert "#PF" in c.reason or "UNMAPPED" in c.reason
+
+
+def test_sixty_four_cpus_run(make_machine):
+    m = make_machine(cpus=64, seed=1, nmi_sources=(NmiSource(period=5_000),))
+    m.run(20_000)
+    assert not m.crashes
+    assert all(c.clock >= 20_000 for c in m.cpus)
+    assert sum(c.stats["nmi_delivered"] for c in m.cpus) > 63
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"cpus": 0}, "cpus must be between"),
+        ({"cpus": 100_000}, "cpus must be between"),
+        ({"seed": -1}, "seed"),
+        ({"quantum": 0}, "quantum"),
+        ({"cpus": 2, "patcher_cpu": 5}, "patcher_cpu"),
+        ({"cpus": 2, "nmi_sources": (NmiSource(cpus=(7,)),)}, "CPU 7"),
+        ({"snoop": SnoopModel(10, 5)}, "snoop"),
+    ],
+)
+def test_bad_configuration_is_named(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MachineConfig(**kwargs)

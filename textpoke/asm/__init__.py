@@ -1,0 +1,1 @@
+"""Assembly sources of the emulated kernel (read by textpoke.image)."""

@@ -1,0 +1,64 @@
+# NMI entries. Hardware delivered the NMI on the NMI IST stack (IST2) with NMIs now blocked.
+#
+# naive: save what the handler clobbers, run it, iretq. A nested NMI (possible as soon as any iretq
+# ran inside the handler, e.g. an int3's) restarts at the same IST top and overwrites this frame.
+SYM_FUNC_START(nmi_entry_naive)
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    call nmi_handler
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+SYM_FUNC_END(nmi_entry_naive)
+
+# The NMI handler body (exc_nmi's work): perf/watchdog callbacks that call traced functions, part of
+# it on this CPU's second (irq) stack, as real handlers may switch stacks.
+SYM_FUNC_START(nmi_handler)
+    push rbx
+    inc qword ptr gs:[PCPU_NMI_COUNT]
+    mov rbx, qword ptr gs:[PCPU_NMI_COUNT]
+    and rbx, NMI_FUNCS_MASK
+    inc qword ptr gs:[PCPU_NMI_CALLS+rbx*8]
+    mov rax, rbx
+    shl rax, FN_SHIFT
+    mov rcx, TRACED_BASE
+    add rax, rcx
+    call rax
+    # switch to the irq stack unless already on it, and call another traced function there
+    mov rax, rsp
+    mov rcx, qword ptr gs:[PCPU_IRQ_STACK_TOP]
+    cmp rax, rcx
+    ja .Lswitch
+    lea rdx, [rcx-IRQ_STACK_SIZE]
+    cmp rax, rdx
+    ja .Lstay
+.Lswitch:
+    mov rsp, rcx
+.Lstay:
+    push rax
+    xor rbx, NMI_FUNCS_HALF
+    inc qword ptr gs:[PCPU_NMI_CALLS+rbx*8]
+    mov rax, rbx
+    shl rax, FN_SHIFT
+    mov rcx, TRACED_BASE
+    add rax, rcx
+    call rax
+    pop rax
+    mov rsp, rax
+    pop rbx
+    ret
+SYM_FUNC_END(nmi_handler)

@@ -1,0 +1,409 @@
+"""Build the emulated kernel: assemble `textpoke/asm/*.S` with keystone into text with a symbol table,
+lay out its data and per-CPU variables, and check every encoding that matters with capstone.
+
+Source conventions (a small preprocessor in front of keystone, Intel syntax):
+
+* `SYM_FUNC_START(name)` ... `SYM_FUNC_END(name)` delimit a unit; each unit is assembled on its own at
+  its final address. Labels inside a unit are local (`.Lname`); a name that is another unit or a
+  constant is replaced by its number before keystone sees it, because keystone's own symbol
+  resolver mis-resolves rel32 targets by 4 bytes (UNICORN-NOTES 6).
+* `FTRACE_NOP` is the 5-byte ftrace site `0f 1f 44 00 00`, emitted as raw bytes: keystone encodes
+  memory-operand nops wrongly.
+* `#` starts a comment.
+
+Two passes: the first assembles every unit against far-away placeholder addresses to learn an upper
+bound of its size (branches to placeholders take their longest form); the second assembles at the
+final addresses, which can only make encodings shorter; units are padded with int3.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
+
+from cpus.boot import BootImage
+from cpus.delivery import Gate, Vector
+from cpus.errors import TextpokeError
+from cpus.layout import IMAGE_DATA_VA, TEXT_VA, Layout
+
+__all__ = [
+    "BP_ENTRIES",
+    "FTRACE_NOP",
+    "NMI_ENTRIES",
+    "ImageError",
+    "KernelConfig",
+    "KernelImage",
+    "Percpu",
+    "build_kernel",
+]
+
+FTRACE_NOP = bytes.fromhex("0f1f440000")
+FN_SHIFT = 6  # traced functions sit every 64 bytes
+MAX_TRACED = 256
+BP_DESC_MAX = 256  # TP_VEC_MAX: PAGE_SIZE / 16-byte entries in Linux; ours are 32 bytes each
+BP_ENTRY_SIZE = 32
+
+#: #BP entry variant -> symbol
+BP_ENTRIES = {
+    "emulate": "bp_entry_emulate",
+    "skip": "bp_entry_skip",
+    "emulate-nogap": "bp_entry_emulate_nogap",
+}
+#: NMI entry variant -> symbol
+NMI_ENTRIES = {
+    "naive": "nmi_entry_naive",
+}
+
+_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "ftrace.S", "workload.S")
+
+
+class ImageError(TextpokeError):
+    """The kernel sources do not assemble into what the simulator needs."""
+
+
+class Percpu:
+    """Offsets of the per-CPU variables (GS-relative), shared by the asm sources and Python."""
+
+    CPU_ID = 0x00
+    NMI_COUNT = 0x08  # NMI handler runs
+    IPI_COUNT = 0x10  # call-function IPIs taken (sync acknowledgements)
+    BP_COUNT = 0x18  # int3 traps the handler consumed
+    BP_MISS = 0x20  # int3 traps nobody owned
+    LOOPS = 0x28  # workload iterations
+    IRQ_STACK_TOP = 0x30
+    NMI_STACK_TOP = 0x38
+    IRQOFF_MASK = 0x40  # 0: no interrupts-off sections; else one when (lcg >> 20) & mask == 0
+    IRQOFF_LEN = 0x48  # iterations of the interrupts-off spin
+    WORK_MASK = 0x50  # busy-work iterations per call: (lcg >> 48) & mask
+    LOOP_LIMIT = 0x58  # 0: run forever; else hlt after this many workload iterations
+    WL_COUNT = 0x400  # u64[MAX_TRACED]: calls the workload made, per traced function
+    FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
+    FT_ALT_COUNT = 0x1400  # u64[MAX_TRACED]: calls ftrace_caller_alt saw
+    NMI_CALLS = 0x1C00  # u64[MAX_TRACED]: calls the NMI handler made, per traced function
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Shape of the emulated kernel."""
+
+    nr_traced: int = 32
+    #: the NMI handler calls traced functions 0 .. nmi_funcs-1 (a power of two, >= 2)
+    nmi_funcs: int = 4
+    #: busy work per workload call: up to `work_mask` loop iterations (a power of two minus 1)
+    work_mask: int = 15
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nr_traced <= MAX_TRACED:
+            raise ImageError(f"nr_traced must be between 1 and {MAX_TRACED}, got {self.nr_traced}")
+        n = self.nmi_funcs
+        if n < 2 or n & (n - 1) or n > self.nr_traced:
+            raise ImageError(f"nmi_funcs must be a power of two in [2, nr_traced], got {n}")
+        if self.work_mask < 0 or self.work_mask & (self.work_mask + 1):
+            raise ImageError(f"work_mask must be a power of two minus one, got {self.work_mask}")
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    body: str
+    align: int = 16
+
+
+@dataclass
+class KernelImage:
+    """The assembled kernel: text, symbols, sites, and how to boot it."""
+
+    config: KernelConfig
+    text: bytes
+    data_size: int
+    symbols: dict[str, int]
+    sizes: dict[str, int]
+    sites: dict[str, int]  # traced function name -> site address
+    iret_sites: tuple[int, ...]
+    popf_sites: tuple[int, ...]
+    constants: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def traced_base(self) -> int:
+        return self.symbols["fn_000"]
+
+    def site_of(self, index: int) -> int:
+        return self.traced_base + (index << FN_SHIFT)
+
+    def function_at(self, site: int) -> str | None:
+        for name, addr in self.sites.items():
+            if addr == site:
+                return name
+        return None
+
+    def boot_image(self, bp_mode: str = "emulate", nmi_entry: str = "naive") -> BootImage:
+        """The machine's view of this kernel, with the #BP and NMI entries chosen for this run."""
+        if bp_mode not in BP_ENTRIES:
+            raise ImageError(f"unknown int3 mode {bp_mode!r}; choose from {', '.join(BP_ENTRIES)}")
+        if nmi_entry not in NMI_ENTRIES:
+            raise ImageError(f"unknown NMI entry {nmi_entry!r}; choose from {', '.join(NMI_ENTRIES)}")
+        sym = self.symbols
+        gates = {
+            int(Vector.BP): Gate(sym[BP_ENTRIES[bp_mode]]),
+            int(Vector.NMI): Gate(sym[NMI_ENTRIES[nmi_entry]], ist=2),
+            int(Vector.IPI): Gate(sym["ipi_entry"]),
+        }
+        cfg = self.config
+
+        def percpu_init(cpu: int, layout: Layout) -> dict[int, int]:
+            return {
+                Percpu.CPU_ID: cpu,
+                Percpu.IRQ_STACK_TOP: layout.irq_stack_top(cpu),
+                Percpu.NMI_STACK_TOP: layout.nmi_stack_top(cpu),
+                Percpu.WORK_MASK: cfg.work_mask,
+            }
+
+        def boot_regs(cpu: int, seed: int) -> dict[str, int]:
+            # a distinct, seed-dependent LCG state per CPU (splitmix64 of seed and cpu)
+            z = (seed * 0x9E3779B97F4A7C15 + (cpu + 1) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+            return {"r12": z ^ (z >> 31), "r13": 0, "r14": 0}
+
+        return BootImage(
+            text=self.text,
+            data=bytes(self.data_size),
+            gates=gates,
+            worker_entry=sym["workload_main"],
+            idle_entry=sym["idle_main"],
+            watch=tuple((addr, len(FTRACE_NOP)) for addr in self.sites.values()),
+            iret_sites=self.iret_sites,
+            popf_sites=self.popf_sites,
+            boot_regs=boot_regs,
+            percpu_init=percpu_init,  # type: ignore[arg-type]
+            symbols=dict(sym),
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Data layout (kernel data segment, after the machine's GDT/IDT)
+# ------------------------------------------------------------------------------------------------
+BP_DESC = IMAGE_DATA_VA  # refs u64, nr_entries u64, entries[BP_DESC_MAX] of 32 bytes
+DATA_SIZE = 16 + BP_DESC_MAX * BP_ENTRY_SIZE
+
+
+def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
+    c = {f"PCPU_{k}": v for k, v in vars(Percpu).items() if k.isupper()}
+    c.update(
+        BP_DESC=BP_DESC,
+        NR_TRACED=cfg.nr_traced,
+        FN_SHIFT=FN_SHIFT,
+        TRACED_BASE=traced_base,
+        TRACED_BASE_PLUS_5=traced_base + 5,
+        NMI_FUNCS_MASK=cfg.nmi_funcs - 1,
+        NMI_FUNCS_HALF=cfg.nmi_funcs // 2,
+        IRQ_STACK_SIZE=0x4000,
+    )
+    return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Assembly
+# ------------------------------------------------------------------------------------------------
+_START = re.compile(r"^\s*SYM_FUNC_START\((\w+)\)\s*$")
+_END = re.compile(r"^\s*SYM_FUNC_END\((\w+)\)\s*$")
+_WORD = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+
+
+def _read_source(name: str) -> str:
+    return resources.files("textpoke.asm").joinpath(name).read_text()
+
+
+def parse_units(source: str, filename: str) -> list[Unit]:
+    units: list[Unit] = []
+    current: str | None = None
+    lines: list[str] = []
+    for lineno, raw in enumerate(source.splitlines(), 1):
+        line = raw.split("#", 1)[0].rstrip()
+        m = _START.match(line)
+        if m:
+            if current is not None:
+                raise ImageError(f"{filename}:{lineno}: {m.group(1)} starts inside {current}")
+            current, lines = m.group(1), []
+            continue
+        m = _END.match(line)
+        if m:
+            if current != m.group(1):
+                raise ImageError(f"{filename}:{lineno}: SYM_FUNC_END({m.group(1)}) does not close {current}")
+            units.append(Unit(current, "\n".join(lines)))
+            current = None
+            continue
+        if line.strip():
+            if current is None:
+                raise ImageError(f"{filename}:{lineno}: code outside SYM_FUNC_START/END: {line.strip()}")
+            lines.append(line)
+    if current is not None:
+        raise ImageError(f"{filename}: {current} has no SYM_FUNC_END")
+    return units
+
+
+def _substitute(body: str, values: dict[str, int], unit: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        w = m.group(0)
+        if w == unit:
+            raise ImageError(f"{unit} refers to itself by name; use a local .L label")
+        v = values.get(w)
+        return str(v) if v is not None else w
+
+    out = []
+    for line in body.splitlines():
+        if line.strip() == "FTRACE_NOP":
+            out.append("    .byte " + ", ".join(f"0x{b:02x}" for b in FTRACE_NOP))
+            continue
+        # keep label definitions and directives intact, substitute words elsewhere
+        out.append(_WORD.sub(repl, line))
+    return "\n".join(out)
+
+
+_KS = Ks(KS_ARCH_X86, KS_MODE_64)
+_CS = Cs(CS_ARCH_X86, CS_MODE_64)
+_CS.detail = True
+
+
+def _assemble(unit: Unit, body: str, address: int) -> bytes:
+    try:
+        encoding, _ = _KS.asm(body, address)
+    except KsError as err:
+        raise ImageError(f"keystone cannot assemble {unit.name}: {err}") from None
+    return bytes(encoding or b"")
+
+
+def _units(cfg: KernelConfig) -> tuple[list[Unit], list[Unit]]:
+    fixed: list[Unit] = []
+    for src in _SOURCES:
+        fixed.extend(parse_units(_read_source(src), src))
+    template = parse_units(_read_source("traced.S"), "traced.S")
+    if len(template) != 1:
+        raise ImageError("traced.S must hold exactly one function template")
+    traced = []
+    for i in range(cfg.nr_traced):
+        body = template[0].body.replace("FN_INDEX", str(i)).replace("FN_MUL", str(2 * i + 3))
+        traced.append(Unit(f"fn_{i:03d}", body, 1 << FN_SHIFT))
+    return fixed, traced
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+@lru_cache(maxsize=8)
+def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
+    """Assemble the kernel for `config` (cached per configuration)."""
+    fixed, traced = _units(config)
+    names = [u.name for u in fixed + traced]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ImageError(f"symbols defined twice: {', '.join(sorted(dupes))}")
+    far = TEXT_VA + 0x40000000
+    placeholder = dict.fromkeys(names, far)
+    consts_far = _constants(config, far)
+
+    # pass 1: sizes
+    addr = TEXT_VA
+    symbols: dict[str, int] = {}
+    for u in fixed:
+        addr = _align(addr, u.align)
+        symbols[u.name] = addr
+        addr += len(_assemble(u, _substitute(u.body, placeholder | consts_far, u.name), addr))
+    addr = _align(addr, 1 << FN_SHIFT)
+    for u in traced:
+        symbols[u.name] = addr
+        size = len(_assemble(u, _substitute(u.body, placeholder | consts_far, u.name), addr))
+        if size > 1 << FN_SHIFT:
+            raise ImageError(f"{u.name} is {size} bytes; traced functions must fit in {1 << FN_SHIFT}")
+        addr += 1 << FN_SHIFT
+    end = _align(addr, 0x1000)
+
+    # pass 2: final encodings
+    consts = _constants(config, symbols["fn_000"])
+    values = symbols | consts
+    text = bytearray(b"\xcc" * (end - TEXT_VA))
+    sizes: dict[str, int] = {}
+    bounds = list(symbols.items())
+    for idx, (name, start) in enumerate(bounds):
+        unit = (fixed + traced)[idx]
+        code = _assemble(unit, _substitute(unit.body, values, name), start)
+        limit = bounds[idx + 1][1] if idx + 1 < len(bounds) else end
+        if start + len(code) > limit:
+            raise ImageError(f"{name} grew between passes ({len(code)} bytes)")
+        text[start - TEXT_VA : start - TEXT_VA + len(code)] = code
+        sizes[name] = len(code)
+
+    image = KernelImage(
+        config=config,
+        text=bytes(text),
+        data_size=DATA_SIZE,
+        symbols=symbols,
+        sizes=sizes,
+        sites={u.name: symbols[u.name] for u in traced},
+        iret_sites=(),
+        popf_sites=(),
+        constants=consts,
+    )
+    irets, popfs = verify(image)
+    image.iret_sites = irets
+    image.popf_sites = popfs
+    return image
+
+
+def verify(image: KernelImage) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Disassemble every unit back with capstone and check what the simulator relies on.
+
+    Returns the addresses of every `iretq` and `popfq`.
+    """
+    irets: list[int] = []
+    popfs: list[int] = []
+    starts = set(image.symbols.values())
+    for name, start in image.symbols.items():
+        code = image.text[start - TEXT_VA : start - TEXT_VA + image.sizes[name]]
+        pos = 0
+        for insn in _CS.disasm(code, start):
+            pos = insn.address - start + insn.size
+            m = insn.mnemonic
+            if m == "iretq":
+                if bytes(insn.bytes) != b"\x48\xcf":
+                    raise ImageError(f"{name}: iretq at {insn.address:#x} is not 48 cf")
+                irets.append(insn.address)
+            elif m == "popfq":
+                popfs.append(insn.address)
+            elif m == "sti":
+                raise ImageError(
+                    f"{name}: sti at {insn.address:#x}: the machine does not model the sti shadow; "
+                    "restore interrupts with popfq"
+                )
+            elif m in ("call", "jmp") and insn.operands and insn.operands[0].type == 2:  # immediate
+                target = insn.operands[0].imm & (2**64 - 1)
+                inside = start <= target < start + image.sizes[name]
+                if not inside and target not in starts:
+                    raise ImageError(
+                        f"{name}: {m} at {insn.address:#x} goes to {target:#x}, which is no symbol"
+                    )
+        if pos != len(code):
+            raise ImageError(
+                f"{name}: capstone stops decoding at +{pos:#x} of {len(code)} bytes: "
+                f"{code[pos : pos + 8].hex(' ')}"
+            )
+    for fn, site in image.sites.items():
+        got = image.text[site - TEXT_VA : site - TEXT_VA + 5]
+        if got != FTRACE_NOP:
+            raise ImageError(f"{fn}: site at {site:#x} holds {got.hex(' ')}, not the ftrace nop")
+    return tuple(irets), tuple(popfs)
+
+
+def call_bytes(site: int, target: int) -> bytes:
+    """`call target` encoded at `site`: e8 rel32."""
+    rel = target - (site + 5)
+    if not -(2**31) <= rel < 2**31:
+        raise ImageError(f"call from {site:#x} cannot reach {target:#x}")
+    return b"\xe8" + struct.pack("<i", rel)
