@@ -16,7 +16,7 @@ __all__ = ["DEFAULT_QUANTUM", "MAX_CPUS", "CostModel", "MachineConfig", "NmiSour
 #: Each CPU is a Unicorn instance (about 3 MiB resident, 16 MiB of reserved code buffer).
 MAX_CPUS = 128
 #: mean scheduling quantum (instructions) outside patch steps; see README "Model and its limits"
-DEFAULT_QUANTUM = 500
+DEFAULT_QUANTUM = 1000
 
 
 @dataclass(frozen=True, slots=True)

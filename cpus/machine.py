@@ -11,8 +11,10 @@ delivers what is due; during a quantum Unicorn calls back for the things only ha
 
 * `int3` and faults arrive through the interrupt hook: `int3` is delivered through its gate,
   everything else is a crash record (DESIGN.md 1.7);
-* `iretq` is executed here, not by Unicorn (code hooks on every `iretq` of the text): pop the frame,
-  check it, unblock NMIs, serialize, then deliver a latched NMI or a pending interrupt;
+* `iretq` is executed here, not by Unicorn: every `iretq` of the kernel starts a block of its own,
+  and a block hook there pops the frame, checks it, unblocks NMIs, serializes, then delivers a
+  latched NMI or a pending interrupt (a block hook, not a code hook: with count-sliced execution
+  every code hook costs a check on every instruction of the machine);
 * `popfq` is watched so that an interrupt held back by IF=0 is delivered right when IF comes back;
 * the patchable sites are watched so the fetch-coherence model knows what each CPU executes there.
 
@@ -184,7 +186,7 @@ class Cpu:
         self.agent_result: Any = None
         self.agent_done = False
         self.extra = 0  # cycles charged by events during the running quantum
-        self.rip = 0
+        self.rip: int | None = None  # RIP after the last quantum, None when it may have changed since
         self.tentative: tuple[int, int, bytes] | None = None
         self.popf_hooks: list[int] = []
         self.stats = {
@@ -272,7 +274,7 @@ class Machine:
             self.write(lay.percpu_va(i) + off, struct.pack("<Q", value & (2**64 - 1)))
         eng = cpu.engine
         for a in self.image.iret_sites:
-            eng.hook_code_at(a, 1, self._iret_hook(cpu))
+            eng.hook_block_at(a, 1, self._iret_hook(cpu))
         eng.hook_interrupts(self._intr_hook(cpu))
         eng.hook_invalid_insn(lambda: self._crash(cpu, "exception #UD (invalid opcode)", cpu.engine.rip()))
         eng.hook_cpuid(self._cpuid_hook(cpu))
@@ -282,7 +284,6 @@ class Machine:
             eng.set_reg(name, value)
         entry = self.image.idle_entry if i == self.config.patcher_cpu else self.image.worker_entry
         eng.set_rip(entry)
-        cpu.rip = entry
 
     def _start_nmi_sources(self) -> None:
         for src in self.config.nmi_sources:
@@ -434,6 +435,12 @@ class Machine:
         if cpu.crash is None and cpu.pending and cpu.agent is None and cpu.engine.rflags() & RFLAGS_IF:
             self._deliver_pending_irq(cpu, cpu.engine.rip())
 
+    def set_rip(self, cpu_index: int, rip: int) -> None:
+        """Point a CPU somewhere else (tests and fault injection)."""
+        cpu = self.cpus[cpu_index]
+        cpu.engine.set_rip(rip)
+        cpu.rip = None
+
     def raise_nmi(self, cpu_index: int, source: str = "test") -> None:
         """An NMI reaches `cpu_index` now (at its current instruction boundary)."""
         cpu = self.cpus[cpu_index]
@@ -491,6 +498,7 @@ class Machine:
         eng.set_rsp(base)
         eng.set_rflags(entry_rflags(rflags, gate))
         eng.set_rip(gate.handler)
+        cpu.rip = None
         now = cpu.now()
         cpu.extra += self.costs.event_entry
         if vector == Vector.NMI:
@@ -611,7 +619,10 @@ class Machine:
             eng.set_rflags((rflags & 0x3F7FD7) | 2)
             eng.set_rip(rip)
             now = cpu.now()
-            cpu.extra += self.costs.iret
+            # the count of the quantum does not include an instruction redirected from its block
+            # hook: charge the iretq itself here
+            cpu.extra += self.costs.iret + self.costs.instruction
+            cpu.stats["instructions"] += 1
             cpu.stats["iret"] += 1
             unblocked = cpu.nmi.iret(ss)
             self.trace.add((now, cpu.index, "iret", rip, new_rsp, unblocked))
@@ -749,8 +760,8 @@ class Machine:
         end = min(c.clock for c in live) + cycles
         heap = [(c.clock, c.index) for c in live]
         heapq.heapify(heap)
-        rng = self._sched_rng.randrange
-        q_mean = self.config.quantum
+        rnd = self._sched_rng.random
+        q_span = 2 * self.config.quantum - 1
         q_fine = self.config.fine_quantum
         insn = self.costs.instruction
         cpus = self.cpus
@@ -773,25 +784,28 @@ class Machine:
                 if cpu.crash is not None:
                     heapq.heappop(heap)
                     continue
-            q = rng(1, q_fine + 1) if self.fine > 0 else rng(1, 2 * q_mean)
+            q = 1 + int(rnd() * (q_fine if self.fine > 0 else q_span))
             limit = end - clock
             if cpu.events:
                 limit = min(limit, cpu.events[0][0] - clock)
             q = max(1, min(q, (limit + insn - 1) // insn))
             eng = cpu.engine
-            rip = eng.rip()
+            rip = cpu.rip
+            if rip is None:
+                rip = eng.rip()
             cpu.extra = 0
             stop = eng.run(rip, L.UNTIL, q)
+            cpu.rip = after = eng.rip()
             if stop is not None and cpu.crash is None:
-                self._crash(cpu, f"guest fault: {stop.error}", eng.rip())
-            elif cpu.crash is None and eng.rip() == rip:
+                self._crash(cpu, f"guest fault: {stop.error}", after)
+            elif cpu.crash is None and after == rip:
                 # Unicorn may stop quietly, without an error or an interrupt, on an instruction it
                 # cannot fetch or decode: a CPU that made no progress gets the fault it would take
                 reason = self._fetch_fault(rip)
                 if reason:
                     self._crash(cpu, reason, rip)
             if cpu.tentative is not None:
-                if eng.rip() == cpu.tentative[1]:
+                if after == cpu.tentative[1]:
                     cpu.tentative = None  # the count ran out at the block start: not executed
                 else:
                     self._confirm_fetch(cpu)

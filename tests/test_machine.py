@@ -109,7 +109,7 @@ def test_second_nmi_is_latched_and_third_dropped(make_machine):
     nmis = [d for d in rec.delivered if d[0] == 1 and d[2] == Vector.NMI]
     first_iret = next(i for i in rec.irets if i[0] == 1)
     # delivered at the very boundary after that iretq completes
-    assert nmis[1][1] == first_iret[1] + m.costs.iret
+    assert nmis[1][1] == first_iret[1] + m.costs.iret + m.costs.instruction
     assert nmis[1][3][0] == first_iret[2][0]  # and it interrupts where that iretq returned to
 
 
@@ -221,7 +221,7 @@ def test_garbage_in_text_is_a_recorded_crash(make_machine, kernel):
 def test_jump_to_unmapped_memory_is_a_recorded_crash(make_machine):
     m = make_machine(cpus=2, seed=1)
     m.run(1_000)
-    m.cpus[1].engine.set_rip(0xFFFFFFFF90000000)
+    m.set_rip(1, 0xFFFFFFFF90000000)
     m.run(1_000)
     (c,) = m.crashes
     assert c.cpu == 1 and c.rip == 0xFFFFFFFF90000000

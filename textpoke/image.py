@@ -82,6 +82,7 @@ class Percpu:
     IRQOFF_LEN = 0x48  # iterations of the interrupts-off spin
     WORK_MASK = 0x50  # busy-work iterations per call: (lcg >> 48) & mask
     LOOP_LIMIT = 0x58  # 0: run forever; else hlt after this many workload iterations
+    SCRATCH = 0x200  # u64[64]: the workload's busy-work array
     WL_COUNT = 0x400  # u64[MAX_TRACED]: calls the workload made, per traced function
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
     FT_ALT_COUNT = 0x1400  # u64[MAX_TRACED]: calls ftrace_caller_alt saw
@@ -104,8 +105,8 @@ class KernelConfig:
         n = self.nmi_funcs
         if n < 2 or n & (n - 1) or n > self.nr_traced:
             raise ImageError(f"nmi_funcs must be a power of two in [2, nr_traced], got {n}")
-        if self.work_mask < 0 or self.work_mask & (self.work_mask + 1):
-            raise ImageError(f"work_mask must be a power of two minus one, got {self.work_mask}")
+        if self.work_mask < 0 or self.work_mask & (self.work_mask + 1) or self.work_mask > 63:
+            raise ImageError(f"work_mask must be a power of two minus one below 64, got {self.work_mask}")
 
 
 @dataclass(frozen=True)
@@ -368,12 +369,19 @@ def verify(image: KernelImage) -> tuple[tuple[int, ...], tuple[int, ...]]:
     for name, start in image.symbols.items():
         code = image.text[start - TEXT_VA : start - TEXT_VA + image.sizes[name]]
         pos = 0
+        last = ""
         for insn in _CS.disasm(code, start):
+            last = insn.mnemonic
             pos = insn.address - start + insn.size
             m = insn.mnemonic
             if m == "iretq":
                 if bytes(insn.bytes) != b"\x48\xcf":
                     raise ImageError(f"{name}: iretq at {insn.address:#x} is not 48 cf")
+                if insn.address != start or image.sizes[name] != 2:
+                    raise ImageError(
+                        f"{name}: iretq at {insn.address:#x} must be the only instruction of its "
+                        "unit (the machine executes iretq from a hook on the block that starts there)"
+                    )
                 irets.append(insn.address)
             elif m == "popfq":
                 popfs.append(insn.address)
@@ -394,6 +402,8 @@ def verify(image: KernelImage) -> tuple[tuple[int, ...], tuple[int, ...]]:
                 f"{name}: capstone stops decoding at +{pos:#x} of {len(code)} bytes: "
                 f"{code[pos : pos + 8].hex(' ')}"
             )
+        if last not in ("jmp", "ret", "iretq", "ud2"):
+            raise ImageError(f"{name} ends with {last!r}: it could fall through into the next unit")
     for fn, site in image.sites.items():
         got = image.text[site - TEXT_VA : site - TEXT_VA + 5]
         if got != FTRACE_NOP:

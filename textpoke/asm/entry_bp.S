@@ -67,7 +67,8 @@ SYM_FUNC_START(bp_common)
 SYM_FUNC_END(bp_common)
 
 # The one iretq every interrupt and exception return to kernel mode goes through (Linux:
-# restore_regs_and_return_to_kernel -> native_irq_return_iret). NMI entries have their own.
+# restore_regs_and_return_to_kernel -> native_irq_return_iret). Every iretq of this kernel is the only
+# instruction of its own unit, entered by a jump: the machine executes it from a block hook.
 SYM_FUNC_START(native_iret)
     iretq
 SYM_FUNC_END(native_iret)

@@ -22,7 +22,7 @@ SYM_FUNC_START(nmi_entry_naive)
     pop rdx
     pop rcx
     pop rax
-    iretq
+    jmp native_iret
 SYM_FUNC_END(nmi_entry_naive)
 
 # The NMI handler body (exc_nmi's work): perf/watchdog callbacks that call traced functions, part of

@@ -1,6 +1,6 @@
 # The per-CPU workload: forever pick a traced function with a per-CPU LCG (r12, seeded at boot),
 # count the call in this CPU's own counters, call it (half the time with the stack 8 bytes off, so
-# int3 frames land at both 16-byte alignments), do a random amount of busy work, and now and then
+# int3 frames land at both 16-byte alignments), do a random amount of busy work on per-CPU memory (loads and stores, like most kernel code), and now and then
 # run an interrupts-off section (pushfq; cli; ...; popfq) when the per-CPU knobs ask for one.
 # With a non-zero LOOP_LIMIT it stops with hlt after that many iterations (raw-speed benchmarks).
 SYM_FUNC_START(workload_main)
@@ -34,9 +34,10 @@ SYM_FUNC_START(workload_main)
 .Lspin:
     test rcx, rcx
     jz .Ldone
-    imul r13, r13, 3
-    add r13, rcx
-    xor r14, r13
+    mov rax, qword ptr gs:[PCPU_SCRATCH+rcx*8]
+    add rax, r13
+    mov qword ptr gs:[PCPU_SCRATCH+rcx*8], rax
+    xor r13, rax
     dec rcx
     jmp .Lspin
 .Ldone:
