@@ -255,7 +255,9 @@ def _substitute(body: str, values: dict[str, int], unit: str) -> str:
         if w == unit:
             raise ImageError(f"{unit} refers to itself by name; use a local .L label")
         v = values.get(w)
-        return str(v) if v is not None else w
+        # hex, not decimal: keystone intermittently rejects decimal literals of 2**63 and above
+        # ("Literal value out of range"), depending on memory it does not initialise
+        return hex(v) if v is not None else w
 
     out = []
     for line in body.splitlines():
