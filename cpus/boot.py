@@ -26,6 +26,9 @@ class BootImage:
     watch: tuple[tuple[int, int], ...]  # (address, length) of every patchable site
     iret_sites: tuple[int, ...]
     popf_sites: tuple[int, ...]
+    #: addresses of hlt instructions, each the start of a block: a CPU that reaches one stops
+    #: (and is not woken: the machine uses hlt only to end bounded runs)
+    halt_sites: tuple[int, ...] = ()
     #: (cpu, seed) -> initial general registers, e.g. a per-CPU random state
     boot_regs: Callable[[int, int], dict[str, int]] = field(default=lambda cpu, seed: {})
     #: (cpu, layout) -> {offset in the per-CPU area: u64 value}

@@ -69,8 +69,10 @@ class MachineConfig:
     seed: int = 0
     #: mean scheduling quantum, in instructions; each quantum is drawn uniformly from [1, 2*quantum-1]
     quantum: int = DEFAULT_QUANTUM
-    #: largest quantum while a patch step is in flight (`Machine.fine`), down to 1 instruction
+    #: largest quantum around patch steps, down to 1 instruction: while an agent asks for it
+    #: (`Fine`) and for `fine_window` cycles after every text write
     fine_quantum: int = 4
+    fine_window: int = 1000
     snoop: SnoopModel = field(default_factory=SnoopModel)
     #: FRED-style NMI unblocking: only the return from the NMI's own frame unblocks NMIs
     fred: bool = False
@@ -91,6 +93,8 @@ class MachineConfig:
             raise ConfigError(f"quantum must be a positive integer, got {self.quantum!r}")
         if not isinstance(self.fine_quantum, int) or self.fine_quantum < 1:
             raise ConfigError(f"fine_quantum must be a positive integer, got {self.fine_quantum!r}")
+        if not isinstance(self.fine_window, int) or self.fine_window < 0:
+            raise ConfigError(f"fine_window must be a non-negative integer, got {self.fine_window!r}")
         if not 0 <= self.patcher_cpu < self.cpus:
             raise ConfigError(f"patcher_cpu {self.patcher_cpu} is not a CPU of a {self.cpus}-CPU machine")
         s = self.snoop

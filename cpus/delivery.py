@@ -54,7 +54,8 @@ class Vector(enum.IntEnum):
     DF = 8
     GP = 13
     PF = 14
-    IPI = 0xFB  # the "call function" IPI vector Linux uses (CALL_FUNCTION_VECTOR)
+    IPI = 0xFC  # CALL_FUNCTION_VECTOR: on_each_cpu(), the sync of text_poke_bp
+    STOP = 0xFD  # RESCHEDULE_VECTOR: wakes the stop_machine stopper on a CPU
 
     def __repr__(self) -> str:
         return self.name

@@ -165,6 +165,7 @@ class Cpu:
         "engine",
         "events",
         "extra",
+        "halted",
         "index",
         "nmi",
         "pending",
@@ -189,6 +190,7 @@ class Cpu:
         self.rip: int | None = None  # RIP after the last quantum, None when it may have changed since
         self.tentative: tuple[int, int, bytes] | None = None
         self.popf_hooks: list[int] = []
+        self.halted = False
         self.stats = {
             "site_exec": 0,
             "instructions": 0,
@@ -207,6 +209,10 @@ class Cpu:
     @property
     def alive(self) -> bool:
         return self.crash is None
+
+    @property
+    def runnable(self) -> bool:
+        return self.crash is None and not self.halted
 
     def now(self) -> int:
         return self.clock + self.extra
@@ -238,11 +244,24 @@ class Machine:
 
         self.trace = Trace(n, keep=config.keep_trace)
         self.instruments = list(instruments)
-        self._on_fetch = [f for i in self.instruments if (f := getattr(i, "on_fetch", None))]
+        self._obs = {
+            name: [f for i in self.instruments if (f := getattr(i, name, None))]
+            for name in (
+                "on_fetch",
+                "on_text_write",
+                "on_serialize",
+                "on_deliver",
+                "on_iret",
+                "on_nmi",
+                "on_crash",
+            )
+        }
+        self._on_fetch = self._obs["on_fetch"]
         self._sched_rng = random.Random(f"{config.seed}/sched")
         self._snoop_rng = random.Random(f"{config.seed}/snoop")
         self._seq = 0
         self.fine = 0
+        self.fine_until = 0
         self._pending_wait: dict[int, WaitUntil] = {}
         self._site_hooks: dict[int, list[int]] = {}  # watched site -> hook handle per CPU
         self._release: set[int] = set()  # sites to stop watching once no CPU holds them stale
@@ -275,6 +294,8 @@ class Machine:
         eng = cpu.engine
         for a in self.image.iret_sites:
             eng.hook_block_at(a, 1, self._iret_hook(cpu))
+        for a in self.image.halt_sites:
+            eng.hook_block_at(a, 1, self._halt_hook(cpu))
         eng.hook_interrupts(self._intr_hook(cpu))
         eng.hook_invalid_insn(lambda: self._crash(cpu, "exception #UD (invalid opcode)", cpu.engine.rip()))
         eng.hook_cpuid(self._cpuid_hook(cpu))
@@ -341,11 +362,10 @@ class Machine:
         self.watch(self.coherence.sites_overlapping(addr, addr + len(data)))
         now = self.cpus[w].now()
         self.mem_text.write(L.TEXT_PA + (addr - L.TEXT_VA), data)
+        self.fine_until = max(self.fine_until, now + self.config.fine_window)
         self.trace.add((now, w, "write", addr, bytes(data)))
-        for inst in self.instruments:
-            f = getattr(inst, "on_text_write", None)
-            if f:
-                f(w, now, addr, bytes(data))
+        for f in self._obs["on_text_write"]:
+            f(w, now, addr, bytes(data))
         for cpu, site in self.coherence.written(w, addr, addr + len(data)):
             delay = self.config.snoop.draw(self._snoop_rng)
             if delay is not None:
@@ -459,10 +479,8 @@ class Machine:
         elif outcome is NmiArrival.DROP:
             cpu.stats["nmi_dropped"] += 1
         self.trace.add((now, cpu_index, "nmi", source, outcome.value))
-        for inst in self.instruments:
-            f = getattr(inst, "on_nmi", None)
-            if f:
-                f(cpu_index, now, outcome.value)
+        for f in self._obs["on_nmi"]:
+            f(cpu_index, now, outcome.value)
 
     # ----------------------------------------------------------------------------------------
     # Event delivery (the hardware part)
@@ -507,10 +525,8 @@ class Machine:
         elif vector == Vector.BP:
             cpu.stats["int3"] += 1
         self.trace.add((now, cpu.index, "deliver", vector, ret_rip, rsp, base))
-        for inst in self.instruments:
-            f = getattr(inst, "on_deliver", None)
-            if f:
-                f(cpu.index, now, vector, frame)
+        for f in self._obs["on_deliver"]:
+            f(cpu.index, now, vector, frame)
         self._serialize(cpu)
         return True
 
@@ -541,10 +557,8 @@ class Machine:
         if dropped:
             cpu.stats["serialize_drops"] += dropped
             self.trace.add((cpu.now(), cpu.index, "serialize", dropped))
-        for inst in self.instruments:
-            f = getattr(inst, "on_serialize", None)
-            if f:
-                f(cpu.index, cpu.now())
+        for f in self._obs["on_serialize"]:
+            f(cpu.index, cpu.now())
 
     def _crash(self, cpu: Cpu, reason: str, rip: int) -> None:
         if cpu.crash is not None:
@@ -564,10 +578,8 @@ class Machine:
         crash = Crash(cpu.index, now, reason, rip, code[:16], dis, tuple(self.trace.tails[cpu.index]))
         cpu.crash = crash
         cpu.engine.stop()
-        for inst in self.instruments:
-            f = getattr(inst, "on_crash", None)
-            if f:
-                f(crash)
+        for f in self._obs["on_crash"]:
+            f(crash)
 
     def _fetch_fault(self, rip: int) -> str | None:
         """The fault fetching the instruction at `rip` raises, or None when it decodes."""
@@ -626,10 +638,8 @@ class Machine:
             cpu.stats["iret"] += 1
             unblocked = cpu.nmi.iret(ss)
             self.trace.add((now, cpu.index, "iret", rip, new_rsp, unblocked))
-            for inst in self.instruments:
-                f = getattr(inst, "on_iret", None)
-                if f:
-                    f(cpu.index, now, frame, unblocked)
+            for f in self._obs["on_iret"]:
+                f(cpu.index, now, frame, unblocked)
             self._serialize(cpu)
             if cpu.nmi.take_latched():
                 self.trace.add((now, cpu.index, "nmi", "latched", "deliver"))
@@ -638,6 +648,16 @@ class Machine:
                 self._deliver_pending_irq(cpu, rip)
 
         return on_iretq
+
+    def _halt_hook(self, cpu: Cpu) -> Callable[[int, int], None]:
+        def on_hlt(addr: int, _size: int) -> None:
+            if cpu.tentative is not None:
+                self._confirm_fetch(cpu)
+            cpu.halted = True
+            self.trace.add((cpu.now(), cpu.index, "halt", addr))
+            cpu.engine.stop()
+
+        return on_hlt
 
     def _popf_hook(self, cpu: Cpu) -> Callable[[int, int], None]:
         def on_popfq(addr: int, _size: int) -> None:
@@ -754,7 +774,7 @@ class Machine:
         holds at a scheduling point)."""
         if cycles < 0:
             raise ConfigError("cycles must be >= 0")
-        live = [c for c in self.cpus if c.crash is None]
+        live = [c for c in self.cpus if c.runnable]
         if not live:
             return
         end = min(c.clock for c in live) + cycles
@@ -784,7 +804,7 @@ class Machine:
                 if cpu.crash is not None:
                     heapq.heappop(heap)
                     continue
-            q = 1 + int(rnd() * (q_fine if self.fine > 0 else q_span))
+            q = 1 + int(rnd() * (q_fine if self.fine > 0 or clock < self.fine_until else q_span))
             limit = end - clock
             if cpu.events:
                 limit = min(limit, cpu.events[0][0] - clock)
@@ -816,7 +836,7 @@ class Machine:
             trace_add((clock, i, "run", rip, q))
             if cpu.popf_hooks and not cpu.pending:
                 self._watch_popf(cpu, False)  # not from inside the hook that delivered it
-            if cpu.crash is not None:
+            if not cpu.runnable:
                 heapq.heappop(heap)
             else:
                 heapq.heapreplace(heap, (cpu.clock, i))

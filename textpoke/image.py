@@ -33,9 +33,11 @@ from cpus.errors import TextpokeError
 from cpus.layout import IMAGE_DATA_VA, TEXT_VA, Layout
 
 __all__ = [
+    "BP_DESC",
     "BP_ENTRIES",
     "FTRACE_NOP",
     "NMI_ENTRIES",
+    "STOP_STATE",
     "ImageError",
     "KernelConfig",
     "KernelImage",
@@ -60,7 +62,7 @@ NMI_ENTRIES = {
     "naive": "nmi_entry_naive",
 }
 
-_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "ftrace.S", "workload.S")
+_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "ftrace.S", "workload.S")
 
 
 class ImageError(TextpokeError):
@@ -82,6 +84,8 @@ class Percpu:
     IRQOFF_LEN = 0x48  # iterations of the interrupts-off spin
     WORK_MASK = 0x50  # busy-work iterations per call: (lcg >> 48) & mask
     LOOP_LIMIT = 0x58  # 0: run forever; else hlt after this many workload iterations
+    STOP_ACK = 0x60  # times this CPU entered the stop_machine stopper
+    STOP_EXIT = 0x68  # times it left it
     SCRATCH = 0x200  # u64[64]: the workload's busy-work array
     WL_COUNT = 0x400  # u64[MAX_TRACED]: calls the workload made, per traced function
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
@@ -128,6 +132,8 @@ class KernelImage:
     sites: dict[str, int]  # traced function name -> site address
     iret_sites: tuple[int, ...]
     popf_sites: tuple[int, ...]
+    halt_sites: tuple[int, ...] = ()
+    boundaries: frozenset[int] = frozenset()  # every instruction start in the text
     constants: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -154,6 +160,7 @@ class KernelImage:
             int(Vector.BP): Gate(sym[BP_ENTRIES[bp_mode]]),
             int(Vector.NMI): Gate(sym[NMI_ENTRIES[nmi_entry]], ist=2),
             int(Vector.IPI): Gate(sym["ipi_entry"]),
+            int(Vector.STOP): Gate(sym["stopper_entry"]),
         }
         cfg = self.config
 
@@ -181,6 +188,7 @@ class KernelImage:
             watch=tuple((addr, len(FTRACE_NOP)) for addr in self.sites.values()),
             iret_sites=self.iret_sites,
             popf_sites=self.popf_sites,
+            halt_sites=self.halt_sites,
             boot_regs=boot_regs,
             percpu_init=percpu_init,  # type: ignore[arg-type]
             symbols=dict(sym),
@@ -190,14 +198,16 @@ class KernelImage:
 # ------------------------------------------------------------------------------------------------
 # Data layout (kernel data segment, after the machine's GDT/IDT)
 # ------------------------------------------------------------------------------------------------
-BP_DESC = IMAGE_DATA_VA  # refs u64, nr_entries u64, entries[BP_DESC_MAX] of 32 bytes
-DATA_SIZE = 16 + BP_DESC_MAX * BP_ENTRY_SIZE
+STOP_STATE = IMAGE_DATA_VA  # u64: non-zero while stop_machine holds the other CPUs
+BP_DESC = IMAGE_DATA_VA + 0x40  # refs u64, nr_entries u64, entries[BP_DESC_MAX] of 32 bytes
+DATA_SIZE = 0x40 + 16 + BP_DESC_MAX * BP_ENTRY_SIZE
 
 
 def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
     c = {f"PCPU_{k}": v for k, v in vars(Percpu).items() if k.isupper()}
     c.update(
         BP_DESC=BP_DESC,
+        STOP_STATE=STOP_STATE,
         NR_TRACED=cfg.nr_traced,
         FN_SHIFT=FN_SHIFT,
         TRACED_BASE=traced_base,
@@ -354,19 +364,31 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
         popf_sites=(),
         constants=consts,
     )
-    irets, popfs = verify(image)
-    image.iret_sites = irets
-    image.popf_sites = popfs
+    found = verify(image)
+    image.iret_sites = found.irets
+    image.popf_sites = found.popfs
+    image.halt_sites = found.halts
+    image.boundaries = found.boundaries
     return image
 
 
-def verify(image: KernelImage) -> tuple[tuple[int, ...], tuple[int, ...]]:
+@dataclass(frozen=True)
+class Found:
+    irets: tuple[int, ...]
+    popfs: tuple[int, ...]
+    halts: tuple[int, ...]
+    boundaries: frozenset[int]
+
+
+def verify(image: KernelImage) -> Found:
     """Disassemble every unit back with capstone and check what the simulator relies on.
 
-    Returns the addresses of every `iretq` and `popfq`.
+    Returns the addresses of every `iretq`, `popfq` and `hlt`, and every instruction boundary.
     """
     irets: list[int] = []
     popfs: list[int] = []
+    halts: list[int] = []
+    boundaries: set[int] = set()
     starts = set(image.symbols.values())
     for name, start in image.symbols.items():
         code = image.text[start - TEXT_VA : start - TEXT_VA + image.sizes[name]]
@@ -374,6 +396,7 @@ def verify(image: KernelImage) -> tuple[tuple[int, ...], tuple[int, ...]]:
         last = ""
         for insn in _CS.disasm(code, start):
             last = insn.mnemonic
+            boundaries.add(insn.address)
             pos = insn.address - start + insn.size
             m = insn.mnemonic
             if m == "iretq":
@@ -387,6 +410,10 @@ def verify(image: KernelImage) -> tuple[tuple[int, ...], tuple[int, ...]]:
                 irets.append(insn.address)
             elif m == "popfq":
                 popfs.append(insn.address)
+            elif m == "hlt":
+                if insn.address != start:
+                    raise ImageError(f"{name}: hlt at {insn.address:#x} must start its unit")
+                halts.append(insn.address)
             elif m == "sti":
                 raise ImageError(
                     f"{name}: sti at {insn.address:#x}: the machine does not model the sti shadow; "
@@ -410,7 +437,7 @@ def verify(image: KernelImage) -> tuple[tuple[int, ...], tuple[int, ...]]:
         got = image.text[site - TEXT_VA : site - TEXT_VA + 5]
         if got != FTRACE_NOP:
             raise ImageError(f"{fn}: site at {site:#x} holds {got.hex(' ')}, not the ftrace nop")
-    return tuple(irets), tuple(popfs)
+    return Found(tuple(irets), tuple(popfs), tuple(halts), frozenset(boundaries))
 
 
 def call_bytes(site: int, target: int) -> bytes:

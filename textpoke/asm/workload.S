@@ -47,7 +47,7 @@ SYM_FUNC_START(workload_main)
     jz .Lnolimit
     cmp rax, qword ptr gs:[PCPU_LOOPS]
     ja .Lnolimit
-    hlt                                 # a bounded run (benchmarks) ends here
+    jmp cpu_halt                        # a bounded run (benchmarks, drains) ends here
 .Lnolimit:
     mov rax, qword ptr gs:[PCPU_IRQOFF_MASK]
     test rax, rax
@@ -66,6 +66,14 @@ SYM_FUNC_START(workload_main)
     popfq
     jmp .Lloop
 SYM_FUNC_END(workload_main)
+
+# Stop this CPU. (Every hlt of the kernel starts a unit of its own: the machine sees it from a
+# block hook, since a hlt ends Unicorn's run without saying how many instructions ran.)
+SYM_FUNC_START(cpu_halt)
+.Lagain:
+    hlt
+    jmp .Lagain
+SYM_FUNC_END(cpu_halt)
 
 # Where the patcher CPU idles when no agent occupies it. (No pause: Unicorn leaves its execution
 # loop on every pause, which would make idling the most expensive thing the machine does.)
