@@ -19,3 +19,16 @@ class ConfigError(TextpokeError, ValueError):
 
 class SimulatorBug(TextpokeError, RuntimeError):
     """Should never happen: the model's own invariants broke. All bets about the run are off."""
+
+
+class AgentTimeout(TextpokeError):
+    """An agent (the patcher) did not finish in the cycles it was given: it waits for something
+    that never happens, as a kernel would hang. The agent has been abandoned."""
+
+    def __init__(self, cpu: int, start: int, limit: int, waiting_for: str) -> None:
+        super().__init__(
+            f"the agent on cpu{cpu} did not finish within {limit} cycles of t={start}"
+            + (f" (waiting for {waiting_for})" if waiting_for else "")
+        )
+        self.cpu = cpu
+        self.waiting_for = waiting_for

@@ -52,7 +52,7 @@ from .delivery import (
     frame_base,
 )
 from .disasm import describe, insn_length
-from .errors import ConfigError, SimulatorBug
+from .errors import AgentTimeout, ConfigError, SimulatorBug
 from .trace import Trace
 
 __all__ = [
@@ -273,7 +273,11 @@ class Machine:
             eng = Engine(self._mems, L.PT_PA, L.GDT_VA, lay.percpu_va(i), L.KERNEL_CS, L.KERNEL_DS)
             self.cpus.append(Cpu(i, eng, config.fred))
         self.coherence = FetchCoherence(
-            n, image.watch, self.read, lambda c, lo, hi: self.cpus[c].engine.drop_decoded(lo, hi)
+            n,
+            image.watch,
+            self.read,
+            lambda c, lo, hi: self.cpus[c].engine.drop_decoded(lo, hi),
+            self._install_copy,
         )
         for cpu in self.cpus:
             self._boot(cpu)
@@ -366,10 +370,27 @@ class Machine:
         self.trace.add((now, w, "write", addr, bytes(data)))
         for f in self._obs["on_text_write"]:
             f(w, now, addr, bytes(data))
-        for cpu, site in self.coherence.written(w, addr, addr + len(data)):
+        for cpu, site, wid in self.coherence.written(w, addr, addr + len(data)):
             delay = self.config.snoop.draw(self._snoop_rng)
             if delay is not None:
-                self._schedule(cpu, now + delay, _EV_SNOOP, site)
+                self._schedule(cpu, now + delay, _EV_SNOOP, (site, wid))
+
+    def _install_copy(self, cpu: int, site: int, code: bytes) -> None:
+        """Make `cpu`'s translated block at `site` be decoded from `code` (its copy), whatever memory
+        holds now: the bytes are put in memory just for the translation, then put back. Nothing else
+        runs meanwhile, so no one else can see them."""
+        eng = self.cpus[cpu].engine
+        n = len(code)
+        eng.drop_decoded(site, site + n)
+        pa = L.TEXT_PA + (site - L.TEXT_VA)
+        real = self.mem_text.read(pa, n)
+        if real != code:
+            self.mem_text.write(pa, code)
+        try:
+            eng.decode_at(site)
+        finally:
+            if real != code:
+                self.mem_text.write(pa, real)
 
     def watch(self, sites: Iterable[int]) -> None:
         """Observe fetches of these patchable sites on every CPU (DESIGN.md 1.6; see coherence).
@@ -383,14 +404,9 @@ class Machine:
             if site not in self.coherence.sites:
                 raise ConfigError(f"{site:#x} is not a patchable site of this kernel image")
             length = self.coherence.sites[site]
-            handles = []
-            for cpu in self.cpus:
-                eng = cpu.engine
-                handles.append(eng.hook_block_at(site, length, self._site_hook(cpu)))
-                eng.drop_decoded(site, site + length)
-                eng.decode_at(site)
+            handles = [cpu.engine.hook_block_at(site, length, self._site_hook(cpu)) for cpu in self.cpus]
             self._site_hooks[site] = handles
-            self.coherence.watch(site)
+            self.coherence.watch(site)  # installs every CPU's copy, now with the hook in it
             self.trace.add((self.now(), -1, "watch", site))
 
     def release(self, sites: Iterable[int]) -> None:
@@ -448,8 +464,10 @@ class Machine:
                 if not if_on and not cpu.popf_hooks and self.image.popf_sites:
                     self._watch_popf(cpu, True)
             elif kind == _EV_SNOOP:
-                if self.coherence.snoop(cpu.index, arg):
-                    self.trace.add((cpu.clock, cpu.index, "snoop", arg))
+                site, wid = arg
+                code = self.coherence.snoop(cpu.index, site, wid)
+                if code is not None:
+                    self.trace.add((cpu.clock, cpu.index, "snoop", site, code))
             else:
                 arg(self, cpu)
         if cpu.crash is None and cpu.pending and cpu.agent is None and cpu.engine.rflags() & RFLAGS_IF:
@@ -588,8 +606,9 @@ class Machine:
         end = rip + 15
         while self._phys(rip, end - rip) is None:
             end -= 1
-        if insn_length(self.read(rip, end - rip)) is None:
-            return "exception #UD (invalid opcode)"
+        code = self.read(rip, end - rip)
+        if insn_length(code) is None or code[:2] in (b"\x0f\x0b", b"\x0f\xb9", b"\x0f\xff"):
+            return "exception #UD (invalid opcode)"  # undecodable, or ud2 / ud1 / ud0
         return None
 
     # -- Unicorn callbacks ----------------------------------------------------------------------
@@ -687,7 +706,7 @@ class Machine:
         quantum's count runs out at a block start, Unicorn has fired the hook without running it."""
         sites = self.coherence.sites
         fetch = self.coherence.fetch
-        decoded = self.coherence.decoded[cpu.index]
+        decoded = self.coherence.copies[cpu.index]
 
         def on_site(addr: int, _block_size: int) -> None:
             if cpu.tentative is not None:
@@ -848,7 +867,11 @@ class Machine:
         start = c.clock
         self.run(limit, stop_when=lambda: c.agent_done)
         if not c.agent_done:
-            raise SimulatorBug(f"agent on cpu{cpu} did not finish within {limit} cycles of t={start}")
+            wait = self._pending_wait.pop(cpu, None)
+            c.agent = None
+            self.fine = 0
+            self.trace.add((c.clock, cpu, "agent-timeout", wait.label if wait else ""))
+            raise AgentTimeout(cpu, start, limit, wait.label if wait else "")
         return c.agent_result
 
     # ----------------------------------------------------------------------------------------

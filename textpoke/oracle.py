@@ -1,0 +1,296 @@
+"""The safety oracle: an observer of the machine that judges every run (DESIGN.md section 4).
+
+It watches what each CPU executes at the patchable sites, every text write, every serializing event
+and every crash, and it is told when patch operations start and end. It is not part of the
+machinery: it only observes, and a run's verdict is the list of what it saw go wrong.
+
+Classes
+-------
+torn-fetch              a CPU executed site bytes that are neither the old instruction, nor the new
+                        one, nor an int3 followed by either tail
+unsynced-modification   a CPU executed a site (not an int3) whose bytes other than the first changed
+                        since its last serializing event (the SDM's cross-modifying-code hazard),
+                        even if the bytes decode cleanly
+crash                   any fault of a CPU
+unhandled-int3          an int3 the #BP handler could not attribute (the kernel would die)
+stale-after-completion  a CPU executed a transitional or old instruction after the operation returned
+missed-call             a traced call that did not reach a tracer: counted when skip mode drops a
+                        call -> call site, and when a tracer saw fewer calls than were executed
+extra-call              a tracer saw more calls than CPUs executed traced sites
+nmi-corruption, lost-nmi  the NMI classes (see `textpoke.nmi_oracle`)
+
+Accounting: every call of a traced function runs its site exactly once, so after a drained run the
+number of site executions per CPU and function equals the workload's plus the NMI handler's own
+counts of calls, and the calls each tracer counted equal the executions whose effective instruction
+was a call to it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cpus import Crash, Machine
+from cpus.disasm import describe
+
+from .image import FTRACE_NOP, KernelImage, Percpu
+
+__all__ = ["CLASSES", "COUNTED", "SafetyOracle", "Verdict", "Violation"]
+
+CLASSES = (
+    "torn-fetch",
+    "unsynced-modification",
+    "crash",
+    "unhandled-int3",
+    "stale-after-completion",
+    "nmi-corruption",
+    "lost-nmi",
+    "missed-call",
+    "extra-call",
+)
+#: classes that are counted, and are violations only where the scenario says the call must not drop
+COUNTED = ("missed-call", "extra-call")
+INT3 = 0xCC
+_MAX_KEPT = 50  # violations kept with details per class (all are counted)
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    kind: str
+    cpu: int
+    time: int
+    site: int | None
+    code: bytes
+    disassembly: str
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["code"] = self.code.hex(" ")
+        d["site"] = None if self.site is None else hex(self.site)
+        return d
+
+
+@dataclass
+class Verdict:
+    seed: int
+    trace_hash: str
+    violations: list[Violation] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    accounting: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed_classes(self) -> list[str]:
+        return [k for k in CLASSES if self.counts.get(k)]
+
+    @property
+    def ok(self) -> bool:
+        return not self.counts
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"seed {self.seed}: ok (trace {self.trace_hash})"
+        parts = ", ".join(f"{k} x{self.counts[k]}" for k in self.failed_classes)
+        return f"seed {self.seed}: {parts} (trace {self.trace_hash})"
+
+
+class SafetyOracle:
+    """Instrument of the machine and listener of the patcher."""
+
+    def __init__(self, kernel: KernelImage, ncpus: int) -> None:
+        self.kernel = kernel
+        self.ncpus = ncpus
+        self.tracers = {
+            kernel.symbols["ftrace_caller"]: "ftrace_caller",
+            kernel.symbols["ftrace_caller_alt"]: "ftrace_caller_alt",
+        }
+        self.unhandled_lo = kernel.symbols["bp_unhandled"]
+        self.unhandled_hi = self.unhandled_lo + kernel.sizes["bp_unhandled"]
+        self.mem: dict[int, bytes] = {s: FTRACE_NOP for s in kernel.sites.values()}
+        self.stable: dict[int, bytes] = dict(self.mem)
+        self.active: dict[int, tuple[bytes, bytes]] = {}
+        self.finished: dict[int, tuple[bytes, bytes, int]] = {}
+        self.skip_mode = False
+        self.dirty: defaultdict[int, set[int]] = defaultdict(set)
+        self.violations: list[Violation] = []
+        self.counts: Counter = Counter()
+        self.fetches: Counter = Counter()  # (cpu, site) -> executions
+        self.traced: Counter = Counter()  # (cpu, site, tracer) -> executions that call the tracer
+        self.int3_hits: Counter = Counter()  # cpu -> site executions that trapped
+        self.ops = 0
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def _flag(self, kind: str, cpu: int, time: int, site: int | None, code: bytes, detail: str) -> None:
+        self.counts[kind] += 1
+        if sum(1 for v in self.violations if v.kind == kind) < _MAX_KEPT:
+            where = site if site is not None else 0
+            self.violations.append(
+                Violation(kind, cpu, time, site, code, describe(code, where) if code else "", detail)
+            )
+
+    # -- patcher listener --------------------------------------------------------------------------
+    def on_op_start(self, op, time: int) -> None:
+        self.skip_mode = op.skip_mode
+        self.ops += 1
+        for r in op.requests:
+            self.active[r.site] = (r.old, r.new)
+            self.finished.pop(r.site, None)
+
+    def on_op_end(self, op, time: int) -> None:
+        for r in op.requests:
+            self.active.pop(r.site, None)
+            self.stable[r.site] = r.new
+            self.finished[r.site] = (r.old, r.new, time)
+
+    def on_op_hang(self, op, time: int, why: str) -> None:
+        self._flag("crash", 0, time, None, b"", f"patch operation hung: {why}")
+
+    # -- machine instrument ------------------------------------------------------------------------
+    def on_text_write(self, cpu: int, time: int, addr: int, data: bytes) -> None:
+        for site, cur in self.mem.items():
+            n = len(cur)
+            if addr < site + n and site < addr + len(data):
+                new = bytearray(cur)
+                for i, b in enumerate(data):
+                    j = addr + i - site
+                    if 0 <= j < n:
+                        new[j] = b
+                new_b = bytes(new)
+                if new_b[1:] != cur[1:]:
+                    for c in range(self.ncpus):
+                        if c != cpu:
+                            self.dirty[c].add(site)
+                self.mem[site] = new_b
+
+    def on_serialize(self, cpu: int, time: int) -> None:
+        d = self.dirty.get(cpu)
+        if d:
+            d.clear()
+
+    def on_fetch(self, cpu: int, time: int, site: int, code: bytes) -> None:
+        self.fetches[(cpu, site)] += 1
+        first = code[0]
+        act = self.active.get(site)
+        # what the execution does for the tracers
+        if first == INT3:
+            self.int3_hits[cpu] += 1
+            if act is not None:
+                old, new = act
+                if self.skip_mode:
+                    if old[0] == 0xE8 and new[0] == 0xE8:
+                        self._flag("missed-call", cpu, time, site, code, "int3 skipped a call -> call site")
+                else:
+                    self._count_call(cpu, site, new)
+        else:
+            self._count_call(cpu, site, code)
+            if site in self.dirty.get(cpu, ()):
+                self._flag(
+                    "unsynced-modification",
+                    cpu,
+                    time,
+                    site,
+                    code,
+                    "executed after its tail changed without a serializing event since",
+                )
+        # legality of the bytes
+        if act is not None:
+            old, new = act
+            legal = (old, new, bytes([INT3]) + old[1:], bytes([INT3]) + new[1:])
+            if code not in legal:
+                self._flag("torn-fetch", cpu, time, site, code, f"during the patch {old.hex()} -> {new.hex()}")
+            return
+        if code == self.stable[site]:
+            return
+        fin = self.finished.get(site)
+        if fin is not None:
+            old, new, end = fin
+            transitional = (old, bytes([INT3]) + old[1:], bytes([INT3]) + new[1:])
+            if code in transitional:
+                if time > end:
+                    self._flag(
+                        "stale-after-completion",
+                        cpu,
+                        time,
+                        site,
+                        code,
+                        f"operation ended at t={end}; the site should be {new.hex(' ')}",
+                    )
+                return
+        self._flag("torn-fetch", cpu, time, site, code, f"expected {self.stable[site].hex(' ')}")
+
+    def _count_call(self, cpu: int, site: int, insn: bytes) -> None:
+        if insn[0] == 0xE8 and len(insn) == 5:
+            target = (site + 5 + struct.unpack("<i", insn[1:])[0]) & (2**64 - 1)
+            tracer = self.tracers.get(target)
+            if tracer:
+                self.traced[(cpu, site, tracer)] += 1
+
+    def on_crash(self, crash: Crash) -> None:
+        if self.unhandled_lo <= crash.rip < self.unhandled_hi:
+            # the trapping address is in the #BP frame: the last int3 delivery of that CPU
+            traps = [r for r in crash.tail if r[2] == "deliver" and r[3] == 3]
+            site = traps[-1][4] - 1 if traps else None
+            code = self.mem.get(site, b"") if site is not None else b""
+            self._flag(
+                "unhandled-int3",
+                crash.cpu,
+                crash.time,
+                site,
+                code,
+                "the #BP handler found no descriptor for this int3 (the kernel would die)",
+            )
+        else:
+            self._flag("crash", crash.cpu, crash.time, None, crash.code, f"{crash.reason} at {crash.rip:#x}")
+
+    # -- end of run --------------------------------------------------------------------------------
+    def reconcile(self, m: Machine) -> dict[str, Any]:
+        """Compare what the CPUs executed with what the workloads and tracers counted."""
+        k = self.kernel
+        rows = []
+        exact = True
+        for cpu in m.cpus:
+            if cpu.crash is not None:
+                continue
+            calls = fetched = ft = ft_alt = exp_ft = exp_alt = 0
+            for i in range(k.config.nr_traced):
+                site = k.site_of(i)
+                wl = m.percpu(cpu.index, Percpu.WL_COUNT + 8 * i)
+                nm = m.percpu(cpu.index, Percpu.NMI_CALLS + 8 * i)
+                f = self.fetches[(cpu.index, site)]
+                a = m.percpu(cpu.index, Percpu.FT_COUNT + 8 * i)
+                b = m.percpu(cpu.index, Percpu.FT_ALT_COUNT + 8 * i)
+                ea = self.traced[(cpu.index, site, "ftrace_caller")]
+                eb = self.traced[(cpu.index, site, "ftrace_caller_alt")]
+                calls += wl + nm
+                fetched += f
+                ft += a
+                ft_alt += b
+                exp_ft += ea
+                exp_alt += eb
+                for got, want in ((a, ea), (b, eb)):
+                    if got < want:
+                        self._flag("missed-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got} of {want}")
+                    elif got > want:
+                        self._flag("extra-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got}, ran {want}")
+                if f != wl + nm or a != ea or b != eb:
+                    exact = False
+            rows.append(
+                {
+                    "cpu": cpu.index,
+                    "calls": calls,
+                    "site_executions": fetched,
+                    "int3_hits": self.int3_hits[cpu.index],
+                    "ftrace_caller": ft,
+                    "ftrace_caller_expected": exp_ft,
+                    "ftrace_caller_alt": ft_alt,
+                    "ftrace_caller_alt_expected": exp_alt,
+                }
+            )
+        return {"exact": exact, "per_cpu": rows}
+
+    def verdict(self, m: Machine, seed: int, drained: bool) -> Verdict:
+        accounting = self.reconcile(m) if drained else {"exact": None, "per_cpu": []}
+        return Verdict(seed, m.trace_hash, list(self.violations), Counter(self.counts), accounting)

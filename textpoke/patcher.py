@@ -1,0 +1,302 @@
+"""The patcher: validates patch requests and performs protocol steps on the machine.
+
+This is the one place where protocols (`textpoke.protocols`, pure step sequences) meet the machine.
+Each operation runs as an agent on the patcher CPU (CPU 0 by default): every step costs cycles on
+that CPU's clock, a sync really sends IPIs and really waits for each CPU to take them, and a CPU with
+interrupts off really delays it.
+
+Rules
+-----
+1. Validation happens before anything is written: a bad request raises `PatchError` naming the site
+   and the reason, and the text is left exactly as it was.
+2. The #BP descriptors are published before the first int3 and withdrawn only after the final sync
+   (unless a mutation says otherwise); withdrawing waits until no handler holds a reference.
+3. Operations are serialized (Linux holds text_mutex): one at a time.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cpus import AgentTimeout, Delay, Fine, Machine, SendIpi, TextpokeError, Vector, WaitUntil, WriteText
+from cpus.disasm import describe, insn_length
+
+from . import bpdesc
+from .image import FTRACE_NOP, STOP_STATE, KernelImage, Percpu, call_bytes
+from .protocols import (
+    INT3_PROTOCOLS,
+    PROTOCOLS,
+    PatchRequest,
+    Poke,
+    Publish,
+    Release,
+    Rendezvous,
+    Step,
+    Sync,
+    Withdraw,
+    build,
+)
+
+__all__ = ["PatchError", "PatchReport", "Patcher", "SyncRecord"]
+
+
+class PatchError(TextpokeError, ValueError):
+    """A patch request was refused; nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRecord:
+    label: str
+    start: int
+    end: int
+    targets: tuple[int, ...]
+    #: per target: cycles from the IPI's send to the moment the patcher saw its acknowledgement
+    acked_after: tuple[int, ...]
+
+    @property
+    def wait(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class PatchReport:
+    """What one operation cost and did."""
+
+    protocol: str
+    mutation: str | None
+    requests: tuple[PatchRequest, ...]
+    start: int = 0
+    end: int = 0
+    syncs: list[SyncRecord] = field(default_factory=list)
+    ipis: int = 0
+    rendezvous: int = 0  # cycles the patcher waited for every CPU to stop (stop_machine)
+    release: int = 0  # cycles it waited for them to leave
+    steps: tuple[Step, ...] = ()
+    hung: str | None = None  # what the patcher was still waiting for when it was given up
+
+    @property
+    def latency(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """Told to listeners (the oracle) when an operation starts and ends."""
+
+    requests: tuple[PatchRequest, ...]
+    protocol: str
+    skip_mode: bool
+
+
+def _decode_for_int3(req: PatchRequest) -> tuple[int, int]:
+    """(opcode, target) the #BP handler emulates for the new instruction at `req.site`."""
+    new, site, n = req.new, req.site, len(req.new)
+    if new == FTRACE_NOP or (n == 2 and new == b"\x66\x90"):
+        return bpdesc.OPCODE_JMP, site + n
+    if n == 5 and new[0] == 0xE8:
+        return bpdesc.OPCODE_CALL, (site + 5 + struct.unpack("<i", new[1:])[0]) & (2**64 - 1)
+    if n == 5 and new[0] == 0xE9:
+        return bpdesc.OPCODE_JMP, (site + 5 + struct.unpack("<i", new[1:])[0]) & (2**64 - 1)
+    if n == 2 and new[0] == 0xEB:
+        return bpdesc.OPCODE_JMP, (site + 2 + struct.unpack("<b", new[1:])[0]) & (2**64 - 1)
+    raise PatchError(
+        f"site {site:#x}: the int3 handler cannot emulate {new.hex(' ')} ({describe(new, site)}); "
+        "text_poke_bp handles call, jmp and the 5-byte nop"
+    )
+
+
+class Patcher:
+    def __init__(
+        self, machine: Machine, kernel: KernelImage, skip_mode: bool = False, timeout: int = 3_000_000
+    ) -> None:
+        self.m = machine
+        self.timeout = timeout
+        self.kernel = kernel
+        self.cpu = machine.config.patcher_cpu
+        self.skip_mode = skip_mode
+        self.reports: list[PatchReport] = []
+        self.listeners: list[object] = []
+        self._busy = False
+
+    # ------------------------------------------------------------------------------------------
+    # Validation
+    # ------------------------------------------------------------------------------------------
+    def validate(self, requests: Sequence[PatchRequest], protocol: str) -> tuple[PatchRequest, ...]:
+        if protocol not in PROTOCOLS:
+            raise PatchError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        if not requests:
+            raise PatchError("nothing to patch: no sites given")
+        sites = self.m.coherence.sites
+        seen: list[tuple[int, int]] = []
+        for r in requests:
+            where = f"site {r.site:#x}"
+            if not isinstance(r, PatchRequest):
+                raise PatchError(f"{r!r} is not a PatchRequest")
+            if not self.m.is_text(r.site, len(r.new)):
+                raise PatchError(f"{where} is not inside the kernel text")
+            if r.site not in self.kernel.boundaries:
+                raise PatchError(f"{where} is not an instruction boundary")
+            if r.site not in sites:
+                raise PatchError(f"{where} ({describe(self.m.read(r.site, 5), r.site)}) is not a patchable site")
+            if len(r.new) != sites[r.site]:
+                raise PatchError(f"{where}: replacement is {len(r.new)} bytes, the site is {sites[r.site]}")
+            for lo, hi in seen:
+                if lo < r.site + len(r.new) and r.site < hi:
+                    raise PatchError(f"{where} overlaps the request at {lo:#x}")
+            seen.append((r.site, r.site + len(r.new)))
+            here = self.m.read(r.site, len(r.old))
+            if here != r.old:
+                raise PatchError(
+                    f"{where} holds {here.hex(' ')} ({describe(here, r.site)}), not the expected "
+                    f"{r.old.hex(' ')}"
+                )
+            if insn_length(r.new) != len(r.new):
+                raise PatchError(f"{where}: {r.new.hex(' ')} is not one {len(r.new)}-byte instruction")
+            if protocol in INT3_PROTOCOLS:
+                _decode_for_int3(r)
+        return tuple(requests)
+
+    # ------------------------------------------------------------------------------------------
+    # Operations users expect
+    # ------------------------------------------------------------------------------------------
+    def tracer(self, name: str) -> int:
+        if name not in ("ftrace_caller", "ftrace_caller_alt"):
+            raise PatchError(f"unknown tracer {name!r}; choose ftrace_caller or ftrace_caller_alt")
+        return self.kernel.symbols[name]
+
+    def _sites(self, sites: Iterable[int] | None) -> list[int]:
+        return sorted(self.kernel.sites.values()) if sites is None else list(sites)
+
+    def enable_ftrace(
+        self, sites: Iterable[int] | None = None, protocol: str = "bp-batch", tracer: str = "ftrace_caller", **kw
+    ) -> PatchReport:
+        target = self.tracer(tracer)
+        reqs = [PatchRequest(s, FTRACE_NOP, call_bytes(s, target)) for s in self._sites(sites)]
+        return self.patch(reqs, protocol, **kw)
+
+    def disable_ftrace(self, sites: Iterable[int] | None = None, protocol: str = "bp-batch", **kw) -> PatchReport:
+        reqs = [PatchRequest(s, self.m.read(s, 5), FTRACE_NOP) for s in self._sites(sites)]
+        for r in reqs:
+            if r.old == FTRACE_NOP or r.old[0] != 0xE8:
+                raise PatchError(f"site {r.site:#x} is not enabled ({describe(r.old, r.site)})")
+        return self.patch(reqs, protocol, **kw)
+
+    def retarget(
+        self, sites: Iterable[int] | None = None, tracer: str = "ftrace_caller_alt", protocol: str = "bp-batch", **kw
+    ) -> PatchReport:
+        target = self.tracer(tracer)
+        reqs = []
+        for s in self._sites(sites):
+            old = self.m.read(s, 5)
+            if old[0] != 0xE8:
+                raise PatchError(f"site {s:#x} is not enabled ({describe(old, s)}): nothing to retarget")
+            reqs.append(PatchRequest(s, old, call_bytes(s, target)))
+        return self.patch(reqs, protocol, **kw)
+
+    def patch(
+        self, requests: Sequence[PatchRequest], protocol: str = "bp-batch", mutation: str | None = None
+    ) -> PatchReport:
+        """Validate, then perform `protocol` (optionally mutated) for `requests`; returns its report."""
+        if self._busy:
+            raise PatchError("an operation is already in progress (text_mutex is held)")
+        reqs = self.validate(requests, protocol)
+        try:
+            steps = build(protocol, reqs, mutation)
+        except ValueError as err:
+            raise PatchError(str(err)) from None
+        report = PatchReport(protocol, mutation, reqs, steps=steps)
+        op = Operation(reqs, protocol, self.skip_mode)
+        self._busy = True
+        try:
+            for li in self.listeners:
+                getattr(li, "on_op_start", lambda *_: None)(op, self.m.cpus[self.cpu].clock)
+            try:
+                self.m.run_agent(self.cpu, self._agent(steps, report), limit=self.timeout)
+            except AgentTimeout as hang:
+                report.hung = hang.waiting_for or "?"
+                report.end = self._now()
+                for li in self.listeners:
+                    getattr(li, "on_op_hang", lambda *_: None)(op, report.end, str(hang))
+            else:
+                for li in self.listeners:
+                    getattr(li, "on_op_end", lambda *_: None)(op, report.end)
+        finally:
+            self._busy = False
+        self.reports.append(report)
+        return report
+
+    # ------------------------------------------------------------------------------------------
+    # The agent: steps -> machine actions
+    # ------------------------------------------------------------------------------------------
+    def _targets(self) -> tuple[int, ...]:
+        return tuple(c.index for c in self.m.cpus if c.index != self.cpu and c.runnable)
+
+    def _now(self) -> int:
+        return self.m.cpus[self.cpu].clock
+
+    def _wait_all(self, offset: int, before: dict[int, int], label: str) -> Callable[[], bool]:
+        m = self.m
+
+        def done() -> bool:
+            return all(m.percpu(c, offset) > n or not m.cpus[c].runnable for c, n in before.items())
+
+        return done
+
+    def _agent(self, steps: Sequence[Step], report: PatchReport):
+        m = self.m
+        report.start = self._now()
+        yield Fine(True)
+        for step in steps:
+            if isinstance(step, Publish):
+                descs = []
+                for r in step.requests:
+                    opcode, target = _decode_for_int3(r)
+                    descs.append(bpdesc.PokeDescriptor(r.site, target, len(r.new), opcode))
+                bpdesc.publish(m, descs)
+                yield Delay(m.costs.poll * (1 + len(descs) // 4))
+            elif isinstance(step, Poke):
+                yield WriteText(step.addr, step.data)
+            elif isinstance(step, Sync):
+                yield from self._sync(step.label, Percpu.IPI_COUNT, Vector.IPI, report)
+            elif isinstance(step, Withdraw):
+                bpdesc.drop_ref(m)
+                yield WaitUntil(lambda: bpdesc.read_refs(m) == 0, "bp_desc refs")
+            elif isinstance(step, Rendezvous):
+                m.write(STOP_STATE, struct.pack("<Q", 1))
+                t0 = self._now()
+                yield from self._sync("rendezvous", Percpu.STOP_ACK, Vector.STOP, report, record=False)
+                report.rendezvous += self._now() - t0
+            elif isinstance(step, Release):
+                before = {c: m.percpu(c, Percpu.STOP_EXIT) for c in self._targets()}
+                m.write(STOP_STATE, struct.pack("<Q", 0))
+                t0 = self._now()
+                yield WaitUntil(self._wait_all(Percpu.STOP_EXIT, before, "release"), "release")
+                report.release += self._now() - t0
+            else:  # pragma: no cover - the Step union is closed
+                raise PatchError(f"unknown step {step!r}")
+        yield Fine(False)
+        report.end = self._now()
+
+    def _sync(self, label: str, offset: int, vector: int, report: PatchReport, record: bool = True):
+        m = self.m
+        targets = self._targets()
+        before = {c: m.percpu(c, offset) for c in targets}
+        t0 = self._now()
+        yield SendIpi(targets, int(vector))
+        report.ipis += len(targets)
+        acked: dict[int, int] = {}
+
+        def done() -> bool:
+            now = self._now()
+            for c, n in before.items():
+                if c not in acked and (m.percpu(c, offset) > n or not m.cpus[c].runnable):
+                    acked[c] = now - t0
+            return len(acked) == len(before)
+
+        yield WaitUntil(done, label)
+        if record:
+            report.syncs.append(
+                SyncRecord(label, t0, self._now(), targets, tuple(acked.get(c, 0) for c in targets))
+            )

@@ -1,0 +1,179 @@
+"""Scenarios: one seeded run of a machine, a workload, a patch protocol and the oracle.
+
+A scenario boots the machine with every patchable site observed, lets the workloads run, performs
+its patch operations with the chosen protocol, lets the machine settle, drains every workload to the
+end of an iteration (so every call in flight has completed) and returns the oracle's verdict with
+the run's seed and trace hash. The same scenario and seed give the same verdict and trace hash.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
+from cpus.config import DEFAULT_QUANTUM, MAX_CPUS
+
+from .image import BP_ENTRIES, KernelConfig, Percpu, build_kernel
+from .oracle import SafetyOracle, Verdict
+from .patcher import PatchReport, Patcher
+from .protocols import MUTATIONS, PROTOCOLS
+
+__all__ = ["OPERATIONS", "Outcome", "Scenario", "run_scenario"]
+
+#: what a scenario does to the sites
+OPERATIONS = {
+    "toggle": ("enable", "disable"),
+    "retarget": ("enable", "retarget", "disable"),
+    "enable": ("enable",),
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    protocol: str = "bp-batch"
+    int3: str = "emulate"  # skip | emulate | emulate-nogap
+    cpus: int = 4
+    sites: int = 8  # traced functions, every one of them patched
+    operation: str = "toggle"
+    mutation: str | None = None
+    nmi: str = "none"
+    nmi_period: int = 0
+    fred: bool = False
+    warmup: int = 4_000
+    settle: int = 4_000
+    quantum: int = DEFAULT_QUANTUM
+    snoop: tuple[int, int] | None = (200, 4000)
+    irqoff_len: int = 0  # > 0: workloads run interrupts-off sections of this many spins
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        if self.int3 not in BP_ENTRIES:
+            raise ConfigError(f"unknown int3 mode {self.int3!r}; choose from {', '.join(BP_ENTRIES)}")
+        if self.operation not in OPERATIONS:
+            raise ConfigError(f"unknown operation {self.operation!r}; choose from {', '.join(OPERATIONS)}")
+        if self.mutation is not None and self.mutation not in MUTATIONS:
+            raise ConfigError(f"unknown mutation {self.mutation!r}; choose from {', '.join(MUTATIONS)}")
+        if not 2 <= self.cpus <= MAX_CPUS:
+            raise ConfigError(f"cpus must be between 2 and {MAX_CPUS} (one patcher, one workload at least)")
+        if not 2 <= self.sites <= 256:
+            raise ConfigError(f"sites must be between 2 and 256, got {self.sites}")
+
+    def label(self) -> str:
+        parts = [self.protocol, f"int3={self.int3}", f"cpus={self.cpus}", f"sites={self.sites}", self.operation]
+        if self.mutation:
+            parts.append(f"mutation={self.mutation}")
+        if self.nmi != "none":
+            parts.append(f"nmi={self.nmi}/{self.nmi_period}")
+        return " ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Outcome:
+    """A scenario's run: the verdict plus what the operations cost."""
+
+    scenario: Scenario
+    verdict: Verdict
+    reports: list[PatchReport] = field(default_factory=list)
+    machine: Machine | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        v = self.verdict
+        return {
+            "seed": v.seed,
+            "trace_hash": v.trace_hash,
+            "ok": v.ok,
+            "violations": dict(v.counts),
+            "accounting_exact": v.accounting.get("exact"),
+            "operations": [
+                {
+                    "protocol": r.protocol,
+                    "sites": len(r.requests),
+                    "latency": r.latency,
+                    "syncs": len(r.syncs),
+                    "ipis": r.ipis,
+                    "hung": r.hung,
+                }
+                for r in self.reports
+            ],
+        }
+
+
+def _kernel(sc: Scenario):
+    return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=min(4, 1 << (sc.sites.bit_length() - 1))))
+
+
+def run_scenario(sc: Scenario, seed: int, keep_trace: bool = False, keep_machine: bool = False) -> Outcome:
+    kernel = _kernel(sc)
+    sources = (NmiSource("perf", period=sc.nmi_period, jitter=0.3),) if sc.nmi_period else ()
+    snoop = SnoopModel(*sc.snoop) if sc.snoop else SnoopModel(None, None)
+    cfg = MachineConfig(
+        cpus=sc.cpus,
+        seed=seed,
+        quantum=sc.quantum,
+        fred=sc.fred,
+        nmi_sources=sources,
+        snoop=snoop,
+        keep_trace=keep_trace,
+    )
+    oracle = SafetyOracle(kernel, sc.cpus)
+    nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
+    m = Machine(cfg, kernel.boot_image(sc.int3, nmi_entry), [oracle])
+    if sc.irqoff_len:
+        for c in range(sc.cpus):
+            m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_MASK, struct.pack("<Q", 7))
+            m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_LEN, struct.pack("<Q", sc.irqoff_len))
+    m.watch(kernel.sites.values())
+    patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip")
+    patcher.listeners.append(oracle)
+
+    m.run(sc.warmup)
+    for op in OPERATIONS[sc.operation]:
+        kw = {"protocol": sc.protocol, "mutation": sc.mutation}
+        if op == "enable":
+            report = patcher.enable_ftrace(**kw)
+        elif op == "disable":
+            report = _disable(patcher, kw)
+        else:
+            report = patcher.retarget(**kw)
+        m.run(sc.settle)
+        if report is None or report.hung:
+            break
+    drained = drain(m)
+    verdict = oracle.verdict(m, seed, drained)
+    verdict.stats = {
+        "cpu": m.stats(),
+        "int3_hits": sum(oracle.int3_hits.values()),
+        "nmi_delivered": sum(c.stats["nmi_delivered"] for c in m.cpus),
+    }
+    return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
+
+
+def _disable(patcher: Patcher, kw: dict[str, Any]) -> PatchReport | None:
+    """Disable every site that is enabled (a broken protocol may have left some sites garbled:
+    those stay as they are, the oracle has already judged them)."""
+    sites = [s for s in patcher.kernel.sites.values() if patcher.m.read(s, 1) == b"\xe8"]
+    if not sites:
+        return None
+    return patcher.disable_ftrace(sites, **kw)
+
+
+def drain(m: Machine, limit: int = 400_000) -> bool:
+    """Let every workload finish its current iteration and stop (hlt): every call in flight completes.
+    True when all of them stopped within `limit` cycles."""
+    patcher = m.config.patcher_cpu
+    workers = [c for c in m.cpus if c.index != patcher and c.runnable]
+    for c in workers:
+        loops = m.percpu(c.index, Percpu.LOOPS)
+        m.write(m.layout.percpu_va(c.index) + Percpu.LOOP_LIMIT, struct.pack("<Q", loops + 1))
+    m.run(limit, stop_when=lambda: all(not c.runnable for c in workers))
+    return all(c.halted for c in workers)
+
+
+def with_seed_fields(sc: Scenario, **changes: Any) -> Scenario:
+    return replace(sc, **changes)
