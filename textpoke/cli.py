@@ -1,7 +1,8 @@
 """The `textpoke` command line: thin argparse front-end over the library.
 
-Every command exits 0 on success, 1 when a run found a safety violation or a crash, and 2 on bad
-input (with a message naming the problem).
+Exit status: 0 when the command did its job (a sweep that found violations did its job: it reports
+them), 1 when `--strict` was given and a violation was found, 2 on bad input (with a message naming
+the problem; nothing was patched).
 """
 
 from __future__ import annotations
@@ -77,6 +78,196 @@ def cmd_machine(args: argparse.Namespace, out: Console) -> int:
     return 1 if m.crashes else 0
 
 
+def scenario_args(sp: argparse.ArgumentParser) -> None:
+    from .image import BP_ENTRIES
+    from .protocols import MUTATIONS, PROTOCOLS
+    from .scenario import OPERATIONS
+
+    g = sp.add_argument_group("scenario")
+    g.add_argument("--protocol", choices=list(PROTOCOLS), default="bp-batch", help="patch protocol")
+    g.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate", help="#BP handler mode")
+    g.add_argument("--cpus", type=_positive, default=4, help="CPUs, the patcher included (default 4)")
+    g.add_argument("--sites", type=_positive, default=8, help="traced functions, all patched (default 8)")
+    g.add_argument("--operation", choices=list(OPERATIONS), default="toggle", help="what to do to the sites")
+    g.add_argument("--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way")
+    g.add_argument("--quantum", type=_positive, default=DEFAULT_QUANTUM, help="mean scheduling quantum")
+    g.add_argument("--irqoff", type=_nonneg, default=0, help="interrupts-off sections of this many spins")
+
+
+def make_scenario(args: argparse.Namespace):
+    from .scenario import Scenario
+
+    return Scenario(
+        protocol=args.protocol,
+        int3=args.int3,
+        cpus=args.cpus,
+        sites=args.sites,
+        operation=args.operation,
+        mutation=args.mutation,
+        quantum=args.quantum,
+        irqoff_len=args.irqoff,
+    )
+
+
+def _replay_command(args: argparse.Namespace, seed: int) -> str:
+    parts = ["textpoke replay", str(seed), f"--protocol {args.protocol}", f"--int3 {args.int3}"]
+    parts += [f"--cpus {args.cpus}", f"--sites {args.sites}", f"--operation {args.operation}"]
+    if args.mutation:
+        parts.append(f"--mutation {args.mutation}")
+    if args.quantum != DEFAULT_QUANTUM:
+        parts.append(f"--quantum {args.quantum}")
+    if args.irqoff:
+        parts.append(f"--irqoff {args.irqoff}")
+    return " ".join(parts)
+
+
+def cmd_safety(args: argparse.Namespace, out: Console) -> int:
+    """Sweep seeds for one scenario and tabulate the oracle's verdicts."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .oracle import CLASSES
+    from .sweep import sweep, wilson
+
+    sc = make_scenario(args)
+    seeds = range(args.seed_start, args.seed_start + args.seeds)
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[bad]} failing"),
+        TimeRemainingColumn(),
+        console=out,
+        transient=False,
+        disable=args.quiet,
+    ) as bar:
+        task = bar.add_task(sc.label(), total=len(seeds), bad=0)
+        bad = 0
+
+        def tick(r) -> None:
+            nonlocal bad
+            bad += 0 if r.ok else 1
+            bar.update(task, advance=1, bad=bad)
+
+        result = sweep(sc, seeds, jobs=args.jobs, progress=tick)
+    dt = time.perf_counter() - t0
+    data = result.as_dict()
+    table = Table(title=f"{sc.label()}: {result.seeds} seeds from {args.seed_start}")
+    for col in ("class", "seeds", "rate", "95% CI", "events"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for k in CLASSES:
+        n = data["violations"][k]
+        lo, hi = wilson(n, result.seeds)
+        style = "red" if n else "green"
+        table.add_row(
+            f"[{style}]{k}[/{style}]",
+            str(n),
+            f"{n / result.seeds:.1%}",
+            f"{lo:.1%} - {hi:.1%}",
+            str(data["violation_events"][k]),
+        )
+    out.print(table)
+    exact = data["accounting_exact_seeds"]
+    out.print(
+        f"seeds with a violation: {data['seeds_with_violation']} of {result.seeds}; "
+        f"traced-call accounting exact in {exact} of {result.seeds}; "
+        f"{result.seeds / dt:.2f} seeds/s ({dt:.1f} s)"
+    )
+    if result.failing:
+        out.print(
+            "failing seeds: "
+            + " ".join(map(str, result.failing[:40]))
+            + (" ..." if len(result.failing) > 40 else "")
+        )
+        first = result.failing[0]
+        for k, line in data["first_violation"][str(first)].items():
+            out.print(f"  seed {first} {k}: {line}")
+        out.print(f"replay: {_replay_command(args, first)}")
+    if args.json:
+        data["seconds"] = dt
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        out.print(f"wrote {args.json}")
+    return 1 if args.strict and result.failing else 0
+
+
+def cmd_replay(args: argparse.Namespace, out: Console) -> int:
+    """Rerun one seed and print its annotated trace."""
+    from .replay import replay
+
+    sc = make_scenario(args)
+    return replay(
+        sc, args.seed, out, show_runs=args.all, jsonl=args.jsonl, listing=args.out, limit=args.limit
+    )
+
+
+def _hex_bytes(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text.replace(":", " "))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not hex bytes (e.g. e8 00 00 00 00)") from None
+
+
+def cmd_patch(args: argparse.Namespace, out: Console) -> int:
+    """Boot a machine, patch the given sites while the workloads run, report cost and verdict."""
+    from .oracle import SafetyOracle
+    from .patcher import Patcher, PatchError
+    from .protocols import PatchRequest
+    from .scenario import drain
+
+    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    if len(args.site) != len(args.new):
+        raise PatchError(f"give one --new per --site ({len(args.site)} sites, {len(args.new)} replacements)")
+    if args.old and len(args.old) != len(args.site):
+        raise PatchError(
+            f"give one --old per --site, or none ({len(args.site)} sites, {len(args.old)} --old)"
+        )
+    oracle = SafetyOracle(kernel, args.cpus)
+    cfg = MachineConfig(cpus=args.cpus, seed=args.seed)
+    m = Machine(cfg, kernel.boot_image(args.int3), [oracle])
+    m.watch(kernel.sites.values())
+    patcher = Patcher(m, kernel, skip_mode=args.int3 == "skip")
+    patcher.listeners.append(oracle)
+    requests = []
+    for i, (where, new) in enumerate(zip(args.site, args.new)):
+        try:
+            site = int(where, 0)
+        except ValueError:
+            if where not in kernel.symbols:
+                raise PatchError(
+                    f"no symbol {where!r} in the kernel (traced functions are fn_000 ...)"
+                ) from None
+            site = kernel.symbols[where]
+        old = args.old[i] if args.old else (m.read(site, len(new)) if m.is_text(site, len(new)) else b"")
+        try:
+            requests.append(PatchRequest(site, old, new))
+        except ValueError as err:
+            raise PatchError(str(err)) from None
+    before = m.read(m.text_lo, m.text_hi - m.text_lo)
+    m.run(args.warmup)
+    try:
+        report = patcher.patch(requests, args.protocol)
+    except PatchError:
+        if m.read(m.text_lo, m.text_hi - m.text_lo) != before:  # pragma: no cover - rule 1 of the patcher
+            raise
+        raise
+    m.run(args.warmup)
+    drain(m)
+    verdict = oracle.verdict(m, args.seed, True)
+    out.print(
+        f"patched {len(requests)} site(s) with {args.protocol}: {report.latency} cycles, "
+        f"{len(report.syncs)} syncs, {report.ipis} IPIs"
+    )
+    for r in requests:
+        now = m.read(r.site, len(r.new))
+        out.print(f"  {r.site:#x}: {r.old.hex(' ')} -> {now.hex(' ')}")
+    out.print(verdict.summary())
+    for v in verdict.violations[:10]:
+        out.print(f"  {v.kind}: cpu{v.cpu} t={v.time} {v.code.hex(' ')} {v.disassembly} {v.detail}")
+    return 1 if args.strict and not verdict.ok else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="textpoke",
@@ -100,6 +291,43 @@ def build_parser() -> argparse.ArgumentParser:
     mach = sub.add_parser("machine", help="boot the machine and run its workloads, no patching")
     machine_args(mach)
     mach.set_defaults(func=cmd_machine)
+
+    from pathlib import Path
+
+    saf = sub.add_parser("safety", help="sweep seeds for a protocol and count the oracle's violations")
+    scenario_args(saf)
+    saf.add_argument("--seeds", type=_positive, default=100, help="how many seeds (default 100)")
+    saf.add_argument("--seed-start", type=_nonneg, default=0, help="first seed (default 0)")
+    saf.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: all cores)")
+    saf.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    saf.add_argument("--strict", action="store_true", help="exit 1 when any seed has a violation")
+    saf.add_argument("--quiet", action="store_true", help="no progress bar")
+    saf.set_defaults(func=cmd_safety)
+
+    from .image import BP_ENTRIES
+    from .protocols import PROTOCOLS
+
+    pat = sub.add_parser("patch", help="patch sites of a running machine and report the verdict")
+    pat.add_argument("--site", action="append", required=True, help="address or symbol (repeatable)")
+    pat.add_argument("--new", action="append", type=_hex_bytes, required=True, help="new bytes, hex")
+    pat.add_argument("--old", action="append", type=_hex_bytes, default=None, help="expected old bytes")
+    pat.add_argument("--protocol", choices=list(PROTOCOLS), default="bp")
+    pat.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate")
+    pat.add_argument("--cpus", type=_positive, default=4)
+    pat.add_argument("--seed", type=_nonneg, default=0)
+    pat.add_argument("--functions", type=_positive, default=32)
+    pat.add_argument("--warmup", type=_nonneg, default=5_000)
+    pat.add_argument("--strict", action="store_true", help="exit 1 when the oracle found a violation")
+    pat.set_defaults(func=cmd_patch)
+
+    rep = sub.add_parser("replay", help="rerun one seed and print its annotated trace")
+    rep.add_argument("seed", type=_nonneg)
+    scenario_args(rep)
+    rep.add_argument("--all", action="store_true", help="also list every scheduling quantum")
+    rep.add_argument("--limit", type=_nonneg, default=400, help="print at most this many lines (0: all)")
+    rep.add_argument("--jsonl", type=Path, default=None, help="write the full trace as JSON Lines here")
+    rep.add_argument("--out", type=Path, default=None, help="write the full annotated listing here")
+    rep.set_defaults(func=cmd_replay)
     return p
 
 

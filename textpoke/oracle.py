@@ -121,15 +121,17 @@ class SafetyOracle:
         self.traced: Counter = Counter()  # (cpu, site, tracer) -> executions that call the tracer
         self.int3_hits: Counter = Counter()  # cpu -> site executions that trapped
         self.ops = 0
+        self.sinks: list = []  # called with every violation kept (replay listings)
 
     # -- reporting ---------------------------------------------------------------------------------
     def _flag(self, kind: str, cpu: int, time: int, site: int | None, code: bytes, detail: str) -> None:
         self.counts[kind] += 1
         if sum(1 for v in self.violations if v.kind == kind) < _MAX_KEPT:
             where = site if site is not None else 0
-            self.violations.append(
-                Violation(kind, cpu, time, site, code, describe(code, where) if code else "", detail)
-            )
+            v = Violation(kind, cpu, time, site, code, describe(code, where) if code else "", detail)
+            self.violations.append(v)
+            for sink in self.sinks:
+                sink(v)
 
     # -- patcher listener --------------------------------------------------------------------------
     def on_op_start(self, op, time: int) -> None:
@@ -200,7 +202,9 @@ class SafetyOracle:
             old, new = act
             legal = (old, new, bytes([INT3]) + old[1:], bytes([INT3]) + new[1:])
             if code not in legal:
-                self._flag("torn-fetch", cpu, time, site, code, f"during the patch {old.hex()} -> {new.hex()}")
+                self._flag(
+                    "torn-fetch", cpu, time, site, code, f"during the patch {old.hex()} -> {new.hex()}"
+                )
             return
         if code == self.stable[site]:
             return
@@ -272,9 +276,13 @@ class SafetyOracle:
                 exp_alt += eb
                 for got, want in ((a, ea), (b, eb)):
                     if got < want:
-                        self._flag("missed-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got} of {want}")
+                        self._flag(
+                            "missed-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got} of {want}"
+                        )
                     elif got > want:
-                        self._flag("extra-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got}, ran {want}")
+                        self._flag(
+                            "extra-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got}, ran {want}"
+                        )
                 if f != wl + nm or a != ea or b != eb:
                     exact = False
             rows.append(

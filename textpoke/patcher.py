@@ -139,7 +139,9 @@ class Patcher:
             if r.site not in self.kernel.boundaries:
                 raise PatchError(f"{where} is not an instruction boundary")
             if r.site not in sites:
-                raise PatchError(f"{where} ({describe(self.m.read(r.site, 5), r.site)}) is not a patchable site")
+                raise PatchError(
+                    f"{where} ({describe(self.m.read(r.site, 5), r.site)}) is not a patchable site"
+                )
             if len(r.new) != sites[r.site]:
                 raise PatchError(f"{where}: replacement is {len(r.new)} bytes, the site is {sites[r.site]}")
             for lo, hi in seen:
@@ -170,13 +172,19 @@ class Patcher:
         return sorted(self.kernel.sites.values()) if sites is None else list(sites)
 
     def enable_ftrace(
-        self, sites: Iterable[int] | None = None, protocol: str = "bp-batch", tracer: str = "ftrace_caller", **kw
+        self,
+        sites: Iterable[int] | None = None,
+        protocol: str = "bp-batch",
+        tracer: str = "ftrace_caller",
+        **kw,
     ) -> PatchReport:
         target = self.tracer(tracer)
         reqs = [PatchRequest(s, FTRACE_NOP, call_bytes(s, target)) for s in self._sites(sites)]
         return self.patch(reqs, protocol, **kw)
 
-    def disable_ftrace(self, sites: Iterable[int] | None = None, protocol: str = "bp-batch", **kw) -> PatchReport:
+    def disable_ftrace(
+        self, sites: Iterable[int] | None = None, protocol: str = "bp-batch", **kw
+    ) -> PatchReport:
         reqs = [PatchRequest(s, self.m.read(s, 5), FTRACE_NOP) for s in self._sites(sites)]
         for r in reqs:
             if r.old == FTRACE_NOP or r.old[0] != 0xE8:
@@ -184,7 +192,11 @@ class Patcher:
         return self.patch(reqs, protocol, **kw)
 
     def retarget(
-        self, sites: Iterable[int] | None = None, tracer: str = "ftrace_caller_alt", protocol: str = "bp-batch", **kw
+        self,
+        sites: Iterable[int] | None = None,
+        tracer: str = "ftrace_caller_alt",
+        protocol: str = "bp-batch",
+        **kw,
     ) -> PatchReport:
         target = self.tracer(tracer)
         reqs = []

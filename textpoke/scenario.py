@@ -9,6 +9,7 @@ the run's seed and trace hash. The same scenario and seed give the same verdict 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -17,7 +18,7 @@ from cpus.config import DEFAULT_QUANTUM, MAX_CPUS
 
 from .image import BP_ENTRIES, KernelConfig, Percpu, build_kernel
 from .oracle import SafetyOracle, Verdict
-from .patcher import PatchReport, Patcher
+from .patcher import Patcher, PatchReport
 from .protocols import MUTATIONS, PROTOCOLS
 
 __all__ = ["OPERATIONS", "Outcome", "Scenario", "run_scenario"]
@@ -46,6 +47,8 @@ class Scenario:
     quantum: int = DEFAULT_QUANTUM
     snoop: tuple[int, int] | None = (200, 4000)
     irqoff_len: int = 0  # > 0: workloads run interrupts-off sections of this many spins
+    #: indices of the traced functions to patch (None: all of them)
+    patch_sites: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -60,9 +63,19 @@ class Scenario:
             raise ConfigError(f"cpus must be between 2 and {MAX_CPUS} (one patcher, one workload at least)")
         if not 2 <= self.sites <= 256:
             raise ConfigError(f"sites must be between 2 and 256, got {self.sites}")
+        if self.patch_sites is not None and (
+            not self.patch_sites or any(not 0 <= i < self.sites for i in self.patch_sites)
+        ):
+            raise ConfigError(f"patch_sites must name traced functions 0..{self.sites - 1}")
 
     def label(self) -> str:
-        parts = [self.protocol, f"int3={self.int3}", f"cpus={self.cpus}", f"sites={self.sites}", self.operation]
+        parts = [
+            self.protocol,
+            f"int3={self.int3}",
+            f"cpus={self.cpus}",
+            f"sites={self.sites}",
+            self.operation,
+        ]
         if self.mutation:
             parts.append(f"mutation={self.mutation}")
         if self.nmi != "none":
@@ -108,7 +121,13 @@ def _kernel(sc: Scenario):
     return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=min(4, 1 << (sc.sites.bit_length() - 1))))
 
 
-def run_scenario(sc: Scenario, seed: int, keep_trace: bool = False, keep_machine: bool = False) -> Outcome:
+def run_scenario(
+    sc: Scenario,
+    seed: int,
+    keep_trace: bool = False,
+    keep_machine: bool = False,
+    extra_instruments: Sequence[object] = (),
+) -> Outcome:
     kernel = _kernel(sc)
     sources = (NmiSource("perf", period=sc.nmi_period, jitter=0.3),) if sc.nmi_period else ()
     snoop = SnoopModel(*sc.snoop) if sc.snoop else SnoopModel(None, None)
@@ -123,7 +142,12 @@ def run_scenario(sc: Scenario, seed: int, keep_trace: bool = False, keep_machine
     )
     oracle = SafetyOracle(kernel, sc.cpus)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
-    m = Machine(cfg, kernel.boot_image(sc.int3, nmi_entry), [oracle])
+    m = Machine(cfg, kernel.boot_image(sc.int3, nmi_entry), [oracle, *extra_instruments])
+    for extra in extra_instruments:
+        if hasattr(extra, "machine"):
+            extra.machine = m
+        if hasattr(extra, "violation"):
+            oracle.sinks.append(extra.violation)
     if sc.irqoff_len:
         for c in range(sc.cpus):
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_MASK, struct.pack("<Q", 7))
@@ -131,16 +155,22 @@ def run_scenario(sc: Scenario, seed: int, keep_trace: bool = False, keep_machine
     m.watch(kernel.sites.values())
     patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip")
     patcher.listeners.append(oracle)
+    patcher.listeners.extend(e for e in extra_instruments if hasattr(e, "on_op_start"))
 
+    targets = (
+        sorted(kernel.sites.values())
+        if sc.patch_sites is None
+        else sorted(kernel.site_of(i) for i in set(sc.patch_sites))
+    )
     m.run(sc.warmup)
     for op in OPERATIONS[sc.operation]:
         kw = {"protocol": sc.protocol, "mutation": sc.mutation}
         if op == "enable":
-            report = patcher.enable_ftrace(**kw)
+            report = patcher.enable_ftrace(targets, **kw)
         elif op == "disable":
-            report = _disable(patcher, kw)
+            report = _disable(patcher, targets, kw)
         else:
-            report = patcher.retarget(**kw)
+            report = patcher.retarget(targets, **kw)
         m.run(sc.settle)
         if report is None or report.hung:
             break
@@ -154,10 +184,10 @@ def run_scenario(sc: Scenario, seed: int, keep_trace: bool = False, keep_machine
     return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
 
 
-def _disable(patcher: Patcher, kw: dict[str, Any]) -> PatchReport | None:
-    """Disable every site that is enabled (a broken protocol may have left some sites garbled:
-    those stay as they are, the oracle has already judged them)."""
-    sites = [s for s in patcher.kernel.sites.values() if patcher.m.read(s, 1) == b"\xe8"]
+def _disable(patcher: Patcher, targets: list[int], kw: dict[str, Any]) -> PatchReport | None:
+    """Disable every target site that is enabled (a broken protocol may have left some sites
+    garbled: those stay as they are, the oracle has already judged them)."""
+    sites = [s for s in targets if patcher.m.read(s, 1) == b"\xe8"]
     if not sites:
         return None
     return patcher.disable_ftrace(sites, **kw)

@@ -1,0 +1,174 @@
+"""Seed sweeps: run one scenario over many seeds on an executor and gather the verdicts.
+
+Each seed is an independent, deterministic run, so a sweep maps `run_one` over seeds on any
+`concurrent.futures`-style executor (a local process pool by default) and sorts the results by seed:
+the result does not depend on the executor or on the order in which seeds finish.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .oracle import CLASSES
+from .scenario import Scenario, run_scenario
+
+__all__ = ["SeedResult", "SweepResult", "run_one", "sweep", "wilson"]
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    seed: int
+    trace_hash: str
+    counts: dict[str, int]
+    accounting_exact: bool | None
+    latencies: tuple[int, ...]
+    syncs: tuple[int, ...]
+    ipis: tuple[int, ...]
+    int3_hits: int
+    nmi_delivered: int
+    first: dict[str, str]  # class -> one-line description of its first violation
+
+    @property
+    def ok(self) -> bool:
+        return not self.counts
+
+
+def run_one(sc: Scenario, seed: int) -> SeedResult:
+    """One seed, reduced to what a sweep keeps (picklable, small)."""
+    out = run_scenario(sc, seed)
+    v = out.verdict
+    first: dict[str, str] = {}
+    for viol in v.violations:
+        if viol.kind not in first:
+            site = f" site {viol.site:#x}" if viol.site is not None else ""
+            first[viol.kind] = (
+                f"cpu{viol.cpu} t={viol.time}{site} {viol.code.hex(' ')} {viol.disassembly}: {viol.detail}"
+            )
+    return SeedResult(
+        seed=seed,
+        trace_hash=v.trace_hash,
+        counts=dict(v.counts),
+        accounting_exact=v.accounting.get("exact"),
+        latencies=tuple(r.latency for r in out.reports),
+        syncs=tuple(len(r.syncs) for r in out.reports),
+        ipis=tuple(r.ipis for r in out.reports),
+        int3_hits=v.stats.get("int3_hits", 0),
+        nmi_delivered=v.stats.get("nmi_delivered", 0),
+        first=first,
+    )
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+@dataclass
+class SweepResult:
+    scenario: Scenario
+    results: list[SeedResult] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> int:
+        return len(self.results)
+
+    @property
+    def failing(self) -> list[int]:
+        return [r.seed for r in self.results if not r.ok]
+
+    def seeds_with(self) -> Counter:
+        """class -> number of seeds in which it occurred."""
+        c: Counter = Counter()
+        for r in self.results:
+            c.update(r.counts.keys())
+        return c
+
+    def events(self) -> Counter:
+        c: Counter = Counter()
+        for r in self.results:
+            c.update(r.counts)
+        return c
+
+    def as_dict(self) -> dict[str, Any]:
+        sc = self.scenario
+        n = self.seeds
+        per_class = self.seeds_with()
+        return {
+            "scenario": sc.as_dict(),
+            "protocol": sc.protocol,
+            "int3": sc.int3,
+            "nmi": sc.nmi,
+            "nmi_rate": sc.nmi_period,
+            "cpus": sc.cpus,
+            "sites": sc.sites,
+            "mutation": sc.mutation,
+            "seeds": n,
+            "seed_list": [r.seed for r in self.results],
+            "seeds_with_violation": len(self.failing),
+            "violations": {k: per_class.get(k, 0) for k in CLASSES},
+            "violation_events": {k: self.events().get(k, 0) for k in CLASSES},
+            "violation_rate_ci95": {k: wilson(per_class.get(k, 0), n) for k in CLASSES},
+            "failing_seeds": self.failing,
+            "accounting_exact_seeds": sum(1 for r in self.results if r.accounting_exact),
+            "trace_hashes": {str(r.seed): r.trace_hash for r in self.results},
+            "first_violation": {str(r.seed): r.first for r in self.results if not r.ok},
+            "mean_latency_cycles": _mean([x for r in self.results for x in r.latencies]),
+            "int3_hits": sum(r.int3_hits for r in self.results),
+            "nmi_delivered": sum(r.nmi_delivered for r in self.results),
+        }
+
+
+def _mean(xs: list[int]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def sweep(
+    sc: Scenario,
+    seeds: Iterable[int],
+    executor: Executor | None = None,
+    jobs: int | None = None,
+    progress: Callable[[SeedResult], None] | None = None,
+) -> SweepResult:
+    """Run `sc` for every seed. With no executor: a process pool of `jobs` workers (default: all
+    cores), or in this process when jobs == 1."""
+    seeds = list(seeds)
+    out = SweepResult(sc)
+    if executor is None and (jobs or os.cpu_count() or 1) <= 1:
+        for s in seeds:
+            r = run_one(sc, s)
+            out.results.append(r)
+            if progress:
+                progress(r)
+    else:
+        own = executor is None
+        ex = executor or ProcessPoolExecutor(max_workers=jobs or os.cpu_count())
+        try:
+            futures = [ex.submit(run_one, sc, s) for s in seeds]
+            for f in _as_completed(futures):
+                r = f.result()
+                out.results.append(r)
+                if progress:
+                    progress(r)
+        finally:
+            if own:
+                ex.shutdown(cancel_futures=True)
+    out.results.sort(key=lambda r: r.seed)
+    return out
+
+
+def _as_completed(futures):
+    from concurrent.futures import as_completed
+
+    return as_completed(futures)
