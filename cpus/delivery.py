@@ -74,9 +74,7 @@ def encode_gate(gate: Gate) -> bytes:
     kind = 0xE if gate.interrupt else 0xF
     attrs = 0x80 | kind  # P=1, DPL=0
     h = gate.handler
-    return struct.pack(
-        "<HHBBHII", h & 0xFFFF, gate.selector, gate.ist & 7, attrs, (h >> 16) & 0xFFFF, h >> 32, 0
-    )
+    return struct.pack("<HHBBHII", h & 0xFFFF, gate.selector, gate.ist & 7, attrs, (h >> 16) & 0xFFFF, h >> 32, 0)
 
 
 def decode_gate(raw: bytes) -> Gate | None:

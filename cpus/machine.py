@@ -523,9 +523,7 @@ class Machine:
         base = frame_base(rsp, ist_top)
         loc = self._phys(base, 40)
         if loc is None:
-            self._crash(
-                cpu, f"delivering vector {vector}: stack {base:#x} not mapped (double fault)", ret_rip
-            )
+            self._crash(cpu, f"delivering vector {vector}: stack {base:#x} not mapped (double fault)", ret_rip)
             return False
         ss = L.KERNEL_DS | ((1 << FRED_NMI_BIT) if (vector == Vector.NMI and self.config.fred) else 0)
         frame = (ret_rip, L.KERNEL_CS, rflags, rsp, ss)

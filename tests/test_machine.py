@@ -135,9 +135,7 @@ def test_int3_iret_inside_nmi_unblocks_nmis(make_machine, kernel, fred):
         assert not rec.bp_iret_unblocked_inside_nmi
         assert m.cpus[1].nmi.blocked or m.cpus[1].stats["nmi_delivered"] == 1
         # re-run the scenario up to the int3's return inside the NMI and raise a second NMI there
-        m2 = make_machine(
-            cpus=2, seed=2, keep_trace=True, fred=True, instruments=[rec2 := Recorder()], fine_quantum=1
-        )
+        m2 = make_machine(cpus=2, seed=2, keep_trace=True, fred=True, instruments=[rec2 := Recorder()], fine_quantum=1)
         _arm_int3_on_nmi_sites(m2, kernel)
         m2.run(2_000)
         m2.fine += 1

@@ -74,7 +74,7 @@ def test_bad_requests_are_named_and_change_nothing(rig, kernel):
 
 
 def test_disable_and_retarget_need_enabled_sites(rig, kernel):
-    m, p, _ = rig
+    _m, p, _ = rig
     with pytest.raises(PatchError, match="not enabled"):
         p.disable_ftrace([kernel.site_of(0)])
     with pytest.raises(PatchError, match="nothing to retarget"):

@@ -29,14 +29,16 @@ def call(rel: int) -> bytes:
     return b"\xe8" + rel.to_bytes(4, "little", signed=True)
 
 
-def reqs(n: int, new=call(0x100)) -> list[PatchRequest]:
+CALL = call(0x100)
+
+
+def reqs(n: int, new: bytes = CALL) -> list[PatchRequest]:
     return [PatchRequest(0x1000 + 64 * i, NOP, new) for i in range(n)]
 
 
 def kinds(steps):
     return [
-        type(s).__name__
-        + (f":{s.label}" if isinstance(s, Sync) else f":{s.phase}" if isinstance(s, Poke) else "")
+        type(s).__name__ + (f":{s.label}" if isinstance(s, Sync) else f":{s.phase}" if isinstance(s, Poke) else "")
         for s in steps
     ]
 

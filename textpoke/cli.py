@@ -177,9 +177,7 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
     )
     if result.failing:
         out.print(
-            "failing seeds: "
-            + " ".join(map(str, result.failing[:40]))
-            + (" ..." if len(result.failing) > 40 else "")
+            "failing seeds: " + " ".join(map(str, result.failing[:40])) + (" ..." if len(result.failing) > 40 else "")
         )
         first = result.failing[0]
         for k, line in data["first_violation"][str(first)].items():
@@ -197,9 +195,7 @@ def cmd_replay(args: argparse.Namespace, out: Console) -> int:
     from .replay import replay
 
     sc = make_scenario(args)
-    return replay(
-        sc, args.seed, out, show_runs=args.all, jsonl=args.jsonl, listing=args.out, limit=args.limit
-    )
+    return replay(sc, args.seed, out, show_runs=args.all, jsonl=args.jsonl, listing=args.out, limit=args.limit)
 
 
 def _hex_bytes(text: str) -> bytes:
@@ -220,9 +216,7 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
     if len(args.site) != len(args.new):
         raise PatchError(f"give one --new per --site ({len(args.site)} sites, {len(args.new)} replacements)")
     if args.old and len(args.old) != len(args.site):
-        raise PatchError(
-            f"give one --old per --site, or none ({len(args.site)} sites, {len(args.old)} --old)"
-        )
+        raise PatchError(f"give one --old per --site, or none ({len(args.site)} sites, {len(args.old)} --old)")
     oracle = SafetyOracle(kernel, args.cpus)
     cfg = MachineConfig(cpus=args.cpus, seed=args.seed)
     m = Machine(cfg, kernel.boot_image(args.int3), [oracle])
@@ -230,14 +224,12 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
     patcher = Patcher(m, kernel, skip_mode=args.int3 == "skip")
     patcher.listeners.append(oracle)
     requests = []
-    for i, (where, new) in enumerate(zip(args.site, args.new)):
+    for i, (where, new) in enumerate(zip(args.site, args.new, strict=False)):
         try:
             site = int(where, 0)
         except ValueError:
             if where not in kernel.symbols:
-                raise PatchError(
-                    f"no symbol {where!r} in the kernel (traced functions are fn_000 ...)"
-                ) from None
+                raise PatchError(f"no symbol {where!r} in the kernel (traced functions are fn_000 ...)") from None
             site = kernel.symbols[where]
         old = args.old[i] if args.old else (m.read(site, len(new)) if m.is_text(site, len(new)) else b"")
         try:
@@ -281,9 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cycles", type=_positive, default=2_000_000, help="cycles to simulate")
         sp.add_argument("--quantum", type=_positive, default=DEFAULT_QUANTUM, help="mean quantum")
         sp.add_argument("--functions", type=_positive, default=32, help="traced functions in the kernel")
-        sp.add_argument(
-            "--nmi-period", type=_nonneg, default=20_000, help="cycles between NMIs per CPU (0: none)"
-        )
+        sp.add_argument("--nmi-period", type=_nonneg, default=20_000, help="cycles between NMIs per CPU (0: none)")
 
     run = sub.add_parser("run", help="run the default scenario")
     machine_args(run)

@@ -423,13 +423,10 @@ def verify(image: KernelImage) -> Found:
                 target = insn.operands[0].imm & (2**64 - 1)
                 inside = start <= target < start + image.sizes[name]
                 if not inside and target not in starts:
-                    raise ImageError(
-                        f"{name}: {m} at {insn.address:#x} goes to {target:#x}, which is no symbol"
-                    )
+                    raise ImageError(f"{name}: {m} at {insn.address:#x} goes to {target:#x}, which is no symbol")
         if pos != len(code):
             raise ImageError(
-                f"{name}: capstone stops decoding at +{pos:#x} of {len(code)} bytes: "
-                f"{code[pos : pos + 8].hex(' ')}"
+                f"{name}: capstone stops decoding at +{pos:#x} of {len(code)} bytes: {code[pos : pos + 8].hex(' ')}"
             )
         if last not in ("jmp", "ret", "iretq", "ud2"):
             raise ImageError(f"{name} ends with {last!r}: it could fall through into the next unit")

@@ -202,9 +202,7 @@ class SafetyOracle:
             old, new = act
             legal = (old, new, bytes([INT3]) + old[1:], bytes([INT3]) + new[1:])
             if code not in legal:
-                self._flag(
-                    "torn-fetch", cpu, time, site, code, f"during the patch {old.hex()} -> {new.hex()}"
-                )
+                self._flag("torn-fetch", cpu, time, site, code, f"during the patch {old.hex()} -> {new.hex()}")
             return
         if code == self.stable[site]:
             return
@@ -276,13 +274,9 @@ class SafetyOracle:
                 exp_alt += eb
                 for got, want in ((a, ea), (b, eb)):
                     if got < want:
-                        self._flag(
-                            "missed-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got} of {want}"
-                        )
+                        self._flag("missed-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got} of {want}")
                     elif got > want:
-                        self._flag(
-                            "extra-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got}, ran {want}"
-                        )
+                        self._flag("extra-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got}, ran {want}")
                 if f != wl + nm or a != ea or b != eb:
                     exact = False
             rows.append(

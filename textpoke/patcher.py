@@ -139,9 +139,7 @@ class Patcher:
             if r.site not in self.kernel.boundaries:
                 raise PatchError(f"{where} is not an instruction boundary")
             if r.site not in sites:
-                raise PatchError(
-                    f"{where} ({describe(self.m.read(r.site, 5), r.site)}) is not a patchable site"
-                )
+                raise PatchError(f"{where} ({describe(self.m.read(r.site, 5), r.site)}) is not a patchable site")
             if len(r.new) != sites[r.site]:
                 raise PatchError(f"{where}: replacement is {len(r.new)} bytes, the site is {sites[r.site]}")
             for lo, hi in seen:
@@ -151,8 +149,7 @@ class Patcher:
             here = self.m.read(r.site, len(r.old))
             if here != r.old:
                 raise PatchError(
-                    f"{where} holds {here.hex(' ')} ({describe(here, r.site)}), not the expected "
-                    f"{r.old.hex(' ')}"
+                    f"{where} holds {here.hex(' ')} ({describe(here, r.site)}), not the expected {r.old.hex(' ')}"
                 )
             if insn_length(r.new) != len(r.new):
                 raise PatchError(f"{where}: {r.new.hex(' ')} is not one {len(r.new)}-byte instruction")
@@ -182,9 +179,7 @@ class Patcher:
         reqs = [PatchRequest(s, FTRACE_NOP, call_bytes(s, target)) for s in self._sites(sites)]
         return self.patch(reqs, protocol, **kw)
 
-    def disable_ftrace(
-        self, sites: Iterable[int] | None = None, protocol: str = "bp-batch", **kw
-    ) -> PatchReport:
+    def disable_ftrace(self, sites: Iterable[int] | None = None, protocol: str = "bp-batch", **kw) -> PatchReport:
         reqs = [PatchRequest(s, self.m.read(s, 5), FTRACE_NOP) for s in self._sites(sites)]
         for r in reqs:
             if r.old == FTRACE_NOP or r.old[0] != 0xE8:
@@ -309,6 +304,4 @@ class Patcher:
 
         yield WaitUntil(done, label)
         if record:
-            report.syncs.append(
-                SyncRecord(label, t0, self._now(), targets, tuple(acked.get(c, 0) for c in targets))
-            )
+            report.syncs.append(SyncRecord(label, t0, self._now(), targets, tuple(acked.get(c, 0) for c in targets)))

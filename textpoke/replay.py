@@ -57,9 +57,7 @@ class _Recorder:
 
     def on_op_start(self, op, time: int) -> None:
         self.in_op = True
-        self.events.append(
-            (self.pos(), {"t": time, "cpu": -1, "kind": "op-start", "sites": len(op.requests)})
-        )
+        self.events.append((self.pos(), {"t": time, "cpu": -1, "kind": "op-start", "sites": len(op.requests)}))
 
     def on_op_end(self, op, time: int) -> None:
         self.in_op = False
@@ -67,9 +65,7 @@ class _Recorder:
 
     def on_fetch(self, cpu: int, time: int, site: int, code: bytes) -> None:
         if self.in_op:
-            self.events.append(
-                (self.pos(), {"t": time, "cpu": cpu, "kind": "exec", "site": site, "code": code})
-            )
+            self.events.append((self.pos(), {"t": time, "cpu": cpu, "kind": "exec", "site": site, "code": code}))
 
     def violation(self, v) -> None:
         self.events.append(
@@ -108,7 +104,7 @@ def _record_dict(rec: tuple) -> dict[str, Any]:
         "halt": ("rip",),
         "mid-site": ("addr",),
     }.get(kind, tuple(f"f{i}" for i in range(len(f))))
-    for k, v in zip(names, f):
+    for k, v in zip(names, f, strict=False):
         d[k] = v
     return d
 
@@ -125,9 +121,7 @@ def _fmt(d: dict[str, Any], sym: Symbolizer) -> str:
         return head + f"{verb:<9} {sym(d['site'])}  {code.hex(' '):<15} {describe(code, d['site'])}"
     if kind == "deliver":
         v = _VECTORS.get(d["vector"], str(d["vector"]))
-        return (
-            head + f"deliver   {v:<5} interrupting {sym(d['rip'])}  rsp={d['rsp']:#x} frame@{d['frame']:#x}"
-        )
+        return head + f"deliver   {v:<5} interrupting {sym(d['rip'])}  rsp={d['rsp']:#x} frame@{d['frame']:#x}"
     if kind == "iret":
         extra = "  (NMIs unblocked)" if d["unblocked"] else ""
         return head + f"iretq     -> {sym(d['rip'])}  rsp={d['rsp']:#x}{extra}"
@@ -135,8 +129,7 @@ def _fmt(d: dict[str, Any], sym: Symbolizer) -> str:
         return head + f"IPI       -> cpu{d['target']} vector {_VECTORS.get(d['vector'], d['vector'])}"
     if kind == "ipi-arrive":
         return (
-            head
-            + f"IPI in    vector {_VECTORS.get(d['vector'], d['vector'])} ({'IF=1' if d['if'] else 'IF=0: held'})"
+            head + f"IPI in    vector {_VECTORS.get(d['vector'], d['vector'])} ({'IF=1' if d['if'] else 'IF=0: held'})"
         )
     if kind == "nmi":
         return head + f"NMI       from {d['source']}: {d['outcome']}"
@@ -219,9 +212,7 @@ def replay(
     if limit and lines > limit:
         out.print(f"... {lines - limit} more lines (--limit 0 shows all, --out FILE writes all)")
     for r in outcome.reports:
-        out.print(
-            f"operation: {len(r.requests)} sites, {r.latency} cycles, {len(r.syncs)} syncs, {r.ipis} IPIs"
-        )
+        out.print(f"operation: {len(r.requests)} sites, {r.latency} cycles, {len(r.syncs)} syncs, {r.ipis} IPIs")
     out.print(v.summary())
     if jsonl:
         out.print(f"wrote {jsonl}")
