@@ -254,6 +254,7 @@ class Machine:
                 "on_iret",
                 "on_nmi",
                 "on_crash",
+                "on_probe",
             )
         }
         self._on_fetch = self._obs["on_fetch"]
@@ -429,6 +430,36 @@ class Machine:
     @property
     def watched(self) -> frozenset[int]:
         return frozenset(self._site_hooks)
+
+    def probe(self, addr: int, label: str) -> None:
+        """Tell instruments (`on_probe(cpu, time, label)`) whenever a CPU starts running the block at
+        `addr` (a function entry, say). Costs nothing elsewhere."""
+        for cpu in self.cpus:
+
+            def on_block(_a: int, _s: int, cpu: Cpu = cpu) -> None:
+                for f in self._obs["on_probe"]:
+                    f(cpu.index, cpu.now(), label)
+
+            cpu.engine.hook_block_at(addr, 1, on_block)
+            cpu.engine.drop_decoded(addr, addr + 1)
+
+    def aim_nmi(self, addr: int, probability: float, label: str = "aimed", cpus: Iterable[int] | None = None) -> None:
+        """An NMI source aimed at one instruction: each time a CPU is about to execute `addr`, an NMI
+        arrives right there with `probability` (seeded). For tests that must hit a window a few
+        instructions wide; it costs a check on every instruction of those CPUs."""
+        targets = (
+            list(cpus) if cpus is not None else [c for c in range(self.config.cpus) if c != self.config.patcher_cpu]
+        )
+        for c in targets:
+            cpu = self.cpus[c]
+            rng = random.Random(f"{self.config.seed}/aim/{label}/{c}")
+
+            def on_insn(_a: int, _s: int, cpu: Cpu = cpu, rng: random.Random = rng) -> None:
+                if rng.random() < probability:
+                    self.raise_nmi(cpu.index, label)
+
+            cpu.engine.hook_code_at(addr, 1, on_insn)
+            cpu.engine.drop_decoded(addr, addr + 1)
 
     # ----------------------------------------------------------------------------------------
     # Event queue

@@ -72,7 +72,8 @@ def test_ipi_waits_while_interrupts_are_off(make_machine, kernel):
     deliver = [r for r in m.trace if r[2] == "deliver" and r[1] == 1 and r[3] == Vector.IPI]
     assert len(arrive) == 1 and arrive[0][4] is False  # it arrived while IF was 0
     assert len(deliver) == 1
-    (popf,) = kernel.popf_sites
+    wl = kernel.symbols["workload_main"]
+    (popf,) = [a for a in kernel.popf_sites if wl <= a < wl + kernel.sizes["workload_main"]]
     assert deliver[0][4] == popf + 1  # interrupted right after the popfq that set IF
     assert deliver[0][0] > arrive[0][0]
     assert m.percpu(1, Percpu.IPI_COUNT) == 1

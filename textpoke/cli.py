@@ -92,6 +92,13 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way")
     g.add_argument("--quantum", type=_positive, default=DEFAULT_QUANTUM, help="mean scheduling quantum")
     g.add_argument("--irqoff", type=_nonneg, default=0, help="interrupts-off sections of this many spins")
+    from .image import NMI_ENTRIES
+    from .scenario import AIMS
+
+    g.add_argument("--nmi", choices=["none", *NMI_ENTRIES], default="none", help="NMI entry (none: no NMIs)")
+    g.add_argument("--nmi-rate", type=_nonneg, default=50, help="perf NMIs per million cycles per CPU")
+    g.add_argument("--nmi-aim", choices=list(AIMS), default=None, help="also aim NMIs at this window")
+    g.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking")
 
 
 def make_scenario(args: argparse.Namespace):
@@ -106,6 +113,10 @@ def make_scenario(args: argparse.Namespace):
         mutation=args.mutation,
         quantum=args.quantum,
         irqoff_len=args.irqoff,
+        nmi=args.nmi,
+        nmi_rate=args.nmi_rate if args.nmi != "none" else 0,
+        nmi_aim=args.nmi_aim,
+        fred=args.fred,
     )
 
 
@@ -118,6 +129,12 @@ def _replay_command(args: argparse.Namespace, seed: int) -> str:
         parts.append(f"--quantum {args.quantum}")
     if args.irqoff:
         parts.append(f"--irqoff {args.irqoff}")
+    if args.nmi != "none":
+        parts.append(f"--nmi {args.nmi} --nmi-rate {args.nmi_rate}")
+        if args.nmi_aim:
+            parts.append(f"--nmi-aim {args.nmi_aim}")
+    if args.fred:
+        parts.append("--fred")
     return " ".join(parts)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "BP_DESC",
     "BP_ENTRIES",
     "FTRACE_NOP",
+    "NMI_CHOICES",
     "NMI_ENTRIES",
     "STOP_STATE",
     "ImageError",
@@ -57,12 +58,38 @@ BP_ENTRIES = {
     "skip": "bp_entry_skip",
     "emulate-nogap": "bp_entry_emulate_nogap",
 }
-#: NMI entry variant -> symbol
-NMI_ENTRIES = {
-    "naive": "nmi_entry_naive",
+#: NMI entry variant -> (symbol, IST index of its gate: 0 = the interrupted stack, as on i386)
+NMI_ENTRIES: dict[str, tuple[str, int]] = {
+    "naive": ("nmi_entry_naive", 2),
+    "nested-safe": ("nmi_entry_nested", 2),
+    "latch-cmpxchg": ("nmi_entry_latch_cmpxchg", 0),
+    "latch-cmpxchg386": ("nmi_entry_latch_cmpxchg386", 0),
+    "latch-dec": ("nmi_entry_latch_dec", 0),
+    # mutations of the nested-safe entry, for the oracle's tests
+    "nested-no-rsp-check": ("nmi_entry_nested_norsp", 2),
+    "nested-no-variable": ("nmi_entry_nested_novar", 2),
+    "nested-hw-frame": ("nmi_entry_nested_hwframe", 2),
+    "nested-no-rip-check": ("nmi_entry_nested_norip", 2),
 }
+#: the entries users choose from (the rest are mutations)
+NMI_CHOICES = ("naive", "nested-safe", "latch-cmpxchg", "latch-cmpxchg386", "latch-dec")
 
 _SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "ftrace.S", "workload.S")
+#: template sources expanded once per variant: suffix -> flags
+_TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
+    "entry_nmi_nested.S": {
+        "": frozenset({"RIP", "VAR", "RSP", "SAVED"}),
+        "_norsp": frozenset({"RIP", "VAR", "SAVED"}),
+        "_novar": frozenset({"RIP", "RSP", "SAVED"}),
+        "_hwframe": frozenset({"RIP", "VAR", "RSP"}),
+        "_norip": frozenset({"VAR", "RSP", "SAVED"}),
+    },
+    "entry_nmi_latch.S": {
+        "_cmpxchg": frozenset({"CMPXCHG"}),
+        "_cmpxchg386": frozenset({"CMPXCHG386"}),
+        "_dec": frozenset({"DEC"}),
+    },
+}
 
 
 class ImageError(TextpokeError):
@@ -84,6 +111,7 @@ class Percpu:
     IRQOFF_LEN = 0x48  # iterations of the interrupts-off spin
     WORK_MASK = 0x50  # busy-work iterations per call: (lcg >> 48) & mask
     LOOP_LIMIT = 0x58  # 0: run forever; else hlt after this many workload iterations
+    NMI_STATE = 0x70  # i386-style entry: NOT_RUNNING 0 / EXECUTING 1 / LATCHED 2
     STOP_ACK = 0x60  # times this CPU entered the stop_machine stopper
     STOP_EXIT = 0x68  # times it left it
     SCRATCH = 0x200  # u64[64]: the workload's busy-work array
@@ -118,6 +146,7 @@ class Unit:
     name: str
     body: str
     align: int = 16
+    inner: tuple[str, ...] = ()  # SYM_INNER_LABEL names: global labels inside the unit
 
 
 @dataclass
@@ -156,9 +185,10 @@ class KernelImage:
         if nmi_entry not in NMI_ENTRIES:
             raise ImageError(f"unknown NMI entry {nmi_entry!r}; choose from {', '.join(NMI_ENTRIES)}")
         sym = self.symbols
+        nmi_symbol, nmi_ist = NMI_ENTRIES[nmi_entry]
         gates = {
             int(Vector.BP): Gate(sym[BP_ENTRIES[bp_mode]]),
-            int(Vector.NMI): Gate(sym[NMI_ENTRIES[nmi_entry]], ist=2),
+            int(Vector.NMI): Gate(sym[nmi_symbol], ist=nmi_ist),
             int(Vector.IPI): Gate(sym["ipi_entry"]),
             int(Vector.STOP): Gate(sym["stopper_entry"]),
         }
@@ -215,6 +245,9 @@ def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
         NMI_FUNCS_MASK=cfg.nmi_funcs - 1,
         NMI_FUNCS_HALF=cfg.nmi_funcs // 2,
         IRQ_STACK_SIZE=0x4000,
+        NMI_STACK_SIZE=0x1000,
+        KERNEL_CS=0x10,
+        KERNEL_DS=0x18,
     )
     return c
 
@@ -223,6 +256,7 @@ def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
 # Assembly
 # ------------------------------------------------------------------------------------------------
 _START = re.compile(r"^\s*SYM_FUNC_START\((\w+)\)\s*$")
+_INNER = re.compile(r"^\s*SYM_INNER_LABEL\((\w+)\)\s*$")
 _END = re.compile(r"^\s*SYM_FUNC_END\((\w+)\)\s*$")
 _WORD = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
 
@@ -235,19 +269,27 @@ def parse_units(source: str, filename: str) -> list[Unit]:
     units: list[Unit] = []
     current: str | None = None
     lines: list[str] = []
+    inner: list[str] = []
     for lineno, raw in enumerate(source.splitlines(), 1):
         line = raw.split("#", 1)[0].rstrip()
         m = _START.match(line)
         if m:
             if current is not None:
                 raise ImageError(f"{filename}:{lineno}: {m.group(1)} starts inside {current}")
-            current, lines = m.group(1), []
+            current, lines, inner = m.group(1), [], []
+            continue
+        m = _INNER.match(line)
+        if m:
+            if current is None:
+                raise ImageError(f"{filename}:{lineno}: SYM_INNER_LABEL({m.group(1)}) outside a function")
+            inner.append(m.group(1))
+            lines.append(f"{m.group(1)}:")
             continue
         m = _END.match(line)
         if m:
             if current != m.group(1):
                 raise ImageError(f"{filename}:{lineno}: SYM_FUNC_END({m.group(1)}) does not close {current}")
-            units.append(Unit(current, "\n".join(lines)))
+            units.append(Unit(current, "\n".join(lines), inner=tuple(inner)))
             current = None
             continue
         if line.strip():
@@ -259,11 +301,13 @@ def parse_units(source: str, filename: str) -> list[Unit]:
     return units
 
 
-def _substitute(body: str, values: dict[str, int], unit: str) -> str:
+def _substitute(body: str, values: dict[str, int], unit: str, own: tuple[str, ...] = ()) -> str:
     def repl(m: re.Match[str]) -> str:
         w = m.group(0)
         if w == unit:
             raise ImageError(f"{unit} refers to itself by name; use a local .L label")
+        if w in own:
+            return w  # a label of this very unit: keystone resolves it
         v = values.get(w)
         # hex, not decimal: keystone intermittently rejects decimal literals of 2**63 and above
         # ("Literal value out of range"), depending on memory it does not initialise
@@ -292,10 +336,30 @@ def _assemble(unit: Unit, body: str, address: int) -> bytes:
     return bytes(encoding or b"")
 
 
+def expand_template(source: str, suffix: str, flags: frozenset[str]) -> str:
+    """Keep a "?FLAG " line when FLAG is set, a "?!FLAG " line when it is not; {V} -> suffix."""
+    out = []
+    for line in source.splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith("?"):
+            token, _, rest = stripped.partition(" ")
+            negate = token.startswith("?!")
+            flag = token[2:] if negate else token[1:]
+            if (flag in flags) == negate:
+                continue
+            line = "    " + rest.strip() if not rest.strip().endswith(":") else rest.strip()
+        out.append(line.replace("{V}", suffix))
+    return "\n".join(out)
+
+
 def _units(cfg: KernelConfig) -> tuple[list[Unit], list[Unit]]:
     fixed: list[Unit] = []
     for src in _SOURCES:
         fixed.extend(parse_units(_read_source(src), src))
+    for src, variants in _TEMPLATES.items():
+        text = _read_source(src)
+        for suffix, flags in variants.items():
+            fixed.extend(parse_units(expand_template(text, suffix, flags), f"{src}{{{suffix}}}"))
     template = parse_units(_read_source("traced.S"), "traced.S")
     if len(template) != 1:
         raise ImageError("traced.S must hold exactly one function template")
@@ -310,11 +374,22 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
+def _inner_labels(unit: Unit, body: str, address: int) -> dict[str, int]:
+    """Addresses of the unit's SYM_INNER_LABELs: keystone reports none, so assemble the unit once
+    more with `.quad label` after it and read them back."""
+    if not unit.inner:
+        return {}
+    code = _assemble(unit, body + "\n" + "\n".join(f".quad {n}" for n in unit.inner), address)
+    tail = code[-8 * len(unit.inner) :]
+    return dict(zip(unit.inner, struct.unpack(f"<{len(unit.inner)}Q", tail), strict=True))
+
+
 @lru_cache(maxsize=8)
 def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
     """Assemble the kernel for `config` (cached per configuration)."""
     fixed, traced = _units(config)
-    names = [u.name for u in fixed + traced]
+    units = fixed + traced
+    names = [u.name for u in units] + [n for u in units for n in u.inner]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ImageError(f"symbols defined twice: {', '.join(sorted(dupes))}")
@@ -322,32 +397,43 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
     placeholder = dict.fromkeys(names, far)
     consts_far = _constants(config, far)
 
-    # pass 1: sizes
+    # pass 1: sizes (references to other units take their longest encodings)
     addr = TEXT_VA
-    symbols: dict[str, int] = {}
+    starts: dict[str, int] = {}
     for u in fixed:
         addr = _align(addr, u.align)
-        symbols[u.name] = addr
-        addr += len(_assemble(u, _substitute(u.body, placeholder | consts_far, u.name), addr))
+        starts[u.name] = addr
+        addr += len(_assemble(u, _substitute(u.body, placeholder | consts_far, u.name, u.inner), addr))
     addr = _align(addr, 1 << FN_SHIFT)
     for u in traced:
-        symbols[u.name] = addr
+        starts[u.name] = addr
         size = len(_assemble(u, _substitute(u.body, placeholder | consts_far, u.name), addr))
         if size > 1 << FN_SHIFT:
             raise ImageError(f"{u.name} is {size} bytes; traced functions must fit in {1 << FN_SHIFT}")
         addr += 1 << FN_SHIFT
     end = _align(addr, 0x1000)
 
-    # pass 2: final encodings
-    consts = _constants(config, symbols["fn_000"])
-    values = symbols | consts
+    # pass 2: inner labels to a fixed point (their units' encodings depend on other symbols), then
+    # the final encodings
+    consts = _constants(config, starts["fn_000"])
+    inner: dict[str, int] = {n: far for u in units for n in u.inner}
+    for _ in range(6):
+        values = starts | inner | consts
+        found = {}
+        for u in units:
+            found.update(_inner_labels(u, _substitute(u.body, values, u.name, u.inner), starts[u.name]))
+        if found == inner:
+            break
+        inner = found
+    else:
+        raise ImageError("inner label addresses do not settle")
+    values = starts | inner | consts
     text = bytearray(b"\xcc" * (end - TEXT_VA))
     sizes: dict[str, int] = {}
-    bounds = list(symbols.items())
-    for idx, (name, start) in enumerate(bounds):
-        unit = (fixed + traced)[idx]
-        code = _assemble(unit, _substitute(unit.body, values, name), start)
-        limit = bounds[idx + 1][1] if idx + 1 < len(bounds) else end
+    order = list(starts.items())
+    for idx, (unit, (name, start)) in enumerate(zip(units, order, strict=True)):
+        code = _assemble(unit, _substitute(unit.body, values, name, unit.inner), start)
+        limit = order[idx + 1][1] if idx + 1 < len(order) else end
         if start + len(code) > limit:
             raise ImageError(f"{name} grew between passes ({len(code)} bytes)")
         text[start - TEXT_VA : start - TEXT_VA + len(code)] = code
@@ -357,18 +443,18 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
         config=config,
         text=bytes(text),
         data_size=DATA_SIZE,
-        symbols=symbols,
+        symbols=starts | inner,
         sizes=sizes,
-        sites={u.name: symbols[u.name] for u in traced},
+        sites={u.name: starts[u.name] for u in traced},
         iret_sites=(),
         popf_sites=(),
         constants=consts,
     )
-    found = verify(image)
-    image.iret_sites = found.irets
-    image.popf_sites = found.popfs
-    image.halt_sites = found.halts
-    image.boundaries = found.boundaries
+    found_ = verify(image)
+    image.iret_sites = found_.irets
+    image.popf_sites = found_.popfs
+    image.halt_sites = found_.halts
+    image.boundaries = found_.boundaries
     return image
 
 
@@ -390,8 +476,9 @@ def verify(image: KernelImage) -> Found:
     halts: list[int] = []
     boundaries: set[int] = set()
     starts = set(image.symbols.values())
-    for name, start in image.symbols.items():
-        code = image.text[start - TEXT_VA : start - TEXT_VA + image.sizes[name]]
+    for name, size in image.sizes.items():
+        start = image.symbols[name]
+        code = image.text[start - TEXT_VA : start - TEXT_VA + size]
         pos = 0
         last = ""
         for insn in _CS.disasm(code, start):

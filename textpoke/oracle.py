@@ -56,6 +56,19 @@ INT3 = 0xCC
 _MAX_KEPT = 50  # violations kept with details per class (all are counted)
 
 
+@dataclass(slots=True)
+class _Context:
+    vector: int
+    rip: int
+    rsp: int
+    rflags: int
+    stack: bytes  # words above the interrupted RSP, when they belong to the interrupted context
+
+
+_STACK_WORDS = 16
+_FLAGS_COMPARED = 0xCD5  # CF PF AF ZF SF DF OF TF-less: the arithmetic flags and DF, IF
+
+
 @dataclass(frozen=True, slots=True)
 class Violation:
     kind: str
@@ -122,6 +135,19 @@ class SafetyOracle:
         self.int3_hits: Counter = Counter()  # cpu -> site executions that trapped
         self.ops = 0
         self.sinks: list = []  # called with every violation kept (replay listings)
+        # NMI verdicts: per CPU, the contexts interrupted by events not yet returned from
+        self.contexts: defaultdict[int, list[_Context]] = defaultdict(list)
+        self.pending_nmi: dict[int, int] = {}  # cpu -> time of an NMI no handler run has started for
+        self.repeat_starts = {
+            a for n, a in kernel.symbols.items() if n.startswith("repeat_nmi") and not n.startswith("repeat_nmi_copy")
+        }
+        self.machine: Machine | None = None
+        self.nmi_counts: Counter = Counter()
+
+    def attach(self, m: Machine) -> None:
+        """Give the oracle the machine it judges (stack snapshots) and the handler probe."""
+        self.machine = m
+        m.probe(self.kernel.symbols["nmi_handler"], "nmi_handler")
 
     # -- reporting ---------------------------------------------------------------------------------
     def _flag(self, kind: str, cpu: int, time: int, site: int | None, code: bytes, detail: str) -> None:
@@ -229,6 +255,73 @@ class SafetyOracle:
             tracer = self.tracers.get(target)
             if tracer:
                 self.traced[(cpu, site, tracer)] += 1
+
+    # -- NMI verdicts --------------------------------------------------------------------------------
+    def _nmi_stack(self, cpu: int) -> tuple[int, int]:
+        lay = self.machine.layout  # type: ignore[union-attr]
+        top = lay.nmi_stack_top(cpu)
+        return top - 0x1000, top
+
+    def on_deliver(self, cpu: int, time: int, vector: int, frame: tuple[int, ...]) -> None:
+        rip, _cs, rflags, rsp, _ss = frame
+        stack = b""
+        if vector == 2:
+            self.nmi_counts["delivered"] += 1
+            if cpu not in self.pending_nmi:
+                self.pending_nmi[cpu] = time
+            if any(c.vector == 2 for c in self.contexts[cpu]):
+                self.nmi_counts["nested"] += 1
+            if self.machine is not None:
+                lo, hi = self._nmi_stack(cpu)
+                if not lo <= rsp < hi:
+                    try:
+                        stack = self.machine.read(rsp, 8 * _STACK_WORDS)
+                    except Exception:
+                        stack = b""
+        self.contexts[cpu].append(_Context(vector, rip, rsp, rflags, stack))
+
+    def on_probe(self, cpu: int, time: int, label: str) -> None:
+        if label == "nmi_handler":
+            self.nmi_counts["handler_runs"] += 1
+            self.pending_nmi.pop(cpu, None)
+
+    def on_iret(self, cpu: int, time: int, frame: tuple[int, ...], unblocked: bool) -> None:
+        rip, _cs, rflags, rsp, _ss = frame
+        stack = self.contexts.get(cpu)
+        if not stack:
+            return
+        top = stack[-1]
+        if rip in self.repeat_starts and not (top.rip == rip and top.rsp == rsp):
+            self.nmi_counts["repeated"] += 1
+            return  # the nested-safe entry's trampoline: the outer NMI runs its handler again
+        ctx = stack.pop()
+        if ctx.vector != 2:
+            return  # #BP returns where its handler decided; IPIs are checked through the NMIs
+        bad = []
+        if rip != ctx.rip:
+            bad.append(f"RIP {rip:#x} instead of {ctx.rip:#x}")
+        if rsp != ctx.rsp:
+            bad.append(f"RSP {rsp:#x} instead of {ctx.rsp:#x}")
+        if (rflags ^ ctx.rflags) & _FLAGS_COMPARED:
+            bad.append(f"RFLAGS {rflags:#x} instead of {ctx.rflags:#x}")
+        if ctx.stack and self.machine is not None:
+            now = self.machine.read(ctx.rsp, len(ctx.stack))
+            changed = [i for i in range(0, len(now), 8) if now[i : i + 8] != ctx.stack[i : i + 8]]
+            if changed:
+                bad.append(f"{len(changed)} stack word(s) above the interrupted RSP changed")
+        if bad:
+            self._flag("nmi-corruption", cpu, time, None, b"", "NMI returned with " + "; ".join(bad))
+        if not any(c.vector == 2 for c in stack) and cpu in self.pending_nmi:
+            since = self.pending_nmi.pop(cpu)
+            self._flag(
+                "lost-nmi",
+                cpu,
+                time,
+                None,
+                b"",
+                f"an NMI delivered at t={since} was never handled: the CPU left NMI context without "
+                "running the handler again",
+            )
 
     def on_crash(self, crash: Crash) -> None:
         if self.unhandled_lo <= crash.rip < self.unhandled_hi:

@@ -16,7 +16,7 @@ from typing import Any
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
 from cpus.config import DEFAULT_QUANTUM, MAX_CPUS
 
-from .image import BP_ENTRIES, KernelConfig, Percpu, build_kernel
+from .image import BP_ENTRIES, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
 from .oracle import SafetyOracle, Verdict
 from .patcher import Patcher, PatchReport
 from .protocols import MUTATIONS, PROTOCOLS
@@ -39,8 +39,12 @@ class Scenario:
     sites: int = 8  # traced functions, every one of them patched
     operation: str = "toggle"
     mutation: str | None = None
-    nmi: str = "none"
-    nmi_period: int = 0
+    nmi: str = "none"  # "none", or the NMI entry: naive, nested-safe, latch-cmpxchg, ...
+    #: perf-like NMIs per million cycles on each workload CPU (a watchdog adds one eighth of that)
+    nmi_rate: int = 0
+    #: aim extra NMIs at a window of the entry: "exit-window", "repeat" or "latch-window"
+    nmi_aim: str | None = None
+    aim_probability: float = 0.5
     fred: bool = False
     warmup: int = 4_000
     settle: int = 4_000
@@ -57,6 +61,15 @@ class Scenario:
             raise ConfigError(f"unknown int3 mode {self.int3!r}; choose from {', '.join(BP_ENTRIES)}")
         if self.operation not in OPERATIONS:
             raise ConfigError(f"unknown operation {self.operation!r}; choose from {', '.join(OPERATIONS)}")
+        if self.nmi != "none" and self.nmi not in NMI_ENTRIES:
+            raise ConfigError(f"unknown NMI entry {self.nmi!r}; choose none or {', '.join(NMI_ENTRIES)}")
+        if self.nmi_rate < 0 or self.nmi_rate > 200_000:
+            raise ConfigError(f"nmi_rate must be between 0 and 200000 per million cycles, got {self.nmi_rate}")
+        if self.nmi_aim is not None:
+            if self.nmi_aim not in AIMS:
+                raise ConfigError(f"unknown NMI aim {self.nmi_aim!r}; choose from {', '.join(AIMS)}")
+            if self.nmi == "none" or aim_symbol(self) is None:
+                raise ConfigError(f"NMI aim {self.nmi_aim!r} needs an NMI entry that has that window")
         if self.mutation is not None and self.mutation not in MUTATIONS:
             raise ConfigError(f"unknown mutation {self.mutation!r}; choose from {', '.join(MUTATIONS)}")
         if not 2 <= self.cpus <= MAX_CPUS:
@@ -79,7 +92,11 @@ class Scenario:
         if self.mutation:
             parts.append(f"mutation={self.mutation}")
         if self.nmi != "none":
-            parts.append(f"nmi={self.nmi}/{self.nmi_period}")
+            parts.append(f"nmi={self.nmi} rate={self.nmi_rate}")
+            if self.nmi_aim:
+                parts.append(f"aim={self.nmi_aim}")
+        if self.fred:
+            parts.append("fred")
         return " ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -117,6 +134,21 @@ class Outcome:
         }
 
 
+AIMS = {"exit-window": "nmi_exit_window", "repeat": "repeat_nmi_copy", "latch-window": "nmi_latch_window"}
+
+
+def aim_symbol(sc: Scenario) -> str | None:
+    """The inner label of the chosen NMI entry that `sc.nmi_aim` names, if the entry has it."""
+    if sc.nmi_aim is None or sc.nmi == "none":
+        return None
+    entry = NMI_ENTRIES[sc.nmi][0]
+    for family in ("nmi_entry_nested", "nmi_entry_latch"):
+        if entry.startswith(family):
+            name = AIMS[sc.nmi_aim] + entry[len(family) :]
+            return name if name in _kernel(sc).symbols else None
+    return None
+
+
 def _kernel(sc: Scenario):
     return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=min(4, 1 << (sc.sites.bit_length() - 1))))
 
@@ -129,7 +161,10 @@ def run_scenario(
     extra_instruments: Sequence[object] = (),
 ) -> Outcome:
     kernel = _kernel(sc)
-    sources = (NmiSource("perf", period=sc.nmi_period, jitter=0.3),) if sc.nmi_period else ()
+    sources: tuple[NmiSource, ...] = ()
+    if sc.nmi != "none" and sc.nmi_rate:
+        period = max(1, 1_000_000 // sc.nmi_rate)
+        sources = (NmiSource("perf", period=period, jitter=0.3), NmiSource("watchdog", period=8 * period, jitter=0.05))
     snoop = SnoopModel(*sc.snoop) if sc.snoop else SnoopModel(None, None)
     cfg = MachineConfig(
         cpus=sc.cpus,
@@ -143,6 +178,10 @@ def run_scenario(
     oracle = SafetyOracle(kernel, sc.cpus)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
     m = Machine(cfg, kernel.boot_image(sc.int3, nmi_entry), [oracle, *extra_instruments])
+    oracle.attach(m)
+    aim = aim_symbol(sc)
+    if aim is not None:
+        m.aim_nmi(kernel.symbols[aim], sc.aim_probability, label=sc.nmi_aim or "aimed")
     for extra in extra_instruments:
         if hasattr(extra, "machine"):
             extra.machine = m
@@ -180,6 +219,12 @@ def run_scenario(
         "cpu": m.stats(),
         "int3_hits": sum(oracle.int3_hits.values()),
         "nmi_delivered": sum(c.stats["nmi_delivered"] for c in m.cpus),
+        "nmi_raised": sum(c.stats["nmi_raised"] for c in m.cpus),
+        "nmi_latched": sum(c.stats["nmi_latched"] for c in m.cpus),
+        "nmi_dropped": sum(c.stats["nmi_dropped"] for c in m.cpus),
+        "nmi_nested": oracle.nmi_counts["nested"],
+        "nmi_repeated": oracle.nmi_counts["repeated"],
+        "nmi_handler_runs": oracle.nmi_counts["handler_runs"],
     }
     return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
 

@@ -22,13 +22,19 @@ SYM_FUNC_START(nmi_entry_naive)
     pop rdx
     pop rcx
     pop rax
-    jmp native_iret
+    jmp nmi_iret
 SYM_FUNC_END(nmi_entry_naive)
+
+# The NMI entries' own iretq (Linux returns from an NMI with its own iretq, not the common path).
+SYM_FUNC_START(nmi_iret)
+    iretq
+SYM_FUNC_END(nmi_iret)
 
 # The NMI handler body (exc_nmi's work): perf/watchdog callbacks that call traced functions, part of
 # it on this CPU's second (irq) stack, as real handlers may switch stacks.
 SYM_FUNC_START(nmi_handler)
     push rbx
+    cld
     inc qword ptr gs:[PCPU_NMI_COUNT]
     mov rbx, qword ptr gs:[PCPU_NMI_COUNT]
     and rbx, NMI_FUNCS_MASK
