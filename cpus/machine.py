@@ -861,7 +861,7 @@ class Machine:
             rip = cpu.rip
             if rip is None:
                 rip = eng.rip()
-            cpu.extra = 0
+            # cpu.extra may already hold the cost of events delivered at this boundary
             stop = eng.run(rip, L.UNTIL, q)
             cpu.rip = after = eng.rip()
             if stop is not None and cpu.crash is None:

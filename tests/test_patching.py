@@ -175,3 +175,50 @@ def test_bp_protocols_never_violate(subset, cpus, seed, protocol):
     r = run_one(sc, seed)
     assert r.ok, r.first
     assert r.accounting_exact
+
+
+def test_safety_cli_writes_the_promised_json(tmp_path):
+    """`textpoke safety --json` carries the keys users script against."""
+    import json
+
+    out = tmp_path / "s.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "textpoke.cli",
+            "safety",
+            "--protocol",
+            "naive-atomic",
+            "--seeds",
+            "3",
+            "--jobs",
+            "1",
+            "--quiet",
+            "--nmi",
+            "nested-safe",
+            "--nmi-rate",
+            "100",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    for key in (
+        "protocol",
+        "cpus",
+        "seeds",
+        "seeds_with_violation",
+        "violations",
+        "failing_seeds",
+        "trace_hashes",
+        "nmi",
+        "nmi_rate",
+    ):
+        assert key in d
+    assert d["seeds"] == 3 and d["protocol"] == "naive-atomic" and d["nmi"] == "nested-safe"
+    assert d["seeds_with_violation"] == len(d["failing_seeds"]) > 0
+    assert set(d["trace_hashes"]) == {"0", "1", "2"}

@@ -8,9 +8,11 @@ the problem; nothing was patched).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -277,6 +279,92 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
     return 1 if args.strict and not verdict.ok else 0
 
 
+def cmd_run(args: argparse.Namespace, out: Console) -> int:
+    """The default scenario: each protocol and NMI entry, a verdict table and a per-CPU timeline."""
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .demo import DEFAULT_ROWS, run_demo
+    from .report import plot_timeline
+
+    t0 = time.perf_counter()
+    out.print(
+        f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), 32 traced functions, "
+        "NMIs on cpu1-3; ftrace enabled then disabled on every site. seed "
+        f"{args.seed}"
+    )
+    jobs = args.jobs or os.cpu_count() or 1
+    with out.status("running the scenarios...") as status:
+
+        def tick(row) -> None:
+            status.update(f"done: {row.label}")
+
+        if jobs > 1:
+            with ProcessPoolExecutor(max_workers=jobs) as ex:
+                rows = run_demo(args.seed, ex, tick)
+        else:
+            rows = run_demo(args.seed, None, tick)
+    table = Table(title="verdicts and costs (cycles)")
+    for col in ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested"):
+        table.add_column(col, justify="left" if col in ("scenario", "verdict") else "right")
+    for r in rows:
+        verdict = (
+            "[green]ok[/green]" if r.ok else "[red]" + ", ".join(f"{k} x{n}" for k, n in r.verdict.items()) + "[/red]"
+        )
+        lat = r.latencies + [0, 0]
+        table.add_row(
+            r.label,
+            verdict,
+            f"{lat[0]:,}",
+            f"{lat[1]:,}",
+            "+".join(map(str, r.syncs)),
+            str(sum(r.ipis)),
+            f"{r.worst_stall:,}",
+            str(r.int3_hits),
+            f"{r.nmi['nested']}/{r.nmi['delivered']}",
+        )
+    out.print(table)
+    panels = [
+        {
+            "label": f"{r.label}: {'ok' if r.ok else ', '.join(r.verdict)}",
+            "cpus": r.scenario.cpus,
+            "patcher": 0,
+            "start": r.window[0],
+            "end": r.window[1],
+            "intervals": r.intervals,
+            "phases": r.phases,
+            "violations": [v for v in r.violations if r.window[0] <= v[1] <= r.window[1]],
+        }
+        for r, (_, _, draw) in zip(rows, DEFAULT_ROWS, strict=True)
+        if draw
+    ]
+    path = plot_timeline(panels, args.out / "timeline.png", "enabling ftrace on 32 sites while the workloads run")
+    out.print(f"timeline of the enable operation: {path}")
+    out.print("hashes: " + " ".join(f"{r.trace_hash[:12]}" for r in rows) + f"  ({time.perf_counter() - t0:.1f} s)")
+    out.print("replay any row with: textpoke replay SEED --protocol P --nmi ENTRY --sites 32 --nmi-rate 300")
+    if args.json:
+        data = [
+            {
+                "label": r.label,
+                "scenario": r.scenario.as_dict(),
+                "seed": r.seed,
+                "trace_hash": r.trace_hash,
+                "violations": r.verdict,
+                "accounting_exact": r.accounting_exact,
+                "latencies": r.latencies,
+                "syncs": r.syncs,
+                "ipis": r.ipis,
+                "worst_stall": r.worst_stall,
+                "mean_stall": r.mean_stall,
+                "int3_hits": r.int3_hits,
+                "nmi": r.nmi,
+            }
+            for r in rows
+        ]
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="textpoke",
@@ -292,14 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--functions", type=_positive, default=32, help="traced functions in the kernel")
         sp.add_argument("--nmi-period", type=_nonneg, default=20_000, help="cycles between NMIs per CPU (0: none)")
 
-    run = sub.add_parser("run", help="run the default scenario")
-    machine_args(run)
-    run.set_defaults(func=cmd_machine)
+    run = sub.add_parser("run", help="the default scenario: every protocol and NMI entry, judged and timed")
+    run.add_argument("--seed", type=_nonneg, default=0, help="scenario seed (default 0)")
+    run.add_argument("--out", type=Path, default=Path("textpoke-out"), help="where to write the timeline")
+    run.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: all cores)")
+    run.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    run.set_defaults(func=cmd_run)
     mach = sub.add_parser("machine", help="boot the machine and run its workloads, no patching")
     machine_args(mach)
     mach.set_defaults(func=cmd_machine)
-
-    from pathlib import Path
 
     saf = sub.add_parser("safety", help="sweep seeds for a protocol and count the oracle's violations")
     scenario_args(saf)

@@ -75,6 +75,8 @@ class PatchReport:
     release: int = 0  # cycles it waited for them to leave
     steps: tuple[Step, ...] = ()
     hung: str | None = None  # what the patcher was still waiting for when it was given up
+    #: (start, end, what) for every step the patcher performed: its phases on a timeline
+    phases: list[tuple[int, int, str]] = field(default_factory=list)
 
     @property
     def latency(self) -> int:
@@ -105,6 +107,14 @@ def _decode_for_int3(req: PatchRequest) -> tuple[int, int]:
         f"site {site:#x}: the int3 handler cannot emulate {new.hex(' ')} ({describe(new, site)}); "
         "text_poke_bp handles call, jmp and the 5-byte nop"
     )
+
+
+def _phase_name(step: Step) -> str:
+    if isinstance(step, Poke):
+        return f"write {step.phase}"
+    if isinstance(step, Sync):
+        return f"sync {step.label}"
+    return type(step).__name__.lower()
 
 
 class Patcher:
@@ -256,6 +266,7 @@ class Patcher:
         report.start = self._now()
         yield Fine(True)
         for step in steps:
+            t_step = self._now()
             if isinstance(step, Publish):
                 descs = []
                 for r in step.requests:
@@ -283,6 +294,7 @@ class Patcher:
                 report.release += self._now() - t0
             else:  # pragma: no cover - the Step union is closed
                 raise PatchError(f"unknown step {step!r}")
+            report.phases.append((t_step, self._now(), _phase_name(step)))
         yield Fine(False)
         report.end = self._now()
 
