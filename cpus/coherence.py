@@ -43,7 +43,7 @@ class SnoopModel:
     [min_delay, max_delay] cycles after the write; `None` bounds mean never (serialization only)."""
 
     min_delay: int | None = 200
-    max_delay: int | None = 4000
+    max_delay: int | None = 10_000
 
     def draw(self, rng) -> int | None:  # rng: random.Random
         if self.min_delay is None or self.max_delay is None:

@@ -21,20 +21,25 @@ DEFAULT_QUANTUM = 1000
 
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    """Cycles charged for what is not a plain instruction. Defaults and their sources: README."""
+    """Cycles charged for what is not a plain instruction (nominal 2.5 GHz core).
 
-    instruction: int = 1
-    event_entry: int = 150  # microcode cost of delivering an interrupt/exception/NMI
-    iret: int = 80  # iretq
-    ipi_send: int = 300  # writing the ICR and the x2APIC path on the sender
-    ipi_latency: int = 1200  # send to arrival at the target's interrupt controller
-    text_write: int = 1500  # one text_poke() of a few bytes: private mapping, copy, TLB flush
-    poll: int = 60  # one round of a spin-wait loop (read a shared line, pause)
+    Every default and where it comes from is in the README ("Cost model"); override any of them
+    with `--cost NAME=CYCLES` or a `[costs]` table in a config file.
+    """
+
+    instruction: int = 1  # per retired instruction (IPC of about 1 for kernel code)
+    event_entry: int = 150  # delivering an interrupt, exception or NMI through the IDT
+    iret: int = 80  # executing iretq
+    ipi_send: int = 300  # the sender's ICR write, per target
+    ipi_latency: int = 2000  # from the ICR write to the target's interrupt controller
+    text_write: int = 3000  # one text_poke(): map the page in the poking mm, copy, unmap, flush
+    poll: int = 60  # one round of a spin-wait loop on a shared line
+    stopper_wakeup: int = 5000  # scheduling the stop_machine stopper thread on a woken CPU
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"cost model: {name} must be a non-negative integer, got {v!r}")
         if self.instruction < 1:
             raise ConfigError("cost model: instruction must be at least 1 cycle")

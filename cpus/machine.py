@@ -566,6 +566,8 @@ class Machine:
         cpu.rip = None
         now = cpu.now()
         cpu.extra += self.costs.event_entry
+        if vector == Vector.STOP:
+            cpu.extra += self.costs.stopper_wakeup  # the stopper is a thread: it must be scheduled
         if vector == Vector.NMI:
             cpu.nmi.delivered()
             cpu.stats["nmi_delivered"] += 1

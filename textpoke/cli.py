@@ -146,6 +146,7 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .executors import executor
     from .oracle import CLASSES
     from .sweep import sweep, wilson
 
@@ -170,7 +171,8 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
             bad += 0 if r.ok else 1
             bar.update(task, advance=1, bad=bad)
 
-        result = sweep(sc, seeds, jobs=args.jobs, progress=tick)
+        with executor(args.jobs, args.scheduler) as ex:
+            result = sweep(sc, seeds, executor=ex, jobs=1, progress=tick)
     dt = time.perf_counter() - t0
     data = result.as_dict()
     table = Table(title=f"{sc.label()}: {result.seeds} seeds from {args.seed_start}")
@@ -365,6 +367,121 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+LATENCY_METRICS = (
+    "patch_latency_cycles",
+    "mean_stall_cycles",
+    "max_stall_cycles",
+    "total_lost_cycles",
+    "ipis",
+    "int3_hits",
+)
+
+
+def cmd_latency(args: argparse.Namespace, out: Console) -> int:
+    """Protocols x CPU counts x batch sizes x seeds: what one patch operation costs."""
+    import json
+    from dataclasses import asdict
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .costs import load_costs
+    from .executors import executor
+    from .latency import LatencyConfig, measure
+    from .protocols import PROTOCOLS
+    from .report import markdown_table, plot_latency
+
+    costs = load_costs(args.config, args.cost)
+    for p in args.protocols:
+        if p not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
+    for c in args.cpus:
+        if not 2 <= c <= 128:
+            raise ConfigError(f"CPU counts must be between 2 and 128, got {c}")
+    if args.irqoff_cpu and any(args.irqoff_cpu >= c for c in args.cpus):
+        raise ConfigError(f"--irqoff-cpu {args.irqoff_cpu} does not exist on a {min(args.cpus)}-CPU machine")
+    configs = [
+        LatencyConfig(
+            protocol=p,
+            cpus=c,
+            sites=n,
+            seed=s,
+            busy=args.busy,
+            irqoff_cpu=args.irqoff_cpu,
+            irqoff_len=args.irqoff_len,
+            costs=costs,
+        )
+        for p in args.protocols
+        for c in args.cpus
+        for n in args.sites
+        for s in range(args.seed_start, args.seed_start + args.seeds)
+    ]
+    t0 = time.perf_counter()
+    results = []
+    with Progress(
+        TextColumn("[bold]latency[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=out,
+        disable=args.quiet,
+    ) as bar:
+        task = bar.add_task("", total=len(configs))
+        with executor(args.jobs, args.scheduler) as ex:
+            if ex is None:
+                for cfg in configs:
+                    results.append(measure(cfg))
+                    bar.update(task, advance=1)
+            else:
+                futures = [ex.submit(measure, cfg) for cfg in configs]
+                for f in futures:
+                    results.append(f.result())
+                    bar.update(task, advance=1)
+    rows = [r.as_dict() for r in results]
+    # mean over seeds per configuration
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["protocol"], r["cpus"], r["sites"]), []).append(r)
+    summary = []
+    for (p, c, n), rs in groups.items():
+        row = {"protocol": p, "cpus": c, "sites": n, "seeds": len(rs)}
+        for m in (*LATENCY_METRICS, "syncs"):
+            row[m] = sum(float(r[m]) for r in rs) / len(rs)
+        waits = [r["waited_longest_for"] for r in rs if r["waited_longest_for"] is not None]
+        row["waited_for"] = f"cpu{max(set(waits), key=waits.count)}" if waits else "-"
+        summary.append(row)
+    cols = ["protocol", "cpus", "sites", "syncs", *LATENCY_METRICS, "waited_for"]
+    table = Table(title=f"one patch operation, mean of {args.seeds} seed(s); cycles")
+    for col in cols:
+        table.add_column(col.replace("_cycles", "").replace("_", " "), justify="left" if col == "protocol" else "right")
+    for r in summary:
+        table.add_row(*[f"{r[c]:,.0f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    out.print(table)
+    stop = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "stop-machine"}
+    bp = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "bp-batch"}
+    for key in sorted(set(stop) & set(bp)):
+        ratio = stop[key]["total_lost_cycles"] / max(bp[key]["total_lost_cycles"], 1)
+        out.print(
+            f"  total cycles lost, stop_machine / text_poke_bp (batched), {key[0]} CPUs, {key[1]} sites: {ratio:.2f}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot = plot_latency(rows, LATENCY_METRICS, args.out / "latency.png", "one patch operation against CPU count")
+    out.print(f"plots: {plot}")
+    md = markdown_table(summary, cols)
+    if args.markdown:
+        args.markdown.write_text(md + "\n")
+        out.print(f"wrote {args.markdown}")
+    if args.json:
+        data = {
+            "costs": asdict(costs),
+            "rows": [{k: v for k, v in r.items() if k != "phases"} for r in rows],
+            "summary": summary,
+        }
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        out.print(f"wrote {args.json}")
+    out.print(f"{len(configs)} runs in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="textpoke",
@@ -395,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     saf.add_argument("--seeds", type=_positive, default=100, help="how many seeds (default 100)")
     saf.add_argument("--seed-start", type=_nonneg, default=0, help="first seed (default 0)")
     saf.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: all cores)")
+    saf.add_argument("--scheduler", default=None, help="run on this dask.distributed scheduler")
     saf.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     saf.add_argument("--strict", action="store_true", help="exit 1 when any seed has a violation")
     saf.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -415,6 +533,25 @@ def build_parser() -> argparse.ArgumentParser:
     pat.add_argument("--warmup", type=_nonneg, default=5_000)
     pat.add_argument("--strict", action="store_true", help="exit 1 when the oracle found a violation")
     pat.set_defaults(func=cmd_patch)
+
+    lat = sub.add_parser("latency", help="stop_machine against text_poke_bp as CPUs and batches grow")
+    lat.add_argument("--protocols", nargs="+", default=["bp", "bp-batch", "stop-machine"])
+    lat.add_argument("--cpus", type=_positive, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    lat.add_argument("--sites", type=_positive, nargs="+", default=[1, 8], help="sites per operation")
+    lat.add_argument("--seeds", type=_positive, default=3)
+    lat.add_argument("--seed-start", type=_nonneg, default=0)
+    lat.add_argument("--busy", action="store_true", help="every workload CPU runs interrupts-off sections")
+    lat.add_argument("--irqoff-cpu", type=_nonneg, default=0, help="this CPU runs long interrupts-off sections")
+    lat.add_argument("--irqoff-len", type=_positive, default=20_000, help="spins per interrupts-off section")
+    lat.add_argument("--cost", action="append", default=[], help="override a cost: NAME=CYCLES (repeatable)")
+    lat.add_argument("--config", type=Path, default=None, help="TOML file with a [costs] table")
+    lat.add_argument("--jobs", type=_positive, default=None)
+    lat.add_argument("--scheduler", default=None, help="run on this dask.distributed scheduler")
+    lat.add_argument("--out", type=Path, default=Path("textpoke-out"), help="where to write the plots")
+    lat.add_argument("--json", type=Path, default=None)
+    lat.add_argument("--markdown", type=Path, default=None)
+    lat.add_argument("--quiet", action="store_true")
+    lat.set_defaults(func=cmd_latency)
 
     rep = sub.add_parser("replay", help="rerun one seed and print its annotated trace")
     rep.add_argument("seed", type=_nonneg)

@@ -15,7 +15,7 @@ from typing import Any
 from .metrics import Interval, StallMeter
 from .scenario import Scenario, run_scenario
 
-__all__ = ["DEFAULT_ROWS", "DemoRow", "run_row", "run_demo"]
+__all__ = ["DEFAULT_ROWS", "DemoRow", "run_demo", "run_row"]
 
 _COMMON: dict[str, Any] = {"cpus": 4, "sites": 32, "nmi_rate": 300, "operation": "toggle"}
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from cpus import Vector
 
-__all__ = ["Interval", "StallMeter", "PATCH_VECTORS"]
+__all__ = ["PATCH_VECTORS", "Interval", "StallMeter"]
 
 #: vectors whose handlers run because something is being patched
 PATCH_VECTORS = {int(Vector.IPI): "sync IPI", int(Vector.STOP): "stopper", int(Vector.BP): "int3"}

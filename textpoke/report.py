@@ -9,10 +9,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
-from .metrics import Interval  # noqa: E402
+from .metrics import Interval
 
 __all__ = ["markdown_table", "plot_latency", "plot_timeline"]
 

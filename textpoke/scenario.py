@@ -49,7 +49,7 @@ class Scenario:
     warmup: int = 4_000
     settle: int = 4_000
     quantum: int = DEFAULT_QUANTUM
-    snoop: tuple[int, int] | None = (200, 4000)
+    snoop: tuple[int, int] | None = (200, 10_000)
     irqoff_len: int = 0  # > 0: workloads run interrupts-off sections of this many spins
     #: indices of the traced functions to patch (None: all of them)
     patch_sites: tuple[int, ...] | None = None
