@@ -313,7 +313,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         verdict = (
             "[green]ok[/green]" if r.ok else "[red]" + ", ".join(f"{k} x{n}" for k, n in r.verdict.items()) + "[/red]"
         )
-        lat = r.latencies + [0, 0]
+        lat = [*r.latencies, 0, 0]
         table.add_row(
             r.label,
             verdict,

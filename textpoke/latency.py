@@ -90,7 +90,7 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         _irqoff(m, cfg.irqoff_cpu, mask=1, length=cfg.irqoff_len)
     sites = [kernel.site_of(i) for i in range(cfg.sites)]
     m.watch(sites)
-    patcher = Patcher(m, kernel)
+    patcher = Patcher(m, kernel, timeout=2_000_000_000)
     m.run(cfg.warmup)
     meter.reset()
     report = patcher.enable_ftrace(sites, protocol=cfg.protocol)

@@ -1,0 +1,172 @@
+"""Safety benchmark: every protocol and NMI entry, with its violation rates and 95% intervals, and the
+verdicts of the protocol and NMI work reproduced from one command.
+
+    python benchmarks/safety.py [--seeds N] [--jobs J] [--json FILE] [--markdown FILE]
+
+Each row is a scenario swept over seeds; its expectation is "safe" (no seed may show a violation)
+or "unsafe" (some seed must, with the listed classes among those found). The script prints a table
+of the rate of every class with its Wilson 95% interval, and PASS/FAIL for every expectation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from textpoke.executors import executor
+from textpoke.oracle import CLASSES
+from textpoke.report import markdown_table
+from textpoke.scenario import Scenario
+from textpoke.sweep import sweep, wilson
+
+NMI = {"nmi_rate": 500}
+
+#: (label, scenario, expectation, classes that must be among those found when unsafe)
+ROWS: list[tuple[str, Scenario, str, set[str]]] = [
+    ("text_poke_bp, emulate", Scenario(protocol="bp"), "safe", set()),
+    ("text_poke_bp, skip", Scenario(protocol="bp", int3="skip"), "safe", set()),
+    ("text_poke_bp batched, emulate", Scenario(protocol="bp-batch"), "safe", set()),
+    ("text_poke_bp batched, skip", Scenario(protocol="bp-batch", int3="skip"), "safe", set()),
+    ("stop_machine", Scenario(protocol="stop-machine"), "safe", set()),
+    ("unsafe: byte by byte", Scenario(protocol="naive-bytes"), "unsafe", {"torn-fetch"}),
+    ("unsafe: one atomic store", Scenario(protocol="naive-atomic"), "unsafe", {"unsynced-modification"}),
+    ("mutation: no sync after int3", Scenario(protocol="bp", mutation="no-sync-after-int3"), "unsafe", {"torn-fetch"}),
+    ("mutation: no sync after tail", Scenario(protocol="bp", mutation="no-sync-after-tail"), "unsafe", set()),
+    ("mutation: no final sync", Scenario(protocol="bp", mutation="no-final-sync"), "unsafe", set()),
+    ("mutation: tail before int3", Scenario(protocol="bp", mutation="tail-before-int3"), "unsafe", set()),
+    ("mutation: first byte before tail", Scenario(protocol="bp", mutation="first-before-tail"), "unsafe", set()),
+    (
+        "mutation: descriptors withdrawn early",
+        Scenario(protocol="bp", mutation="early-withdraw"),
+        "unsafe",
+        {"unhandled-int3"},
+    ),
+    ("mutation: emulation without stack gap", Scenario(protocol="bp", int3="emulate-nogap"), "unsafe", {"crash"}),
+    (
+        "retarget, skip mode",
+        Scenario(protocol="bp-batch", int3="skip", operation="retarget"),
+        "unsafe",
+        {"missed-call"},
+    ),
+    ("retarget, emulate mode", Scenario(protocol="bp-batch", operation="retarget"), "safe", set()),
+    ("NMIs: naive entry", Scenario(protocol="bp-batch", nmi="naive", **NMI), "unsafe", {"nmi-corruption"}),
+    ("NMIs: nested-safe entry", Scenario(protocol="bp-batch", nmi="nested-safe", **NMI), "safe", set()),
+    (
+        "NMIs: nested-safe, aimed at exit window",
+        Scenario(protocol="bp-batch", nmi="nested-safe", nmi_aim="exit-window", **NMI),
+        "safe",
+        set(),
+    ),
+    (
+        "NMIs: nested-safe, aimed at repeat_nmi",
+        Scenario(protocol="bp-batch", nmi="nested-safe", nmi_aim="repeat", **NMI),
+        "safe",
+        set(),
+    ),
+    ("NMIs: naive entry on FRED", Scenario(protocol="bp-batch", nmi="naive", fred=True, **NMI), "safe", set()),
+    ("NMIs: i386 latch, cmpxchg", Scenario(protocol="bp-batch", nmi="latch-cmpxchg", **NMI), "safe", set()),
+    (
+        "NMIs: i386 latch, decrement, aimed",
+        Scenario(protocol="bp-batch", nmi="latch-dec", nmi_aim="latch-window", **NMI),
+        "safe",
+        set(),
+    ),
+    (
+        "NMIs: i386 latch, 386 cmpxchg, aimed",
+        Scenario(protocol="bp-batch", nmi="latch-cmpxchg386", nmi_aim="latch-window", **NMI),
+        "unsafe",
+        {"lost-nmi"},
+    ),
+    (
+        "NMI mutation: no RSP check, aimed",
+        Scenario(protocol="bp-batch", nmi="nested-no-rsp-check", nmi_aim="exit-window", **NMI),
+        "unsafe",
+        {"nmi-corruption"},
+    ),
+    (
+        "NMI mutation: no on-stack variable",
+        Scenario(protocol="bp-batch", nmi="nested-no-variable", **NMI),
+        "unsafe",
+        {"nmi-corruption"},
+    ),
+    (
+        "NMI mutation: frame from hardware copy",
+        Scenario(protocol="bp-batch", nmi="nested-hw-frame", **NMI),
+        "unsafe",
+        {"nmi-corruption"},
+    ),
+    (
+        "NMI mutation: no repeat_nmi check, aimed",
+        Scenario(protocol="bp-batch", nmi="nested-no-rip-check", nmi_aim="repeat", **NMI),
+        "unsafe",
+        {"nmi-corruption"},
+    ),
+    (
+        "stop_machine with NMIs",
+        Scenario(protocol="stop-machine", nmi="nested-safe", **NMI),
+        "unsafe",
+        {"unsynced-modification"},
+    ),
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=20, help="seeds per row (default 20)")
+    p.add_argument("--jobs", type=int, default=None)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    results = []
+    failures = 0
+    with executor(args.jobs, args.scheduler) as ex:
+        for label, sc, expect, needed in ROWS:
+            r = sweep(sc, range(args.seeds), executor=ex, jobs=1)
+            d = r.as_dict()
+            found = {k for k, n in d["violations"].items() if n}
+            if expect == "safe":
+                ok = not found
+            else:
+                ok = bool(found) and needed <= found
+            failures += not ok
+            first = d["failing_seeds"][0] if d["failing_seeds"] else None
+            row = {
+                "scenario": label,
+                "expected": expect,
+                "check": "PASS" if ok else "FAIL",
+                "seeds": args.seeds,
+                "failing": d["seeds_with_violation"],
+                "first failing seed": "-" if first is None else first,
+                "classes": ", ".join(
+                    f"{k} {d['violations'][k] / args.seeds:.0%} [{wilson(d['violations'][k], args.seeds)[0]:.0%}-"
+                    f"{wilson(d['violations'][k], args.seeds)[1]:.0%}]"
+                    for k in CLASSES
+                    if d["violations"][k]
+                )
+                or "none",
+            }
+            results.append({"row": row, "sweep": d})
+            print(f"{row['check']}  {label:45} {row['failing']:>4}/{args.seeds}  {row['classes']}", flush=True)
+    table = markdown_table(
+        [r["row"] for r in results],
+        ["scenario", "expected", "check", "failing", "seeds", "first failing seed", "classes"],
+    )
+    print()
+    print(table)
+    print(f"\n{len(ROWS) - failures} of {len(ROWS)} verdicts reproduced; {time.perf_counter() - t0:.0f} s")
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"seeds": args.seeds, "rows": results}, indent=2) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Sweeps give the same results on any executor; the main commands run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from textpoke.scenario import Scenario
+from textpoke.sweep import sweep, wilson
+
+SC = Scenario(protocol="naive-atomic", sites=4, warmup=1000, settle=1000)
+
+
+def fingerprint(result):
+    return [(r.seed, r.trace_hash, tuple(sorted(r.counts.items()))) for r in result.results]
+
+
+def test_results_do_not_depend_on_the_executor():
+    here = sweep(SC, range(4), jobs=1)
+    with ProcessPoolExecutor(max_workers=2) as ex:
+        pooled = sweep(SC, range(4), executor=ex)
+    assert fingerprint(here) == fingerprint(pooled)
+
+
+def test_dask_cluster_gives_the_same_results():
+    distributed = pytest.importorskip("dask.distributed")
+    here = sweep(SC, range(3), jobs=1)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cl:
+        with distributed.Client(cl) as client:
+            remote = sweep(SC, range(3), executor=client.get_executor())
+    assert fingerprint(here) == fingerprint(remote)
+
+
+def test_wilson_interval():
+    lo, hi = wilson(0, 500)
+    assert lo == 0 and 0 < hi < 0.01
+    lo, hi = wilson(250, 500)
+    assert lo < 0.5 < hi and hi - lo < 0.1
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, "-m", "textpoke.cli", *argv], capture_output=True, text=True)
+
+
+def test_run_prints_the_table_and_writes_the_timeline(tmp_path):
+    r = cli("run", "--out", str(tmp_path), "--jobs", "2", "--json", str(tmp_path / "run.json"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+    rows = json.loads((tmp_path / "run.json").read_text())
+    by = {row["label"]: row for row in rows}
+    assert not by["text_poke_bp, batched (nested-safe NMIs)"]["violations"]
+    assert by["text_poke_bp, naive NMI entry"]["violations"]
+    assert by["text_poke_bp, one site at a time"]["syncs"] == [96, 96]
+
+
+def test_latency_command_writes_json_markdown_and_plots(tmp_path):
+    out = tmp_path / "lat.json"
+    r = cli(
+        "latency",
+        "--cpus",
+        "2",
+        "4",
+        "--sites",
+        "2",
+        "--seeds",
+        "1",
+        "--jobs",
+        "1",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+        "--json",
+        str(out),
+        "--markdown",
+        str(tmp_path / "lat.md"),
+        "--cost",
+        "text_write=2000",
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["costs"]["text_write"] == 2000
+    for row in d["rows"]:
+        for key in (
+            "protocol",
+            "cpus",
+            "sites",
+            "patch_latency_cycles",
+            "mean_stall_cycles",
+            "max_stall_cycles",
+            "total_lost_cycles",
+            "syncs",
+            "ipis",
+            "int3_hits",
+        ):
+            assert key in row
+    assert {r["syncs"] for r in d["rows"] if r["protocol"] == "bp"} == {6}
+    assert (tmp_path / "latency.png").exists() and "| protocol |" in (tmp_path / "lat.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["latency", "--cost", "warp=3"], "unknown cost"),
+        (["latency", "--cost", "text_write"], "NAME=CYCLES"),
+        (["latency", "--protocols", "teleport"], "unknown protocol"),
+        (["latency", "--cpus", "1"], "between 2 and 128"),
+    ],
+)
+def test_latency_refuses_bad_input(argv, message):
+    r = cli(*argv)
+    assert r.returncode == 2 and message in " ".join(r.stderr.split())
