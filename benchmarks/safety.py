@@ -131,10 +131,7 @@ def main() -> int:
             r = sweep(sc, range(args.seeds), executor=ex, jobs=1)
             d = r.as_dict()
             found = {k for k, n in d["violations"].items() if n}
-            if expect == "safe":
-                ok = not found
-            else:
-                ok = bool(found) and needed <= found
+            ok = not found if expect == "safe" else bool(found) and needed <= found
             failures += not ok
             first = d["failing_seeds"][0] if d["failing_seeds"] else None
             row = {

@@ -29,9 +29,9 @@ def test_results_do_not_depend_on_the_executor():
 def test_dask_cluster_gives_the_same_results():
     distributed = pytest.importorskip("dask.distributed")
     here = sweep(SC, range(3), jobs=1)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cl:
-        with distributed.Client(cl) as client:
-            remote = sweep(SC, range(3), executor=client.get_executor())
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, distributed.Client(cluster) as client:
+        remote = sweep(SC, range(3), executor=client.get_executor())
     assert fingerprint(here) == fingerprint(remote)
 
 
