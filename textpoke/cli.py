@@ -123,21 +123,9 @@ def make_scenario(args: argparse.Namespace):
 
 
 def _replay_command(args: argparse.Namespace, seed: int) -> str:
-    parts = ["textpoke replay", str(seed), f"--protocol {args.protocol}", f"--int3 {args.int3}"]
-    parts += [f"--cpus {args.cpus}", f"--sites {args.sites}", f"--operation {args.operation}"]
-    if args.mutation:
-        parts.append(f"--mutation {args.mutation}")
-    if args.quantum != DEFAULT_QUANTUM:
-        parts.append(f"--quantum {args.quantum}")
-    if args.irqoff:
-        parts.append(f"--irqoff {args.irqoff}")
-    if args.nmi != "none":
-        parts.append(f"--nmi {args.nmi} --nmi-rate {args.nmi_rate}")
-        if args.nmi_aim:
-            parts.append(f"--nmi-aim {args.nmi_aim}")
-    if args.fred:
-        parts.append("--fred")
-    return " ".join(parts)
+    from .pytest_plugin import replay_command
+
+    return replay_command(make_scenario(args), seed)
 
 
 def cmd_safety(args: argparse.Namespace, out: Console) -> int:
@@ -216,7 +204,16 @@ def cmd_replay(args: argparse.Namespace, out: Console) -> int:
     from .replay import replay
 
     sc = make_scenario(args)
-    return replay(sc, args.seed, out, show_runs=args.all, jsonl=args.jsonl, listing=args.out, limit=args.limit)
+    return replay(
+        sc,
+        args.seed,
+        out,
+        show_runs=args.all,
+        jsonl=args.jsonl,
+        listing=args.out,
+        limit=args.limit,
+        timeline=args.timeline,
+    )
 
 
 def _hex_bytes(text: str) -> bytes:
@@ -560,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--limit", type=_nonneg, default=400, help="print at most this many lines (0: all)")
     rep.add_argument("--jsonl", type=Path, default=None, help="write the full trace as JSON Lines here")
     rep.add_argument("--out", type=Path, default=None, help="write the full annotated listing here")
+    rep.add_argument("--timeline", type=Path, default=None, help="draw the per-CPU timeline of each operation here")
     rep.set_defaults(func=cmd_replay)
     return p
 

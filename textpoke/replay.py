@@ -182,9 +182,13 @@ def replay(
     jsonl: Path | None = None,
     listing: Path | None = None,
     limit: int = 400,
+    timeline: Path | None = None,
 ) -> int:
+    from .metrics import StallMeter
+
     rec = _Recorder()
-    outcome = run_scenario(sc, seed, keep_trace=True, keep_machine=True, extra_instruments=[rec])
+    meter = StallMeter(record=True)
+    outcome = run_scenario(sc, seed, keep_trace=True, keep_machine=True, extra_instruments=[rec, meter])
     m = outcome.machine
     assert m is not None
     sym = Symbolizer(_kernel(sc))
@@ -214,6 +218,26 @@ def replay(
     for r in outcome.reports:
         out.print(f"operation: {len(r.requests)} sites, {r.latency} cycles, {len(r.syncs)} syncs, {r.ipis} IPIs")
     out.print(v.summary())
+    if timeline is not None:
+        from .report import plot_timeline
+
+        panels = []
+        for i, r in enumerate(outcome.reports):
+            lo, hi = r.start - 1500, r.end + 1500
+            panels.append(
+                {
+                    "label": f"operation {i + 1}: {len(r.requests)} site(s), {r.protocol}",
+                    "cpus": sc.cpus,
+                    "patcher": 0,
+                    "start": lo,
+                    "end": hi,
+                    "intervals": [iv for iv in meter.intervals if lo <= iv.end and iv.start <= hi],
+                    "phases": r.phases,
+                    "violations": [(x.cpu, x.time, x.kind) for x in v.violations if lo <= x.time <= hi],
+                }
+            )
+        if panels:
+            out.print(f"timeline: {plot_timeline(panels, timeline, f'{sc.label()}  seed {seed}')}")
     if jsonl:
         out.print(f"wrote {jsonl}")
     if listing:
