@@ -310,12 +310,12 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         verdict = (
             "[green]ok[/green]" if r.ok else "[red]" + ", ".join(f"{k} x{n}" for k, n in r.verdict.items()) + "[/red]"
         )
-        lat = [*r.latencies, 0, 0]
+        lat = [("hung" if h else f"{x:,}") for x, h in zip(r.latencies, r.hung, strict=True)] + ["-", "-"]
         table.add_row(
             r.label,
             verdict,
-            f"{lat[0]:,}",
-            f"{lat[1]:,}",
+            lat[0],
+            lat[1],
             "+".join(map(str, r.syncs)),
             str(sum(r.ipis)),
             f"{r.worst_stall:,}",

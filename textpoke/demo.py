@@ -40,6 +40,7 @@ class DemoRow:
     verdict: dict[str, int]
     accounting_exact: bool | None
     latencies: list[int]
+    hung: list[bool]
     syncs: list[int]
     ipis: list[int]
     worst_stall: int
@@ -72,6 +73,7 @@ def run_row(label: str, sc: Scenario, seed: int, record: bool) -> DemoRow:
         verdict=dict(v.counts),
         accounting_exact=v.accounting.get("exact"),
         latencies=[r.latency for r in out.reports],
+        hung=[r.hung is not None for r in out.reports],
         syncs=[len(r.syncs) for r in out.reports],
         ipis=[r.ipis for r in out.reports],
         worst_stall=max(stalls, default=0),

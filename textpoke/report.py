@@ -12,8 +12,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 
-from .metrics import Interval
-
 __all__ = ["markdown_table", "plot_latency", "plot_timeline"]
 
 COLORS = {
@@ -46,7 +44,7 @@ def plot_timeline(
 ) -> Path:
     """One panel per run: a lane per CPU. Workload time is the light background; handlers are drawn
     over it (int3 traps, sync IPIs, the stopper, NMIs stacked by nesting depth); the patcher's lane
-    shows its phases. Each panel dict has: label, cpus, patcher, start, end, intervals (Interval),
+    shows its phases. Each panel dict has: label, cpus, patcher, start, end, intervals (metrics.Interval),
     phases [(start, end, name)], violations [(cpu, time, kind)]."""
     fig, axes = plt.subplots(len(panels), 1, figsize=(13, 1.1 + 0.55 * max(p["cpus"] for p in panels) * len(panels)))
     if len(panels) == 1:
@@ -75,9 +73,15 @@ def plot_timeline(
             h = 0.8 if iv.kind != "NMI" else 0.8 / (1 + iv.depth)
             w = max(min(iv.end, end) - max(iv.start, start), span / 1500)
             ax.broken_barh([(max(iv.start, start), w)], (y - 0.4, h), color=COLORS.get(iv.kind, "black"))
+        labelled: set[tuple[int, str]] = set()
         for cpu, t, kind in p.get("violations", []):
-            if start <= t <= end:
-                ax.plot([t], [ncpu - 1 - cpu], marker="x", color="red", markersize=9, mew=2)
+            if not start <= t <= end:
+                continue
+            if kind == "crash" and cpu != p["patcher"]:
+                ax.broken_barh([(t, end - t)], (ncpu - 1 - cpu - 0.4, 0.8), color="#495057")
+            ax.plot([t], [ncpu - 1 - cpu], marker="x", color="red", markersize=9, mew=2)
+            if (cpu, kind) not in labelled:  # name each class once per CPU
+                labelled.add((cpu, kind))
                 ax.annotate(kind, (t, ncpu - 1 - cpu + 0.45), color="red", fontsize=7)
         ax.set_yticks(range(ncpu))
         ax.set_yticklabels([f"cpu{c}" + (" (patcher)" if c == p["patcher"] else "") for c in reversed(range(ncpu))])
@@ -85,6 +89,7 @@ def plot_timeline(
         ax.set_title(p["label"], fontsize=10, loc="left")
         ax.set_xlabel("simulated cycles")
     handles = [Patch(color=COLORS[k], label=k) for k in ("workload", "int3", "sync IPI", "stopper", "NMI")]
+    handles.append(Patch(color="#495057", label="crashed"))
     handles += [Patch(color=c, label=f"patcher: {k}") for k, c in PHASE_COLORS.items() if k != "write write"]
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7, frameon=False)
     if title:
@@ -113,7 +118,8 @@ def plot_latency(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: P
             ys = [sum(float(r[metric]) for r in by_cpu[x]) / len(by_cpu[x]) for x in xs]
             ax.plot(xs, ys, styles.get(protocol, "o-"), label=f"{protocol}, {sites} site(s)", markersize=4)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("symlog")
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("CPUs")
         ax.set_title(metric.replace("_", " "), fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -140,7 +146,3 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     out += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(out)
-
-
-def _unused(_: Interval) -> None:  # keeps the import for type readers
-    return None
