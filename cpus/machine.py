@@ -630,6 +630,15 @@ class Machine:
         for f in self._obs["on_crash"]:
             f(crash)
 
+    def _stack_words(self, cpu: Cpu, rsp: int, n: int, insn: str, addr: int) -> tuple[int, ...] | None:
+        """The `n` words an instruction pops at `rsp`; a #SS crash (None) when they are not mapped."""
+        loc = self._phys(rsp, 8 * n)
+        if loc is None:
+            self._crash(cpu, f"{insn} with RSP {rsp:#x} not mapped (#SS)", addr)
+            return None
+        m, pa = loc
+        return struct.unpack(f"<{n}Q", m.read(pa, 8 * n))
+
     def _fetch_fault(self, rip: int) -> str | None:
         """The fault fetching the instruction at `rip` raises, or None when it decodes."""
         if self._phys(rip, 1) is None:
@@ -663,12 +672,9 @@ class Machine:
                 self._confirm_fetch(cpu)
             eng = cpu.engine
             rsp = eng.rsp()
-            loc = self._phys(rsp, 40)
-            if loc is None:
-                self._crash(cpu, f"iretq with RSP {rsp:#x} not mapped (#SS)", addr)
+            frame = self._stack_words(cpu, rsp, 5, "iretq", addr)
+            if frame is None:
                 return
-            m, pa = loc
-            frame = struct.unpack("<5Q", m.read(pa, 40))
             rip, cs, rflags, new_rsp, ss = frame
             if cs != L.KERNEL_CS or (ss & 0xFFFF) not in (L.KERNEL_DS, 0) or rip < _CANONICAL_HI:
                 self._crash(
@@ -715,12 +721,10 @@ class Machine:
                 return  # nothing waits for IF: let Unicorn execute it
             eng = cpu.engine
             rsp = eng.rsp()
-            loc = self._phys(rsp, 8)
-            if loc is None:
-                self._crash(cpu, f"popfq with RSP {rsp:#x} not mapped (#SS)", addr)
+            words = self._stack_words(cpu, rsp, 1, "popfq", addr)
+            if words is None:
                 return
-            m, pa = loc
-            value = struct.unpack("<Q", m.read(pa, 8))[0]
+            (value,) = words
             eng.set_rsp(rsp + 8)
             eng.set_rflags((value & 0x3F7FD7) | 2)
             eng.set_rip(addr + 1)

@@ -8,7 +8,8 @@ Source conventions (a small preprocessor in front of keystone, Intel syntax):
   constant is replaced by its number before keystone sees it, because keystone's own symbol
   resolver mis-resolves rel32 targets by 4 bytes (UNICORN-NOTES 6).
 * `FTRACE_NOP` is the 5-byte ftrace site `0f 1f 44 00 00`, emitted as raw bytes: keystone encodes
-  memory-operand nops wrongly.
+  memory-operand nops wrongly. `PUSH_CALLER_SAVED` / `POP_CALLER_SAVED` save and restore rax, rcx,
+  rdx, rsi, rdi, r8-r11 (Linux's PUSH_REGS / POP_REGS, for the registers our handlers clobber).
 * `#` starts a comment.
 
 Two passes: the first assembles every unit against far-away placeholder addresses to learn an upper
@@ -74,9 +75,10 @@ NMI_ENTRIES: dict[str, tuple[str, int]] = {
 #: the entries users choose from (the rest are mutations)
 NMI_CHOICES = ("naive", "nested-safe", "latch-cmpxchg", "latch-cmpxchg386", "latch-dec")
 
-_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "ftrace.S", "workload.S")
+_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "workload.S")
 #: template sources expanded once per variant: suffix -> flags
 _TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
+    "ftrace.S": {"": frozenset({"MAIN"}), "_alt": frozenset({"ALT"})},
     "entry_nmi_nested.S": {
         "": frozenset({"RIP", "VAR", "RSP", "SAVED"}),
         "_norsp": frozenset({"RIP", "VAR", "SAVED"}),
@@ -315,13 +317,23 @@ def _substitute(body: str, values: dict[str, int], unit: str, own: tuple[str, ..
 
     out = []
     for line in body.splitlines():
-        if line.strip() == "FTRACE_NOP":
-            out.append("    .byte " + ", ".join(f"0x{b:02x}" for b in FTRACE_NOP))
+        macro = MACROS.get(line.strip())
+        if macro is not None:
+            out.extend(macro)
             continue
         # keep label definitions and directives intact, substitute words elsewhere
         out.append(_WORD.sub(repl, line))
     return "\n".join(out)
 
+
+#: the caller-saved registers an entry saves around a call into C-like code (Linux: PUSH_REGS)
+_CALLER_SAVED = ("rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
+#: one-line macros of the sources, expanded before assembly
+MACROS: dict[str, list[str]] = {
+    "FTRACE_NOP": ["    .byte " + ", ".join(f"0x{b:02x}" for b in FTRACE_NOP)],
+    "PUSH_CALLER_SAVED": [f"    push {r}" for r in _CALLER_SAVED],
+    "POP_CALLER_SAVED": [f"    pop {r}" for r in reversed(_CALLER_SAVED)],
+}
 
 _KS = Ks(KS_ARCH_X86, KS_MODE_64)
 _CS = Cs(CS_ARCH_X86, CS_MODE_64)

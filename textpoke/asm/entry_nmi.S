@@ -3,25 +3,9 @@
 # naive: save what the handler clobbers, run it, iretq. A nested NMI (possible as soon as any iretq
 # ran inside the handler, e.g. an int3's) restarts at the same IST top and overwrites this frame.
 SYM_FUNC_START(nmi_entry_naive)
-    push rax
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push r8
-    push r9
-    push r10
-    push r11
+    PUSH_CALLER_SAVED
     call nmi_handler
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rax
+    POP_CALLER_SAVED
     jmp nmi_iret
 SYM_FUNC_END(nmi_entry_naive)
 

@@ -7,15 +7,7 @@
 #               an NMI between the compare and the store sets LATCHED, and the store then loses it
 #   DEC       exit with a decrement: EXECUTING -> 0 done, LATCHED -> EXECUTING rerun (Linux today)
 SYM_FUNC_START(nmi_entry_latch{V})
-    push rax
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push r8
-    push r9
-    push r10
-    push r11
+    PUSH_CALLER_SAVED
     cmp qword ptr gs:[PCPU_NMI_STATE], 0
     je .Lfirst
     mov qword ptr gs:[PCPU_NMI_STATE], 2        # LATCHED: the running handler will run again
@@ -47,14 +39,6 @@ SYM_INNER_LABEL(nmi_latch_window{V})
 ?DEC    dec qword ptr gs:[PCPU_NMI_STATE]
 ?DEC    jnz .Lrestart
 .Lout:
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rax
+    POP_CALLER_SAVED
     jmp nmi_iret
 SYM_FUNC_END(nmi_entry_latch{V})

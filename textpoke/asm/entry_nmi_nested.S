@@ -80,26 +80,10 @@ SYM_INNER_LABEL(repeat_nmi_copy{V})
     sub rsp, 40                         # T-136
 SYM_INNER_LABEL(end_repeat_nmi{V})
     push -1                             # orig_ax
-    push rax
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push r8
-    push r9
-    push r10
-    push r11
+    PUSH_CALLER_SAVED
     cld
     call nmi_handler
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rax
+    POP_CALLER_SAVED
     add rsp, 48                         # orig_ax and the outermost frame: RSP = T-96, the iret frame
     std                                 # marks the exit window for the RSP check
     mov qword ptr [rsp+40], 0           # "NMI executing" = 0

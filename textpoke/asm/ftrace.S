@@ -1,7 +1,8 @@
-# The ftrace trampolines an enabled site calls. Each counts the call per CPU and per traced function;
-# the function is found from the return address (site + 5), since traced functions sit at a fixed
-# stride from TRACED_BASE.
-SYM_FUNC_START(ftrace_caller)
+# The ftrace trampolines an enabled site calls (a template, expanded once per tracer: "" is
+# ftrace_caller, "_alt" is ftrace_caller_alt, a second tracer to retarget enabled sites to, as ftrace
+# switches between trampolines). Each counts the call per CPU and per traced function; the function
+# is found from the return address (site + 5), since traced functions sit at a fixed stride.
+SYM_FUNC_START(ftrace_caller{V})
     push rax
     push rdx
     mov rax, qword ptr [rsp+16]
@@ -10,26 +11,10 @@ SYM_FUNC_START(ftrace_caller)
     shr rax, FN_SHIFT
     cmp rax, NR_TRACED
     jae .Lout
-    inc qword ptr gs:[PCPU_FT_COUNT+rax*8]
+?MAIN    inc qword ptr gs:[PCPU_FT_COUNT+rax*8]
+?ALT    inc qword ptr gs:[PCPU_FT_ALT_COUNT+rax*8]
 .Lout:
     pop rdx
     pop rax
     ret
-SYM_FUNC_END(ftrace_caller)
-
-# A second tracer to retarget enabled sites to (as ftrace switches between trampolines).
-SYM_FUNC_START(ftrace_caller_alt)
-    push rax
-    push rdx
-    mov rax, qword ptr [rsp+16]
-    mov rdx, TRACED_BASE_PLUS_5
-    sub rax, rdx
-    shr rax, FN_SHIFT
-    cmp rax, NR_TRACED
-    jae .Lout
-    inc qword ptr gs:[PCPU_FT_ALT_COUNT+rax*8]
-.Lout:
-    pop rdx
-    pop rax
-    ret
-SYM_FUNC_END(ftrace_caller_alt)
+SYM_FUNC_END(ftrace_caller{V})
