@@ -54,12 +54,14 @@ def read_refs(machine) -> int:
     return machine.read_u64(BP_DESC)
 
 
-def drop_ref(machine) -> None:
-    """The patcher's atomic decrement of its own reference."""
+def drop_ref(machine) -> bool:
+    """The patcher's atomic decrement of its own reference. False when refs was already 0: only a
+    corrupted kernel (a handler that dropped a reference it never took) gets there; refs stays 0."""
     refs = read_refs(machine)
     if refs == 0:
-        raise ConfigError("bp_desc is not published")
+        return False
     machine.write(BP_DESC, struct.pack("<Q", refs - 1))
+    return True
 
 
 assert struct.calcsize("<QQBB14x") == BP_ENTRY_SIZE

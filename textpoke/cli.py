@@ -479,6 +479,44 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
+    """Which traced sites the NMI entries and the #BP handler can reach (direct calls and jumps)."""
+    from .callgraph import build_callgraph, reachable_sites
+    from .image import BP_ENTRIES, NMI_CHOICES, NMI_ENTRIES
+
+    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    g = build_callgraph(kernel)
+    table = Table(title=f"traced sites reachable from each entry ({len(kernel.sites)} traced functions)")
+    table.add_column("entry")
+    table.add_column("reachable traced sites")
+    for name in NMI_CHOICES:
+        sym = NMI_ENTRIES[name][0]
+        sites = reachable_sites(g, sym)
+        table.add_row(f"NMI {name} ({sym})", ", ".join(f"{n} {a:#x}" for n, a in sites.items()) or "none")
+    for mode, sym in BP_ENTRIES.items():
+        sites = reachable_sites(g, sym)
+        table.add_row(f"#BP {mode} ({sym})", ", ".join(sites) or "none")
+    workload_only = sorted(set(kernel.sites) - set(reachable_sites(g, "nmi_handler")))
+    out.print(table)
+    out.print(f"called only by the workloads (through computed calls): {len(workload_only)} sites")
+    if args.dot:
+        _write_dot(g, args.dot)
+        out.print(f"wrote {args.dot}")
+    return 0
+
+
+def _write_dot(g, path: Path) -> None:
+    lines = ["digraph kernel {"]
+    for n, d in g.nodes(data=True):
+        shape = "box" if d.get("traced") else "ellipse"
+        lines.append(f'  "{n}" [shape={shape}];')
+    for a, b, d in g.edges(data=True):
+        style = "dashed" if d.get("kind") == "jump" else "solid"
+        lines.append(f'  "{a}" -> "{b}" [style={style}];')
+    lines.append("}")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="textpoke",
@@ -549,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--markdown", type=Path, default=None)
     lat.add_argument("--quiet", action="store_true")
     lat.set_defaults(func=cmd_latency)
+
+    cg = sub.add_parser("callgraph", help="traced sites reachable from the NMI entries and the #BP handler")
+    cg.add_argument("--functions", type=_positive, default=32, help="traced functions in the kernel")
+    cg.add_argument("--dot", type=Path, default=None, help="write the call graph in Graphviz dot form")
+    cg.set_defaults(func=cmd_callgraph)
 
     rep = sub.add_parser("replay", help="rerun one seed and print its annotated trace")
     rep.add_argument("seed", type=_nonneg)

@@ -244,8 +244,7 @@ def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
         FN_SHIFT=FN_SHIFT,
         TRACED_BASE=traced_base,
         TRACED_BASE_PLUS_5=traced_base + 5,
-        NMI_FUNCS_MASK=cfg.nmi_funcs - 1,
-        NMI_FUNCS_HALF=cfg.nmi_funcs // 2,
+        NMI_FUNCS_HALF_MASK=cfg.nmi_funcs // 2 - 1,
         IRQ_STACK_SIZE=0x4000,
         NMI_STACK_SIZE=0x1000,
         KERNEL_CS=0x10,
@@ -303,7 +302,11 @@ def parse_units(source: str, filename: str) -> list[Unit]:
     return units
 
 
-def _substitute(body: str, values: dict[str, int], unit: str, own: tuple[str, ...] = ()) -> str:
+def _substitute(
+    body: str, values: dict[str, int], unit: str, own: tuple[str, ...] = (), macros: dict[str, list[str]] | None = None
+) -> str:
+    macros = MACROS if macros is None else macros
+
     def repl(m: re.Match[str]) -> str:
         w = m.group(0)
         if w == unit:
@@ -317,9 +320,9 @@ def _substitute(body: str, values: dict[str, int], unit: str, own: tuple[str, ..
 
     out = []
     for line in body.splitlines():
-        macro = MACROS.get(line.strip())
+        macro = macros.get(line.strip())
         if macro is not None:
-            out.extend(macro)
+            out.extend(_WORD.sub(repl, m) if not m.lstrip().startswith(".byte") else m for m in macro)
             continue
         # keep label definitions and directives intact, substitute words elsewhere
         out.append(_WORD.sub(repl, line))
@@ -334,6 +337,30 @@ MACROS: dict[str, list[str]] = {
     "PUSH_CALLER_SAVED": [f"    push {r}" for r in _CALLER_SAVED],
     "POP_CALLER_SAVED": [f"    pop {r}" for r in reversed(_CALLER_SAVED)],
 }
+
+
+def _callback_chain(name: str, first: int, count: int) -> list[str]:
+    """Count the call in NMI_CALLS, then call fn_{first + rbx} through direct calls only."""
+    out = [f"    inc qword ptr gs:[PCPU_NMI_CALLS+{8 * first}+rbx*8]"]
+    for i in range(count - 1):
+        out += [
+            f"    cmp rbx, {i}",
+            f"    jne .L{name}_{i + 1}",
+            f"    call fn_{first + i:03d}",
+            f"    jmp .L{name}_done",
+            f".L{name}_{i + 1}:",
+        ]
+    out += [f"    call fn_{first + count - 1:03d}", f".L{name}_done:"]
+    return out
+
+
+def _macros(cfg: KernelConfig) -> dict[str, list[str]]:
+    half = cfg.nmi_funcs // 2
+    return MACROS | {
+        "NMI_CALLBACKS_LOW": _callback_chain("nmilow", 0, half),
+        "NMI_CALLBACKS_HIGH": _callback_chain("nmihigh", half, half),
+    }
+
 
 _KS = Ks(KS_ARCH_X86, KS_MODE_64)
 _CS = Cs(CS_ARCH_X86, CS_MODE_64)
@@ -408,6 +435,10 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
     far = TEXT_VA + 0x40000000
     placeholder = dict.fromkeys(names, far)
     consts_far = _constants(config, far)
+    macros = _macros(config)
+
+    def subst(u: Unit, values: dict[str, int]) -> str:
+        return _substitute(u.body, values, u.name, u.inner, macros)
 
     # pass 1: sizes (references to other units take their longest encodings)
     addr = TEXT_VA
@@ -415,11 +446,11 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
     for u in fixed:
         addr = _align(addr, u.align)
         starts[u.name] = addr
-        addr += len(_assemble(u, _substitute(u.body, placeholder | consts_far, u.name, u.inner), addr))
+        addr += len(_assemble(u, subst(u, placeholder | consts_far), addr))
     addr = _align(addr, 1 << FN_SHIFT)
     for u in traced:
         starts[u.name] = addr
-        size = len(_assemble(u, _substitute(u.body, placeholder | consts_far, u.name), addr))
+        size = len(_assemble(u, subst(u, placeholder | consts_far), addr))
         if size > 1 << FN_SHIFT:
             raise ImageError(f"{u.name} is {size} bytes; traced functions must fit in {1 << FN_SHIFT}")
         addr += 1 << FN_SHIFT
@@ -433,7 +464,7 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
         values = starts | inner | consts
         found = {}
         for u in units:
-            found.update(_inner_labels(u, _substitute(u.body, values, u.name, u.inner), starts[u.name]))
+            found.update(_inner_labels(u, subst(u, values), starts[u.name]))
         if found == inner:
             break
         inner = found
@@ -444,7 +475,7 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
     sizes: dict[str, int] = {}
     order = list(starts.items())
     for idx, (unit, (name, start)) in enumerate(zip(units, order, strict=True)):
-        code = _assemble(unit, _substitute(unit.body, values, name, unit.inner), start)
+        code = _assemble(unit, subst(unit, values), start)
         limit = order[idx + 1][1] if idx + 1 < len(order) else end
         if start + len(code) > limit:
             raise ImageError(f"{name} grew between passes ({len(code)} bytes)")

@@ -13,6 +13,7 @@ syncs, ipis, int3_hits, and who the patcher waited for longest
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from cpus import CostModel, Machine, MachineConfig, SnoopModel
 
 from .image import KernelConfig, Percpu, build_kernel
 from .metrics import StallMeter
-from .patcher import Patcher
+from .patcher import NmiReachableWarning, Patcher
 
 __all__ = ["LatencyConfig", "LatencyRow", "measure"]
 
@@ -93,7 +94,9 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     patcher = Patcher(m, kernel, timeout=2_000_000_000)
     m.run(cfg.warmup)
     meter.reset()
-    report = patcher.enable_ftrace(sites, protocol=cfg.protocol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NmiReachableWarning)  # no NMIs in latency runs
+        report = patcher.enable_ftrace(sites, protocol=cfg.protocol)
     m.run(2_000)  # let the last handlers return
     others = [c for c in range(cfg.cpus) if c != mc.patcher_cpu]
     stalls = [meter.stall.get(c, 0) for c in others]

@@ -17,6 +17,7 @@ Rules
 from __future__ import annotations
 
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,7 +40,14 @@ from .protocols import (
     build,
 )
 
-__all__ = ["PatchError", "PatchReport", "Patcher", "SyncRecord"]
+__all__ = ["NMI_UNSAFE_PROTOCOLS", "NmiReachableWarning", "PatchError", "PatchReport", "Patcher", "SyncRecord"]
+
+#: protocols during which an NMI can execute a site while it is being written
+NMI_UNSAFE_PROTOCOLS = frozenset({"stop-machine", "naive-bytes", "naive-atomic"})
+
+
+class NmiReachableWarning(UserWarning):
+    """A protocol that is not NMI-safe was asked to patch a site the NMI handler can reach."""
 
 
 class PatchError(TextpokeError, ValueError):
@@ -167,6 +175,21 @@ class Patcher:
                 _decode_for_int3(r)
         return tuple(requests)
 
+    def _warn_nmi_reachable(self, reqs: Sequence[PatchRequest], protocol: str) -> None:
+        from .callgraph import build_callgraph, reachable_sites
+
+        text = self.m.read(self.m.text_lo, self.m.text_hi - self.m.text_lo)
+        reach = reachable_sites(build_callgraph(self.kernel, text), "nmi_handler")
+        hit = sorted(name for name, site in reach.items() if any(r.site == site for r in reqs))
+        if hit:
+            warnings.warn(
+                NmiReachableWarning(
+                    f"{protocol} is not NMI-safe, and the NMI handler can reach {', '.join(hit)}: an NMI may "
+                    "execute a site while it is being written"
+                ),
+                stacklevel=3,
+            )
+
     # ------------------------------------------------------------------------------------------
     # Operations users expect
     # ------------------------------------------------------------------------------------------
@@ -219,6 +242,8 @@ class Patcher:
         if self._busy:
             raise PatchError("an operation is already in progress (text_mutex is held)")
         reqs = self.validate(requests, protocol)
+        if protocol in NMI_UNSAFE_PROTOCOLS:
+            self._warn_nmi_reachable(reqs, protocol)
         try:
             steps = build(protocol, reqs, mutation)
         except ValueError as err:
@@ -279,7 +304,8 @@ class Patcher:
             elif isinstance(step, Sync):
                 yield from self._sync(step.label, Percpu.IPI_COUNT, Vector.IPI, report)
             elif isinstance(step, Withdraw):
-                bpdesc.drop_ref(m)
+                if not bpdesc.drop_ref(m):
+                    m.trace.add((self._now(), self.cpu, "refs-corrupt", "bp_desc refs already 0 at withdrawal"))
                 yield WaitUntil(lambda: bpdesc.read_refs(m) == 0, "bp_desc refs")
             elif isinstance(step, Rendezvous):
                 m.write(STOP_STATE, struct.pack("<Q", 1))

@@ -15,19 +15,16 @@ SYM_FUNC_START(nmi_iret)
 SYM_FUNC_END(nmi_iret)
 
 # The NMI handler body (exc_nmi's work): perf/watchdog callbacks that call traced functions, part of
-# it on this CPU's second (irq) stack, as real handlers may switch stacks.
+# it on this CPU's second (irq) stack, as real handlers may switch stacks. NMI_CALLBACKS_LOW/HIGH
+# expand to a chain of direct calls (so the call graph sees them), one taken per run: the lower half
+# of the NMI's functions on the NMI stack, the upper half on the irq stack.
 SYM_FUNC_START(nmi_handler)
     push rbx
     cld
     inc qword ptr gs:[PCPU_NMI_COUNT]
     mov rbx, qword ptr gs:[PCPU_NMI_COUNT]
-    and rbx, NMI_FUNCS_MASK
-    inc qword ptr gs:[PCPU_NMI_CALLS+rbx*8]
-    mov rax, rbx
-    shl rax, FN_SHIFT
-    mov rcx, TRACED_BASE
-    add rax, rcx
-    call rax
+    and rbx, NMI_FUNCS_HALF_MASK
+    NMI_CALLBACKS_LOW                   # one of fn_000 .. : direct calls, picked by rbx
     # switch to the irq stack unless already on it, and call another traced function there
     mov rax, rsp
     mov rcx, qword ptr gs:[PCPU_IRQ_STACK_TOP]
@@ -40,13 +37,7 @@ SYM_FUNC_START(nmi_handler)
     mov rsp, rcx
 .Lstay:
     push rax
-    xor rbx, NMI_FUNCS_HALF
-    inc qword ptr gs:[PCPU_NMI_CALLS+rbx*8]
-    mov rax, rbx
-    shl rax, FN_SHIFT
-    mov rcx, TRACED_BASE
-    add rax, rcx
-    call rax
+    NMI_CALLBACKS_HIGH                  # one of the upper half, on the irq stack
     pop rax
     mov rsp, rax
     pop rbx
