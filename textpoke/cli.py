@@ -479,6 +479,20 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace, out: Console) -> int:
+    """Every interleaving of a small configuration: a protocol, or an NMI entry."""
+    from .explore import explore, explore_nmi
+
+    if args.nmi:
+        result = explore_nmi(args.nmi, nmis=args.nmis, fred=args.fred)
+    else:
+        if not 1 <= args.cpus <= 3 or not 1 <= args.sites <= 2:
+            raise ConfigError("the explorer takes 1 to 3 workload CPUs (--cpus) and 1 or 2 sites (--sites)")
+        result = explore(args.protocol, args.mutation, args.cpus, args.sites, max_states=args.max_states)
+    out.print(result.report(), markup=False, highlight=False)
+    return 1 if args.strict and not result.safe else 0
+
+
 def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
     """Which traced sites the NMI entries and the #BP handler can reach (direct calls and jumps)."""
     from .callgraph import build_callgraph, reachable_sites
@@ -587,6 +601,26 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--markdown", type=Path, default=None)
     lat.add_argument("--quiet", action="store_true")
     lat.set_defaults(func=cmd_latency)
+
+    from .explore import NESTED_FLAGS
+    from .protocols import MUTATIONS
+
+    ex = sub.add_parser("explore", help="every interleaving of a small configuration, and shortest counterexamples")
+    ex.add_argument("--protocol", choices=list(PROTOCOLS), default="bp")
+    ex.add_argument("--mutation", choices=list(MUTATIONS), default=None)
+    ex.add_argument("--cpus", type=_positive, default=2, help="workload CPUs (1 to 3)")
+    ex.add_argument("--sites", type=_positive, default=1, help="sites (1 or 2)")
+    ex.add_argument("--max-states", type=_positive, default=200_000, help="the bound")
+    ex.add_argument(
+        "--nmi",
+        choices=["naive", *NESTED_FLAGS, "latch-cmpxchg", "latch-cmpxchg386", "latch-dec"],
+        default=None,
+        help="explore this NMI entry instead of a protocol",
+    )
+    ex.add_argument("--nmis", type=_positive, default=3, help="NMIs that may arrive (with --nmi)")
+    ex.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking (with --nmi)")
+    ex.add_argument("--strict", action="store_true", help="exit 1 when an unsafe state is reachable")
+    ex.set_defaults(func=cmd_explore)
 
     cg = sub.add_parser("callgraph", help="traced sites reachable from the NMI entries and the #BP handler")
     cg.add_argument("--functions", type=_positive, default=32, help="traced functions in the kernel")

@@ -1,0 +1,550 @@
+"""Exhaustive exploration of small configurations: every interleaving, as a state graph.
+
+Random seeds find failures; this proves their absence for a small configuration (a patcher, one or
+two workload CPUs, one or two sites) by enumerating every interleaving of:
+
+* the patcher's protocol steps -- the very step sequences of `textpoke.protocols`, mutations included;
+* each workload CPU executing a site (with what its decoded copy holds), trapping on an int3 and
+  returning from the handler, taking a sync IPI, entering and leaving the stop_machine stopper;
+* each text write reaching each CPU's decoded copy on its own (byte-granular snoops), as the
+  machine's coherence model does.
+
+It is a faithful *abstract* model of the same steps, not the emulator: Unicorn context save/restore
+could snapshot a machine, but a state would then be megabytes of CPU and memory state in which the
+interleavings that matter (which write reached which copy, who has serialized) are buried among
+millions of irrelevant instruction-level differences; the abstract state keeps exactly those, so the
+graph stays small enough to be complete. The rules are the ones the machine and the oracle use
+(`cpus.coherence`, `textpoke.oracle`), and the tests check that the explorer's verdicts agree with the
+random sweeps on the emulator.
+
+The state graph is a networkx DiGraph; a violation is reported with the shortest path to it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from .image import FTRACE_NOP
+from .protocols import (
+    INT3_PROTOCOLS,
+    PatchRequest,
+    Poke,
+    Publish,
+    Release,
+    Rendezvous,
+    Step,
+    Sync,
+    Withdraw,
+    build,
+)
+
+__all__ = ["ExploreResult", "explore"]
+
+INT3 = 0xCC
+# modes of a workload CPU
+RUN, TRAP, STOPPED = "run", "int3", "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    mode: str
+    copies: tuple  # per site: None, or (bytes, frozenset of step indices of writes not yet snooped)
+    dirty: frozenset  # sites whose tail changed since this CPU last serialized
+    ipi: bool  # a sync IPI is pending
+    stop: bool  # a stopper IPI is pending
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    pc: int  # next protocol step
+    waiting: frozenset  # CPUs the patcher waits for (sync, rendezvous, release)
+    published: bool  # the #BP descriptors are live
+    released: bool  # stop_machine released the stopped CPUs
+    mem: tuple  # bytes of each site
+    workers: tuple
+    violation: str | None = None
+
+
+@dataclass
+class ExploreResult:
+    protocol: str
+    mutation: str | None
+    cpus: int
+    sites: int
+    states: int
+    transitions: int
+    complete: bool  # False when the state bound cut the exploration
+    violations: dict[str, list[str]] = field(default_factory=dict)  # class -> shortest path (labels)
+    graph: nx.DiGraph | None = None
+    scope: str = ""  # what was explored, for the report
+
+    @property
+    def safe(self) -> bool:
+        return not self.violations
+
+    def report(self) -> str:
+        scope = self.scope or f"{self.cpus} workload CPU(s), {self.sites} site(s)"
+        head = (
+            f"{self.protocol}{' + ' + self.mutation if self.mutation else ''}: {scope}: "
+            f"{self.states} states, {self.transitions} transitions"
+            + ("" if self.complete else " (bound reached: not complete)")
+        )
+        if self.safe:
+            return head + "\nno unsafe state is reachable" + ("" if self.complete else " within the bound")
+        out = [head]
+        for kind, path in self.violations.items():
+            out.append(f"\nshortest path to {kind} ({len(path)} steps):")
+            out += [f"  {i + 1:>3}. {label}" for i, label in enumerate(path)]
+        return "\n".join(out)
+
+
+class _Model:
+    def __init__(self, steps: tuple[Step, ...], requests: tuple[PatchRequest, ...], ncpus: int, skip: bool) -> None:
+        self.steps = steps
+        self.reqs = requests
+        self.sites = [r.site for r in requests]
+        self.ncpus = ncpus
+        self.skip = skip
+
+    def site_name(self, i: int) -> str:
+        return f"site{i}"
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _index(self, site: int) -> int:
+        return self.sites.index(site)
+
+    def initial(self) -> State:
+        mem = tuple(r.old for r in self.reqs)
+        w = Worker(RUN, tuple((r.old, frozenset()) for r in self.reqs), frozenset(), False, False)
+        return State(0, frozenset(), False, False, mem, (w,) * self.ncpus)
+
+    @staticmethod
+    def _serialize(w: Worker) -> Worker:
+        copies = tuple(None if c is not None and c[1] else c for c in w.copies)
+        return Worker(w.mode, copies, frozenset(), w.ipi, w.stop)
+
+    def _set(self, s: State, i: int, w: Worker, **kw) -> State:
+        workers = (*s.workers[:i], w, *s.workers[i + 1 :])
+        return State(
+            kw.get("pc", s.pc),
+            kw.get("waiting", s.waiting),
+            kw.get("published", s.published),
+            kw.get("released", s.released),
+            kw.get("mem", s.mem),
+            workers,
+            kw.get("violation"),
+        )
+
+    # -- transitions -----------------------------------------------------------------------------
+    def successors(self, s: State) -> Iterator[tuple[str, State]]:
+        if s.violation:
+            return
+        yield from self._patcher(s)
+        for i, w in enumerate(s.workers):
+            yield from self._worker(s, i, w)
+
+    def _patcher(self, s: State) -> Iterator[tuple[str, State]]:
+        if s.pc >= len(self.steps) or s.waiting:
+            return
+        step = self.steps[s.pc]
+        nxt = s.pc + 1
+        if isinstance(step, Publish):
+            yield "cpu0: publishes the #BP descriptors", State(nxt, s.waiting, True, s.released, s.mem, s.workers)
+        elif isinstance(step, Poke):
+            k = self._index(step.site)
+            old = s.mem[k]
+            new = bytearray(old)
+            new[step.offset : step.offset + len(step.data)] = step.data
+            new_b = bytes(new)
+            mem = (*s.mem[:k], new_b, *s.mem[k + 1 :])
+            tail_changed = new_b[1:] != old[1:]
+            workers = []
+            for w in s.workers:
+                copies = list(w.copies)
+                c = copies[k]
+                if c is not None:
+                    copies[k] = (c[0], c[1] | {s.pc})
+                dirty = w.dirty | {k} if tail_changed else w.dirty
+                workers.append(Worker(w.mode, tuple(copies), dirty, w.ipi, w.stop))
+            label = f"cpu0: writes {step.data.hex(' ')} at {self.site_name(k)}+{step.offset} ({step.phase})"
+            yield label, State(nxt, s.waiting, s.published, s.released, mem, tuple(workers))
+        elif isinstance(step, Sync):
+            workers = tuple(Worker(w.mode, w.copies, w.dirty, True, w.stop) for w in s.workers)
+            yield (
+                f"cpu0: sends the sync IPIs ({step.label}) and waits",
+                State(nxt, frozenset(range(len(workers))), s.published, s.released, s.mem, workers),
+            )
+        elif isinstance(step, Withdraw):
+            if all(w.mode != TRAP for w in s.workers):
+                yield "cpu0: withdraws the descriptors", State(nxt, s.waiting, False, s.released, s.mem, s.workers)
+        elif isinstance(step, Rendezvous):
+            workers = tuple(Worker(w.mode, w.copies, w.dirty, w.ipi, True) for w in s.workers)
+            yield (
+                "cpu0: wakes every stopper and waits",
+                State(nxt, frozenset(range(len(workers))), s.published, False, s.mem, workers),
+            )
+        elif isinstance(step, Release):
+            yield (
+                "cpu0: releases the stopped CPUs and waits for them to leave",
+                State(nxt, frozenset(range(len(s.workers))), s.published, True, s.mem, s.workers),
+            )
+
+    def _worker(self, s: State, i: int, w: Worker) -> Iterator[tuple[str, State]]:
+        cpu = f"cpu{i + 1}"
+        done = s.pc >= len(self.steps) and not s.waiting
+        if w.mode == RUN:
+            for k in range(len(self.sites)):
+                c = w.copies[k]
+                code = c[0] if c is not None else s.mem[k]
+                copies = w.copies if c is not None else (*w.copies[:k], (s.mem[k], frozenset()), *w.copies[k + 1 :])
+                w2 = Worker(w.mode, copies, w.dirty, w.ipi, w.stop)
+                label = f"{cpu}: executes {self.site_name(k)}: {code.hex(' ')}"
+                verdict = self._judge(s, w2, k, code, done)
+                if verdict == "int3":
+                    trapped = self._serialize(Worker(TRAP, copies, w.dirty, w.ipi, w.stop))
+                    yield label + " -> int3 trap (serializing)", self._set(s, i, trapped)
+                elif verdict:
+                    yield label, self._set(s, i, w2, violation=verdict)
+                elif c is None:
+                    yield label + " (decodes it now)", self._set(s, i, w2)
+            if w.ipi:
+                w2 = self._serialize(Worker(RUN, w.copies, w.dirty, False, w.stop))
+                yield (
+                    f"{cpu}: takes the sync IPI (serializes) and acknowledges",
+                    self._set(s, i, w2, waiting=s.waiting - {i}),
+                )
+            if w.stop:
+                w2 = self._serialize(Worker(STOPPED, w.copies, w.dirty, w.ipi, False))
+                yield f"{cpu}: enters the stopper and acknowledges", self._set(s, i, w2, waiting=s.waiting - {i})
+        elif w.mode == TRAP:
+            w2 = self._serialize(Worker(RUN, w.copies, w.dirty, w.ipi, w.stop))
+            yield f"{cpu}: returns from the int3 handler (iretq, serializing)", self._set(s, i, w2)
+        elif w.mode == STOPPED and s.released:
+            w2 = self._serialize(Worker(RUN, w.copies, w.dirty, w.ipi, w.stop))
+            yield f"{cpu}: leaves the stopper (cpuid, serializing)", self._set(s, i, w2, waiting=s.waiting - {i})
+        # snoops: a write reaches this CPU's copy
+        for k, c in enumerate(w.copies):
+            if c is None:
+                continue
+            for wid in sorted(c[1]):
+                step = self.steps[wid]
+                code = bytearray(c[0])
+                lo, hi = step.offset, step.offset + len(step.data)
+                code[lo:hi] = s.mem[k][lo:hi]
+                copies = (*w.copies[:k], (bytes(code), c[1] - {wid}), *w.copies[k + 1 :])
+                w2 = Worker(w.mode, copies, w.dirty, w.ipi, w.stop)
+                what = f"the write of step {wid + 1} reaches its copy of {self.site_name(k)}"
+                yield f"{cpu}: {what}: {bytes(code).hex(' ')}", self._set(s, i, w2)
+
+    def _judge(self, s: State, w: Worker, k: int, code: bytes, done: bool) -> str | None:
+        r = self.reqs[k]
+        if code[0] == INT3:
+            return "int3" if s.published else "unhandled-int3"
+        legal = (r.old, r.new)
+        if code not in legal:
+            return "torn-fetch"
+        if k in w.dirty:
+            return "unsynced-modification"
+        if done and code != r.new:
+            return "stale-after-completion"
+        return None
+
+
+def explore(
+    protocol: str = "bp",
+    mutation: str | None = None,
+    cpus: int = 2,
+    sites: int = 1,
+    max_states: int = 200_000,
+    keep_graph: bool = False,
+) -> ExploreResult:
+    """Explore every interleaving of `protocol` enabling ftrace on `sites` sites while `cpus`
+    workload CPUs execute them (plus the patcher). Breadth first, so the first path found to each
+    violation class is a shortest one."""
+    if not 1 <= cpus <= 3:
+        raise ValueError("the explorer takes 1 to 3 workload CPUs")
+    if not 1 <= sites <= 2:
+        raise ValueError("the explorer takes 1 or 2 sites")
+    target = 0xFFFFFFFF81001000
+    reqs = []
+    for i in range(sites):
+        site = 0xFFFFFFFF81002000 + 64 * i
+        rel = (target - (site + 5)).to_bytes(4, "little", signed=True)
+        reqs.append(PatchRequest(site, FTRACE_NOP, b"\xe8" + rel))
+    steps = build(protocol, reqs, mutation)
+    model = _Model(steps, tuple(sorted(reqs, key=lambda r: r.site)), cpus, skip=False)
+    start = model.initial()
+    parent: dict[State, tuple[State, str] | None] = {start: None}
+    graph = nx.DiGraph() if keep_graph else None
+    queue = deque([start])
+    transitions = 0
+    violations: dict[str, list[str]] = {}
+    complete = True
+    while queue:
+        s = queue.popleft()
+        for label, t in model.successors(s):
+            transitions += 1
+            if graph is not None:
+                graph.add_edge(s, t, label=label)
+            if t in parent:
+                continue
+            if len(parent) >= max_states:
+                complete = False
+                continue
+            parent[t] = (s, label)
+            if t.violation:
+                if t.violation not in violations:
+                    path = []
+                    node = t
+                    while parent[node] is not None:
+                        prev, lab = parent[node]  # type: ignore[misc]
+                        path.append(lab)
+                        node = prev
+                    violations[t.violation] = [*reversed(path), f"=> {t.violation}"]
+                continue
+            queue.append(t)
+    return ExploreResult(protocol, mutation, cpus, sites, len(parent), transitions, complete, violations, graph)
+
+
+def int3_protocol(protocol: str) -> bool:
+    return protocol in INT3_PROTOCOLS
+
+
+# ------------------------------------------------------------------------------------------------
+# NMI entries: every interleaving of NMI arrivals with the steps of one CPU's NMI entry
+# ------------------------------------------------------------------------------------------------
+#: nested-safe entry variants -> the checks they keep (see textpoke/asm/entry_nmi_nested.S)
+NESTED_FLAGS = {
+    "nested-safe": frozenset({"RIP", "VAR", "RSP", "SAVED"}),
+    "nested-no-rsp-check": frozenset({"RIP", "VAR", "SAVED"}),
+    "nested-no-variable": frozenset({"RIP", "RSP", "SAVED"}),
+    "nested-hw-frame": frozenset({"RIP", "VAR", "RSP"}),
+    "nested-no-rip-check": frozenset({"VAR", "RSP", "SAVED"}),
+}
+#: phases of the outer NMI on the nested-safe entry, in order; a nested NMI can arrive between any two
+_PHASES = (
+    "first",  # first_nmi: "executing" = 0, copy the hardware frame to the outermost frame
+    "repeat",  # repeat_nmi: "executing" = 1
+    "copy1",  # first half of the iret frame copied
+    "copy2",  # second half copied: end_repeat_nmi, the handler starts
+    "handler",  # handler on the NMI stack (an int3 here returns with iretq: NMIs unblocked)
+    "irqstack",  # handler on the irq stack (same)
+    "exit",  # std; "executing" = 0
+    "window",  # the exit window: before the final iretq
+)
+_ON_NMI_STACK = frozenset({"first", "repeat", "copy1", "copy2", "handler", "exit", "window"})
+_IN_TRAMPOLINE = frozenset({"repeat", "copy1", "copy2"})
+
+
+@dataclass(frozen=True, slots=True)
+class NmiState:
+    phase: str  # "none" (the interrupted context C1), or one of _PHASES; latch entries: their own
+    blocked: bool  # NMIs blocked by hardware
+    latched: bool  # one NMI latched by hardware
+    left: int  # NMIs still to arrive (the bound)
+    hw: str  # what the hardware frame slot holds: "C1", or "C2" (a nested NMI's frame)
+    outermost: str  # "C1", "C2" or "-"
+    iret: tuple  # the two halves of the iret frame: "C1", "repeat", "C2" or "-"
+    var: int  # "NMI executing", or the i386 nmi_state
+    uncovered: bool  # an NMI arrived since the handler last started
+    violation: str | None = None
+
+
+def _nmi_successors(s: NmiState, entry: str, fred: bool) -> Iterator[tuple[str, NmiState]]:
+    if s.violation:
+        return
+    latch = entry.startswith("latch")
+    # an NMI arrives
+    if s.left:
+        if s.blocked:
+            if not s.latched:
+                yield "an NMI arrives while NMIs are blocked: latched", _r(s, latched=True, left=s.left - 1)
+        else:
+            yield from _nmi_arrives(_r(s, left=s.left - 1), entry)
+    if latch:
+        yield from _latch_steps(s, entry, fred)
+        return
+    p = s.phase
+    if p == "none":
+        return
+    flags = NESTED_FLAGS.get(entry, frozenset())
+    if entry == "naive":
+        if p == "handler":
+            if not fred:
+                yield "the handler hits an int3; its iretq unblocks NMIs", _r(s, blocked=False)
+            yield "the handler ends; iretq returns through the hardware frame", _ret(s, s.hw, fred)
+        return
+    nxt = _PHASES[_PHASES.index(p) + 1] if p != "window" else None
+    if p == "first":
+        yield (
+            "first_nmi: executing = 0, copy the hardware frame to the outermost frame",
+            _r(s, phase="repeat", outermost=s.hw, var=0),
+        )
+    elif p == "repeat":
+        yield "repeat_nmi: executing = 1", _r(s, phase="copy1", var=1)
+    elif p in ("copy1", "copy2"):
+        src = s.outermost if "SAVED" in flags else s.hw
+        half = 0 if p == "copy1" else 1
+        iret = (src, s.iret[1]) if half == 0 else (s.iret[0], src)
+        what = "outermost" if "SAVED" in flags else "hardware"
+        done = " (the handler starts)" if p == "copy2" else ""
+        yield (
+            f"repeat_nmi copies half {half + 1} of the {what} frame into the iret frame{done}",
+            _r(s, phase=nxt, iret=iret, uncovered=s.uncovered and p != "copy2"),
+        )
+    elif p in ("handler", "irqstack"):
+        if not fred and s.blocked:
+            yield (
+                f"the handler ({'irq' if p == 'irqstack' else 'NMI'} stack) hits an int3; its iretq unblocks NMIs",
+                _r(s, blocked=False),
+            )
+        yield ("the handler switches to the irq stack" if p == "handler" else "the handler returns"), _r(s, phase=nxt)
+    elif p == "exit":
+        yield "std; executing = 0", _r(s, phase="window", var=0)
+    elif p == "window":
+        if s.iret == ("repeat", "repeat"):
+            t = _r(s, phase="repeat", blocked=False if not fred else s.blocked)
+            yield "the final iretq lands in repeat_nmi: the handler runs again", _deliver_latched(t, entry)
+        else:
+            yield "the final iretq", _ret(s, s.iret[0] if s.iret[0] == s.iret[1] else "mixed", fred)
+
+
+def _nmi_arrives(s: NmiState, entry: str) -> Iterator[tuple[str, NmiState]]:
+    """An NMI is delivered: hardware blocks NMIs and writes its frame; then the entry decides."""
+    if s.phase == "none":
+        if entry == "naive":  # the handler starts at once
+            yield "an NMI interrupts the workload (C1)", _r(s, phase="handler", blocked=True, hw="C1", uncovered=False)
+            return
+        first = "l_entry" if entry.startswith("latch") else "first"
+        yield "an NMI interrupts the workload (C1)", _r(s, phase=first, blocked=True, hw="C1", uncovered=True)
+        return
+    s = _r(s, blocked=True, hw="C2", uncovered=True)
+    if entry == "naive":
+        yield "a nested NMI: the hardware overwrites the outer NMI's frame on the IST stack", s
+        return
+    if entry.startswith("latch"):
+        if s.var != 0:
+            yield (
+                "a nested NMI on the interrupted stack: state was not NOT_RUNNING, set LATCHED and return",
+                _r(s, var=2, blocked=False),
+            )
+        else:  # it runs the whole handler itself on top of the outer one, and returns
+            yield (
+                "a nested NMI finds NOT_RUNNING: it runs the handler itself and returns",
+                _r(s, blocked=False, uncovered=False),
+            )
+        return
+    flags = NESTED_FLAGS[entry]
+    p = s.phase
+    if "RIP" in flags and p in _IN_TRAMPOLINE:
+        yield f"a nested NMI inside repeat_nmi ({p}): returns at once", _r(s, blocked=False)
+        return
+    nested = ("VAR" in flags and s.var == 1) or (
+        "RSP" in flags and p in _ON_NMI_STACK and p in ("exit", "window")  # DF is set only there
+    )
+    if nested:
+        iret = ("repeat", "repeat")
+        label = f"a nested NMI ({p}): points the iret frame at repeat_nmi and returns"
+        yield label, _deliver_latched(_r(s, iret=iret, blocked=False), entry)
+        return
+    yield (
+        f"a nested NMI ({p}) is taken for a first NMI: it copies its own frame over the outer one's",
+        _r(s, violation="nmi-corruption"),
+    )
+
+
+def _deliver_latched(s: NmiState, entry: str) -> NmiState:
+    if not s.blocked and s.latched:
+        s = _r(s, latched=False)
+        for _, t in _nmi_arrives(s, entry):
+            return t
+    return s
+
+
+def _ret(s: NmiState, target: str, fred: bool) -> NmiState:
+    """The outermost return: it must land in C1, and every NMI since the handler started must
+    have been handled."""
+    if target != "C1":
+        return _r(s, violation="nmi-corruption")
+    if s.uncovered:
+        return _r(s, violation="lost-nmi")
+    return _r(s, phase="none", blocked=False, hw="-", outermost="-", iret=("-", "-"), var=0)
+
+
+def _latch_steps(s: NmiState, entry: str, fred: bool) -> Iterator[tuple[str, NmiState]]:
+    p = s.phase
+    if p == "l_entry":
+        yield "nmi_state = EXECUTING; the handler starts", _r(s, phase="l_handler", var=1, uncovered=False)
+    elif p == "l_handler":
+        if not fred and s.blocked:
+            yield "the handler hits an int3; its iretq unblocks NMIs", _r(s, blocked=False)
+        if entry == "latch-cmpxchg386":
+            if s.var == 2:
+                yield (
+                    "exit: interrupts off, the compare sees LATCHED: the handler runs again",
+                    _r(s, phase="l_handler", var=1, uncovered=False),
+                )
+            else:
+                yield "exit: interrupts off, load nmi_state, compare: EXECUTING", _r(s, phase="l_store")
+        else:
+            how = "dec" if entry == "latch-dec" else "cmpxchg(EXECUTING -> NOT_RUNNING)"
+            if s.var == 2:
+                yield (
+                    f"exit: {how} finds LATCHED: the handler runs again",
+                    _r(s, phase="l_handler", var=1, uncovered=False),
+                )
+            else:
+                yield f"exit: {how}: NOT_RUNNING", _ret(_r(s, var=0), "C1", fred)
+    elif p == "l_store":  # the compare is done: the store happens whatever nmi_state is now
+        yield "exit: store NOT_RUNNING, interrupts back on, return", _ret(_r(s, var=0), "C1", fred)
+
+
+def _r(s: NmiState, **kw) -> NmiState:
+    d = {f: getattr(s, f) for f in NmiState.__slots__}
+    d.update(kw)
+    return NmiState(**d)
+
+
+def explore_nmi(entry: str = "nested-safe", nmis: int = 3, fred: bool = False) -> ExploreResult:
+    """Every interleaving of up to `nmis` NMI arrivals with the steps of one CPU's NMI entry, where
+    the handler may hit an int3 (a site being patched) whose iretq unblocks NMIs."""
+    if entry not in ("naive", *NESTED_FLAGS, "latch-cmpxchg", "latch-cmpxchg386", "latch-dec"):
+        raise ValueError(f"unknown NMI entry {entry!r}")
+    start = NmiState("none", False, False, nmis, "-", "-", ("-", "-"), 0, False)
+    parent: dict[NmiState, tuple[NmiState, str] | None] = {start: None}
+    queue = deque([start])
+    transitions = 0
+    violations: dict[str, list[str]] = {}
+    while queue:
+        s = queue.popleft()
+        for label, t in _nmi_successors(s, entry, fred):
+            transitions += 1
+            if t in parent:
+                continue
+            parent[t] = (s, label)
+            if t.violation:
+                if t.violation not in violations:
+                    path, node = [], t
+                    while parent[node] is not None:
+                        prev, lab = parent[node]  # type: ignore[misc]
+                        path.append(lab)
+                        node = prev
+                    violations[t.violation] = [*reversed(path), f"=> {t.violation}"]
+                continue
+            queue.append(t)
+    label = entry + (" (FRED)" if fred else "")
+    return ExploreResult(
+        f"NMI entry {label}",
+        None,
+        1,
+        0,
+        len(parent),
+        transitions,
+        True,
+        violations,
+        scope=f"one CPU, up to {nmis} NMIs, the handler may hit int3s",
+    )
