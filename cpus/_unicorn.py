@@ -294,9 +294,6 @@ class Engine:
         """Translate the block at `address` from current memory now (the CPU "decodes" it)."""
         self.uc.ctl_request_cache(address)
 
-    def flush_decoded(self) -> None:
-        self.uc.ctl_flush_tb()
-
 
 def pack_frame(rip: int, cs: int, rflags: int, rsp: int, ss: int) -> bytes:
     """The five-word frame event delivery pushes, lowest address first."""

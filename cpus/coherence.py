@@ -178,6 +178,3 @@ class FetchCoherence:
         if c.missing:
             self.stale_count[site] -= 1
             self.stale_sites[cpu].discard(site)
-
-    def holds_stale(self, cpu: int) -> bool:
-        return bool(self.stale_sites[cpu])

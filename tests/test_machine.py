@@ -251,3 +251,12 @@ def test_sixty_four_cpus_run(make_machine):
 def test_bad_configuration_is_named(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         MachineConfig(**kwargs)
+
+
+def test_call_at_runs_at_the_exact_cycle(make_machine):
+    """Timed callbacks land on the instruction boundary of their cycle (quanta are cut for them)."""
+    m = make_machine(cpus=2, seed=9)
+    seen = []
+    m.call_at(1, 12_345, lambda mach, cpu: seen.append(cpu.clock))
+    m.run(30_000)
+    assert seen == [12_345]

@@ -30,7 +30,6 @@ import networkx as nx
 
 from .image import FTRACE_NOP
 from .protocols import (
-    INT3_PROTOCOLS,
     PatchRequest,
     Poke,
     Publish,
@@ -308,10 +307,6 @@ def explore(
                 continue
             queue.append(t)
     return ExploreResult(protocol, mutation, cpus, sites, len(parent), transitions, complete, violations, graph)
-
-
-def int3_protocol(protocol: str) -> bool:
-    return protocol in INT3_PROTOCOLS
 
 
 # ------------------------------------------------------------------------------------------------

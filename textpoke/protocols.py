@@ -29,7 +29,7 @@ call -> call retarget keeps its opcode but not its tail, so it still has all thr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 __all__ = [
     "INT3_PROTOCOLS",
@@ -254,7 +254,3 @@ def describe_steps(steps: Sequence[Step], names: Callable[[int], str] = hex) -> 
         else:
             out.append(type(s).__name__.lower())
     return out
-
-
-def with_phase(step: Poke, phase: str) -> Poke:
-    return replace(step, phase=phase)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
@@ -257,7 +257,3 @@ def drain(m: Machine, limit: int = 400_000) -> bool:
         m.write(m.layout.percpu_va(c.index) + Percpu.LOOP_LIMIT, struct.pack("<Q", loops + 1))
     m.run(limit, stop_when=lambda: all(not c.runnable for c in workers))
     return all(c.halted for c in workers)
-
-
-def with_seed_fields(sc: Scenario, **changes: Any) -> Scenario:
-    return replace(sc, **changes)

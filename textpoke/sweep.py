@@ -11,7 +11,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,7 +158,7 @@ def sweep(
         ex = executor or ProcessPoolExecutor(max_workers=jobs or os.cpu_count())
         try:
             futures = [ex.submit(run_one, sc, s) for s in seeds]
-            for f in _as_completed(futures):
+            for f in as_completed(futures):
                 r = f.result()
                 out.results.append(r)
                 if progress:
@@ -168,9 +168,3 @@ def sweep(
                 ex.shutdown(cancel_futures=True)
     out.results.sort(key=lambda r: r.seed)
     return out
-
-
-def _as_completed(futures):
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
