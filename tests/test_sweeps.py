@@ -113,3 +113,16 @@ def test_latency_command_writes_json_markdown_and_plots(tmp_path):
 def test_latency_refuses_bad_input(argv, message):
     r = cli(*argv)
     assert r.returncode == 2 and message in " ".join(r.stderr.split())
+
+
+def test_the_command_line_does_not_need_pytest():
+    """`pip install .` has no pytest: a sweep with failing seeds must still print its replay line."""
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"
+        "from textpoke.cli import main\n"
+        "sys.exit(main(['safety', '--protocol', 'naive-atomic', '--sites', '4', '--seeds', '2', '--jobs', '1',"
+        " '--quiet']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "replay: textpoke replay 0 --protocol naive-atomic" in " ".join(r.stdout.split())

@@ -123,7 +123,7 @@ def make_scenario(args: argparse.Namespace):
 
 
 def _replay_command(args: argparse.Namespace, seed: int) -> str:
-    from .pytest_plugin import replay_command
+    from .scenario import replay_command
 
     return replay_command(make_scenario(args), seed)
 

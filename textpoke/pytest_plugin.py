@@ -27,28 +27,9 @@ from cpus import Machine, MachineConfig
 from .image import KernelImage, build_kernel
 from .oracle import SafetyOracle
 from .patcher import Patcher
-from .scenario import Outcome, Scenario, run_scenario
+from .scenario import Outcome, Scenario, replay_command, run_scenario
 
 __all__ = ["replay_command"]
-
-
-def replay_command(sc: Scenario, seed: int) -> str:
-    """The `textpoke replay` command line that reruns this scenario and seed."""
-    parts = ["textpoke replay", str(seed), f"--protocol {sc.protocol}", f"--int3 {sc.int3}"]
-    parts += [f"--cpus {sc.cpus}", f"--sites {sc.sites}", f"--operation {sc.operation}"]
-    if sc.mutation:
-        parts.append(f"--mutation {sc.mutation}")
-    if sc.nmi != "none":
-        parts.append(f"--nmi {sc.nmi} --nmi-rate {sc.nmi_rate}")
-        if sc.nmi_aim:
-            parts.append(f"--nmi-aim {sc.nmi_aim}")
-    if sc.fred:
-        parts.append("--fred")
-    if sc.quantum != Scenario().quantum:
-        parts.append(f"--quantum {sc.quantum}")
-    if sc.irqoff_len:
-        parts.append(f"--irqoff {sc.irqoff_len}")
-    return " ".join(parts)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from .oracle import SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .protocols import MUTATIONS, PROTOCOLS
 
-__all__ = ["OPERATIONS", "Outcome", "Scenario", "run_scenario"]
+__all__ = ["OPERATIONS", "Outcome", "Scenario", "replay_command", "run_scenario"]
 
 #: what a scenario does to the sites
 OPERATIONS = {
@@ -222,6 +222,25 @@ def run_scenario(
         "nmi_handler_runs": oracle.nmi_counts["handler_runs"],
     }
     return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
+
+
+def replay_command(sc: Scenario, seed: int) -> str:
+    """The `textpoke replay` command line that reruns this scenario and seed."""
+    parts = ["textpoke replay", str(seed), f"--protocol {sc.protocol}", f"--int3 {sc.int3}"]
+    parts += [f"--cpus {sc.cpus}", f"--sites {sc.sites}", f"--operation {sc.operation}"]
+    if sc.mutation:
+        parts.append(f"--mutation {sc.mutation}")
+    if sc.nmi != "none":
+        parts.append(f"--nmi {sc.nmi} --nmi-rate {sc.nmi_rate}")
+        if sc.nmi_aim:
+            parts.append(f"--nmi-aim {sc.nmi_aim}")
+    if sc.fred:
+        parts.append("--fred")
+    if sc.quantum != Scenario().quantum:
+        parts.append(f"--quantum {sc.quantum}")
+    if sc.irqoff_len:
+        parts.append(f"--irqoff {sc.irqoff_len}")
+    return " ".join(parts)
 
 
 def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> None:
