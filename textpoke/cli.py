@@ -184,6 +184,12 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
         f"traced-call accounting exact in {exact} of {result.seeds}; "
         f"{result.seeds / dt:.2f} seeds/s ({dt:.1f} s)"
     )
+    if sc.nmi != "none":
+        out.print(
+            f"NMIs: {data['nmi_delivered']} delivered, {data['nmi_nested']} nested (in "
+            f"{data['seeds_with_nested_nmi']} seeds), {data['nmi_repeated']} repeats, "
+            f"{data['nmi_latched']} latched and {data['nmi_dropped']} dropped by hardware"
+        )
     if result.failing:
         out.print(
             "failing seeds: " + " ".join(map(str, result.failing[:40])) + (" ..." if len(result.failing) > 40 else "")

@@ -32,6 +32,10 @@ class SeedResult:
     ipis: tuple[int, ...]
     int3_hits: int
     nmi_delivered: int
+    nmi_nested: int
+    nmi_repeated: int
+    nmi_latched: int
+    nmi_dropped: int
     first: dict[str, str]  # class -> one-line description of its first violation
 
     @property
@@ -60,6 +64,10 @@ def run_one(sc: Scenario, seed: int) -> SeedResult:
         ipis=tuple(r.ipis for r in out.reports),
         int3_hits=v.stats.get("int3_hits", 0),
         nmi_delivered=v.stats.get("nmi_delivered", 0),
+        nmi_nested=v.stats.get("nmi_nested", 0),
+        nmi_repeated=v.stats.get("nmi_repeated", 0),
+        nmi_latched=v.stats.get("nmi_latched", 0),
+        nmi_dropped=v.stats.get("nmi_dropped", 0),
         first=first,
     )
 
@@ -129,6 +137,11 @@ class SweepResult:
             "mean_latency_cycles": _mean([x for r in self.results for x in r.latencies]),
             "int3_hits": sum(r.int3_hits for r in self.results),
             "nmi_delivered": sum(r.nmi_delivered for r in self.results),
+            "nmi_nested": sum(r.nmi_nested for r in self.results),
+            "nmi_repeated": sum(r.nmi_repeated for r in self.results),
+            "nmi_latched": sum(r.nmi_latched for r in self.results),
+            "nmi_dropped": sum(r.nmi_dropped for r in self.results),
+            "seeds_with_nested_nmi": sum(1 for r in self.results if r.nmi_nested),
         }
 
 
