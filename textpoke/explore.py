@@ -253,6 +253,38 @@ class _Model:
         return None
 
 
+def _search(start, successors, max_states: int = 200_000, graph: nx.DiGraph | None = None):
+    """Breadth-first search of the state graph from `start`: (states, transitions, complete,
+    violations), where violations maps each class to the labels of a shortest path reaching it.
+    States that violate are not expanded further."""
+    parent: dict = {start: None}
+    queue = deque([start])
+    transitions = 0
+    violations: dict[str, list[str]] = {}
+    complete = True
+    while queue:
+        s = queue.popleft()
+        for label, t in successors(s):
+            transitions += 1
+            if graph is not None:
+                graph.add_edge(s, t, label=label)
+            if t in parent:
+                continue
+            if len(parent) >= max_states:
+                complete = False
+                continue
+            parent[t] = (s, label)
+            if not t.violation:
+                queue.append(t)
+            elif t.violation not in violations:
+                path, node = [], t
+                while parent[node] is not None:
+                    node, lab = parent[node]
+                    path.append(lab)
+                violations[t.violation] = [*reversed(path), f"=> {t.violation}"]
+    return len(parent), transitions, complete, violations
+
+
 def explore(
     protocol: str = "bp",
     mutation: str | None = None,
@@ -276,37 +308,9 @@ def explore(
         reqs.append(PatchRequest(site, FTRACE_NOP, b"\xe8" + rel))
     steps = build(protocol, reqs, mutation)
     model = _Model(steps, tuple(sorted(reqs, key=lambda r: r.site)), cpus, skip=False)
-    start = model.initial()
-    parent: dict[State, tuple[State, str] | None] = {start: None}
     graph = nx.DiGraph() if keep_graph else None
-    queue = deque([start])
-    transitions = 0
-    violations: dict[str, list[str]] = {}
-    complete = True
-    while queue:
-        s = queue.popleft()
-        for label, t in model.successors(s):
-            transitions += 1
-            if graph is not None:
-                graph.add_edge(s, t, label=label)
-            if t in parent:
-                continue
-            if len(parent) >= max_states:
-                complete = False
-                continue
-            parent[t] = (s, label)
-            if t.violation:
-                if t.violation not in violations:
-                    path = []
-                    node = t
-                    while parent[node] is not None:
-                        prev, lab = parent[node]  # type: ignore[misc]
-                        path.append(lab)
-                        node = prev
-                    violations[t.violation] = [*reversed(path), f"=> {t.violation}"]
-                continue
-            queue.append(t)
-    return ExploreResult(protocol, mutation, cpus, sites, len(parent), transitions, complete, violations, graph)
+    states, transitions, complete, violations = _search(model.initial(), model.successors, max_states, graph)
+    return ExploreResult(protocol, mutation, cpus, sites, states, transitions, complete, violations, graph)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -510,36 +514,16 @@ def explore_nmi(entry: str = "nested-safe", nmis: int = 3, fred: bool = False) -
     if entry not in ("naive", *NESTED_FLAGS, "latch-cmpxchg", "latch-cmpxchg386", "latch-dec"):
         raise ValueError(f"unknown NMI entry {entry!r}")
     start = NmiState("none", False, False, nmis, "-", "-", ("-", "-"), 0, False)
-    parent: dict[NmiState, tuple[NmiState, str] | None] = {start: None}
-    queue = deque([start])
-    transitions = 0
-    violations: dict[str, list[str]] = {}
-    while queue:
-        s = queue.popleft()
-        for label, t in _nmi_successors(s, entry, fred):
-            transitions += 1
-            if t in parent:
-                continue
-            parent[t] = (s, label)
-            if t.violation:
-                if t.violation not in violations:
-                    path, node = [], t
-                    while parent[node] is not None:
-                        prev, lab = parent[node]  # type: ignore[misc]
-                        path.append(lab)
-                        node = prev
-                    violations[t.violation] = [*reversed(path), f"=> {t.violation}"]
-                continue
-            queue.append(t)
+    states, transitions, complete, violations = _search(start, lambda st: _nmi_successors(st, entry, fred))
     label = entry + (" (FRED)" if fred else "")
     return ExploreResult(
         f"NMI entry {label}",
         None,
         1,
         0,
-        len(parent),
+        states,
         transitions,
-        True,
+        complete,
         violations,
         scope=f"one CPU, up to {nmis} NMIs, the handler may hit int3s",
     )
