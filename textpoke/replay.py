@@ -216,7 +216,8 @@ def replay(
     if limit and lines > limit:
         out.print(f"... {lines - limit} more lines (--limit 0 shows all, --out FILE writes all)")
     for r in outcome.reports:
-        out.print(f"operation: {len(r.requests)} sites, {r.latency} cycles, {len(r.syncs)} syncs, {r.ipis} IPIs")
+        hung = f" -- hung, still waiting for {r.hung}" if r.hung else ""
+        out.print(f"operation: {len(r.requests)} sites, {r.latency} cycles, {len(r.syncs)} syncs, {r.ipis} IPIs{hung}")
     out.print(v.summary())
     if timeline is not None:
         from .report import plot_timeline
