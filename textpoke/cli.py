@@ -8,7 +8,6 @@ the problem; nothing was patched).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,24 +24,21 @@ from .image import KernelConfig, Percpu, build_kernel
 __all__ = ["main"]
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+def _at_least(low: int, words: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} {words}")
+        return v
+
+    return parse
 
 
-def _nonneg(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
-    return v
+_positive = _at_least(1, "must be at least 1")
+_nonneg = _at_least(0, "must be >= 0")
 
 
 def cmd_machine(args: argparse.Namespace, out: Console) -> int:
@@ -287,9 +283,9 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
 def cmd_run(args: argparse.Namespace, out: Console) -> int:
     """The default scenario: each protocol and NMI entry, a verdict table and a per-CPU timeline."""
     import json
-    from concurrent.futures import ProcessPoolExecutor
 
     from .demo import DEFAULT_ROWS, run_demo
+    from .executors import executor
     from .report import plot_timeline
 
     t0 = time.perf_counter()
@@ -298,17 +294,13 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         "NMIs on cpu1-3; ftrace enabled then disabled on every site. seed "
         f"{args.seed}"
     )
-    jobs = args.jobs or os.cpu_count() or 1
     with out.status("running the scenarios...") as status:
 
         def tick(row) -> None:
             status.update(f"done: {row.label}")
 
-        if jobs > 1:
-            with ProcessPoolExecutor(max_workers=jobs) as ex:
-                rows = run_demo(args.seed, ex, tick)
-        else:
-            rows = run_demo(args.seed, None, tick)
+        with executor(args.jobs) as ex:
+            rows = run_demo(args.seed, ex, tick)
     table = Table(title="verdicts and costs (cycles)")
     for col in ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested"):
         table.add_column(col, justify="left" if col in ("scenario", "verdict") else "right")

@@ -102,12 +102,11 @@ class ExploreResult:
 
 
 class _Model:
-    def __init__(self, steps: tuple[Step, ...], requests: tuple[PatchRequest, ...], ncpus: int, skip: bool) -> None:
+    def __init__(self, steps: tuple[Step, ...], requests: tuple[PatchRequest, ...], ncpus: int) -> None:
         self.steps = steps
         self.reqs = requests
         self.sites = [r.site for r in requests]
         self.ncpus = ncpus
-        self.skip = skip
 
     def site_name(self, i: int) -> str:
         return f"site{i}"
@@ -307,7 +306,7 @@ def explore(
         rel = (target - (site + 5)).to_bytes(4, "little", signed=True)
         reqs.append(PatchRequest(site, FTRACE_NOP, b"\xe8" + rel))
     steps = build(protocol, reqs, mutation)
-    model = _Model(steps, tuple(sorted(reqs, key=lambda r: r.site)), cpus, skip=False)
+    model = _Model(steps, tuple(sorted(reqs, key=lambda r: r.site)), cpus)
     graph = nx.DiGraph() if keep_graph else None
     states, transitions, complete, violations = _search(model.initial(), model.successors, max_states, graph)
     return ExploreResult(protocol, mutation, cpus, sites, states, transitions, complete, violations, graph)

@@ -8,13 +8,13 @@ the result does not depend on the executor or on the order in which seeds finish
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
+from .executors import executor as make_executor
 from .oracle import CLASSES
 from .scenario import Scenario, run_scenario
 
@@ -156,28 +156,26 @@ def sweep(
     jobs: int | None = None,
     progress: Callable[[SeedResult], None] | None = None,
 ) -> SweepResult:
-    """Run `sc` for every seed. With no executor: a process pool of `jobs` workers (default: all
-    cores), or in this process when jobs == 1."""
-    seeds = list(seeds)
+    """Run `sc` for every seed on `executor`; with none, on `textpoke.executors.executor(jobs)`: a
+    process pool of `jobs` workers (default: all cores), or this process when that is one."""
+    if executor is None:
+        with make_executor(jobs) as ex:
+            return _sweep(sc, list(seeds), ex, progress)
+    return _sweep(sc, list(seeds), executor, progress)
+
+
+def _sweep(
+    sc: Scenario, seeds: list[int], ex: Executor | None, progress: Callable[[SeedResult], None] | None
+) -> SweepResult:
     out = SweepResult(sc)
-    if executor is None and (jobs or os.cpu_count() or 1) <= 1:
-        for s in seeds:
-            r = run_one(sc, s)
-            out.results.append(r)
-            if progress:
-                progress(r)
-    else:
-        own = executor is None
-        ex = executor or ProcessPoolExecutor(max_workers=jobs or os.cpu_count())
-        try:
-            futures = [ex.submit(run_one, sc, s) for s in seeds]
-            for f in as_completed(futures):
-                r = f.result()
-                out.results.append(r)
-                if progress:
-                    progress(r)
-        finally:
-            if own:
-                ex.shutdown(cancel_futures=True)
+    results = (
+        (run_one(sc, s) for s in seeds)
+        if ex is None
+        else (f.result() for f in as_completed([ex.submit(run_one, sc, s) for s in seeds]))
+    )
+    for r in results:
+        out.results.append(r)
+        if progress:
+            progress(r)
     out.results.sort(key=lambda r: r.seed)
     return out
