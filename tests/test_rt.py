@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from itertools import pairwise
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_lateness_is_the_entry_cost_when_nothing_interferes(make_machine):
     assert all(0 <= x <= CostModel().event_entry + 8 for x in lateness), lateness
     assert overruns(m, 1) == 0
     # the task kept its own schedule: one period between consecutive expiries
-    assert {b.expected - a.expected for a, b in zip(samples, samples[1:], strict=False)} == {4_000}
+    assert {b.expected - a.expected for a, b in pairwise(samples)} == {4_000}
 
 
 def test_lateness_covers_the_rest_of_an_irqoff_section(make_machine):
@@ -133,6 +134,6 @@ def test_percpu_variables_do_not_overlap():
     spans = sorted(
         (v, v + arrays.get(k, 8), k) for k, v in vars(Percpu).items() if k.isupper() and isinstance(v, int)
     )
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+    for (_, end, a), (start, _, b) in pairwise(spans):
         assert end <= start, f"per-CPU variables {a} and {b} overlap"
     assert spans[-1][1] <= 0x4000  # the per-CPU area is 16 KiB

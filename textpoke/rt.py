@@ -81,15 +81,17 @@ def overruns(m: Machine, cpu: int) -> int:
     return m.percpu(cpu, Percpu.RT_OVERRUNS)
 
 
-def read_samples(m: Machine, cpu: int, since: int = 0) -> list[RtSample]:
-    """The samples `cpu`'s task recorded after its first `since` (oldest first); an error when the
-    ring no longer holds them all."""
+def read_samples(m: Machine, cpu: int, since: int = 0, strict: bool = True) -> list[RtSample]:
+    """The samples `cpu`'s task recorded after its first `since` (oldest first). When the ring no
+    longer holds them all: an error, or (`strict=False`) the ones it still holds."""
     count = recorded(m, cpu)
     if count - since > RT_RING_SIZE:
-        raise ConfigError(
-            f"cpu{cpu}'s RT task recorded {count - since} samples, more than its ring of {RT_RING_SIZE}: "
-            "use a longer period"
-        )
+        if strict:
+            raise ConfigError(
+                f"cpu{cpu}'s RT task recorded {count - since} samples, more than its ring of {RT_RING_SIZE}: "
+                "use a longer period"
+            )
+        since = count - RT_RING_SIZE
     base = m.layout.percpu_va(cpu) + Percpu.RT_RING
     out = []
     for n in range(since, count):
