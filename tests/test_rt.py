@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
+import sys
 from itertools import pairwise
 
 import pytest
@@ -137,3 +140,28 @@ def test_percpu_variables_do_not_overlap():
     for (_, end, a), (start, _, b) in pairwise(spans):
         assert end <= start, f"per-CPU variables {a} and {b} overlap"
     assert spans[-1][1] <= 0x4000  # the per-CPU area is 16 KiB
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "textpoke.cli", *argv], capture_output=True, text=True)
+
+
+def test_latency_command_reports_interruptions_and_lateness(tmp_path):
+    out = tmp_path / "lat.json"
+    r = _cli(
+        "latency", "--protocols", "bp-batch", "stop-machine", "--cpus", "3", "--sites", "4", "--seeds", "1",
+        "--jobs", "1", "--quiet", "--out", str(tmp_path), "--json", str(out), "--rt-period", "3000",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = {s["protocol"]: s for s in json.loads(out.read_text())["summary"]}
+    for s in summary.values():
+        assert s["rt_samples"] > 0 and s["rt_lateness_p50"] <= s["rt_lateness_p99"] <= s["rt_lateness_max"]
+    stop, bp = summary["stop-machine"], summary["bp-batch"]
+    assert stop["max_interruption_cycles"] > 10 * bp["max_interruption_cycles"]
+    assert stop["rt_lateness_max"] > 10 * bp["rt_lateness_max"]
+    assert "worst interruption" in r.stdout and (tmp_path / "rt.png").stat().st_size > 10_000
+
+
+def test_latency_command_refuses_the_patcher_as_rt_cpu():
+    r = _cli("latency", "--cpus", "2", "--rt-cpus", "0")
+    assert r.returncode == 2 and "patcher" in r.stderr
