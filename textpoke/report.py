@@ -197,7 +197,23 @@ def plot_rt(rows: Sequence[dict[str, Any]], path: Path, title: str = "what a rea
         ax.legend(fontsize=7)
     ax.set_xlabel("lateness (cycles)")
     ax.set_title("RT task wake-ups during the operation, every run", fontsize=10)
-    axes[1][2].axis("off")
+    ax = axes[1][2]
+    worst = pooled("max_interruption_cycles", "cpus", "sites")
+    cpus = sorted({c for protocol, c in worst if protocol in ("stop-machine", "bp-batch")})
+    for c in cpus:
+        stop, bp = worst.get(("stop-machine", c), {}), worst.get(("bp-batch", c), {})
+        xs = sorted(set(stop) & set(bp))
+        if xs:
+            ax.plot(xs, [stop[x] / max(bp[x], 1) for x in xs], "o-", label=f"{c} CPUs", markersize=4)
+    if ax.lines:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sites patched in one operation")
+        ax.set_title("worst interruption, stop_machine / batched text_poke_bp", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    else:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
