@@ -115,6 +115,8 @@ def engine_error_name(errno: int) -> str:
 CodeHook = Callable[[int, int], None]  # (address, instruction size)
 IntrHook = Callable[[int], None]  # (interrupt number)
 CpuidHook = Callable[[], bool]
+#: `uint32_t (*)(uc_engine *, void *)`: Unicorn's callback type for cpuid, rdtsc and rdtscp hooks
+_INSN_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
 
 
 class Engine:
@@ -230,6 +232,46 @@ class Engine:
             return callback()
 
         self.uc.hook_add(UC_HOOK_INSN, trampoline, None, 1, 0, x86.UC_X86_INS_CPUID)
+
+    def hook_tsc(self, read: Callable[[], int], aux: int) -> None:
+        """Make `rdtsc` and `rdtscp` return `read()` (and `rdtscp` also `aux` in ecx, as TSC_AUX).
+
+        Unicorn's own rdtsc reads host time, so two identical runs would see different values. The
+        Python binding only hooks in/out/syscall/cpuid; the library hooks rdtsc too, so this goes
+        through ctypes. Costs nothing until one of them executes."""
+
+        def make(with_aux: bool) -> object:
+            def on_rdtsc(_h: object, _k: object) -> int:
+                try:
+                    value = read() & (2**64 - 1)
+                    self._reg_write(x86.UC_X86_REG_RAX, value & 0xFFFFFFFF)
+                    self._reg_write(x86.UC_X86_REG_RDX, value >> 32)
+                    if with_aux:
+                        self._reg_write(x86.UC_X86_REG_RCX, aux & 0xFFFFFFFF)
+                except BaseException as err:
+                    if self.hook_error is None:
+                        self.hook_error = err
+                    uclib.uc_emu_stop(self._uch)
+                return 1  # skip Unicorn's own implementation
+
+            return _INSN_CFUNC(on_rdtsc)
+
+        for insn, with_aux in ((x86.UC_X86_INS_RDTSC, False), (x86.UC_X86_INS_RDTSCP, True)):
+            fptr = make(with_aux)
+            handle = uc_hook_h()
+            status = uclib.uc_hook_add(
+                self._uch,
+                ctypes.byref(handle),
+                UC_HOOK_INSN,
+                fptr,
+                ctypes.c_void_p(0),
+                ctypes.c_uint64(1),
+                ctypes.c_uint64(0),
+                ctypes.c_int(insn),
+            )
+            if status:
+                raise UcError(status)
+            self._callbacks[handle.value] = fptr
 
     # -- execution ------------------------------------------------------------------------------
     def run(self, rip: int, until: int, count: int) -> RunStop | None:

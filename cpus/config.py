@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .coherence import SnoopModel
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_QUANTUM", "MAX_CPUS", "CostModel", "MachineConfig", "NmiSource"]
+__all__ = ["DEFAULT_QUANTUM", "MAX_CPUS", "CostModel", "MachineConfig", "NmiSource", "TimerSource"]
 
 #: Each CPU is a Unicorn instance (about 3 MiB resident, 16 MiB of reserved code buffer).
 MAX_CPUS = 128
@@ -69,6 +69,38 @@ class NmiSource:
 
 
 @dataclass(frozen=True, slots=True)
+class TimerSource:
+    """A periodic timer on a set of CPUs: the local APIC timer in periodic mode.
+
+    Each target CPU's timer raises the maskable interrupt `vector` every `period` cycles exactly (it
+    counts a crystal clock: no jitter), from a first expiry drawn from the run's seed in
+    [start, start + period). The interrupt waits while IF=0 like any other; an expiry while the
+    vector is still pending merges with it (the APIC has one request bit per vector).
+
+    `resolution` is a measuring aid, not hardware: while an expiry waits for IF=1, the machine ends
+    that CPU's quanta at least every `resolution` cycles, so the moment the interrupt is finally
+    taken (inside a quantum, at a `popfq` or an `iretq`) is stamped at most that many cycles early.
+    """
+
+    name: str = "apic-timer"
+    period: int = 10_000
+    cpus: tuple[int, ...] | None = None  # None: every CPU but the patcher
+    start: int = 0
+    vector: int = 0xEC  # LOCAL_TIMER_VECTOR
+    resolution: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("period", "resolution"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"timer {self.name!r}: {name} must be a positive integer of cycles, got {v!r}")
+        if not isinstance(self.start, int) or self.start < 0:
+            raise ConfigError(f"timer {self.name!r}: start must be >= 0")
+        if not 32 <= self.vector <= 255:
+            raise ConfigError(f"timer {self.name!r}: vector must be an external interrupt vector (32-255)")
+
+
+@dataclass(frozen=True, slots=True)
 class MachineConfig:
     cpus: int = 4
     seed: int = 0
@@ -82,6 +114,7 @@ class MachineConfig:
     #: FRED-style NMI unblocking: only the return from the NMI's own frame unblocks NMIs
     fred: bool = False
     nmi_sources: tuple[NmiSource, ...] = ()
+    timer_sources: tuple[TimerSource, ...] = ()
     costs: CostModel = field(default_factory=CostModel)
     patcher_cpu: int = 0
     #: keep every trace record in memory (the hash is always computed)
@@ -111,8 +144,12 @@ class MachineConfig:
             for c in src.cpus or ():
                 if not 0 <= c < self.cpus:
                     raise ConfigError(f"NMI source {src.name!r} targets CPU {c}, which does not exist")
+        for t in self.timer_sources:
+            for c in t.cpus or ():
+                if not 0 <= c < self.cpus:
+                    raise ConfigError(f"timer {t.name!r} targets CPU {c}, which does not exist")
 
-    def nmi_targets(self, src: NmiSource) -> tuple[int, ...]:
+    def nmi_targets(self, src: NmiSource | TimerSource) -> tuple[int, ...]:
         if src.cpus is not None:
             return src.cpus
         return tuple(c for c in range(self.cpus) if c != self.patcher_cpu)

@@ -53,6 +53,7 @@ from .delivery import (
 )
 from .disasm import describe, insn_length
 from .errors import AgentTimeout, ConfigError, SimulatorBug
+from .timer import start_timers
 from .trace import Trace
 
 __all__ = [
@@ -284,6 +285,7 @@ class Machine:
         for cpu in self.cpus:
             self._boot(cpu)
         self._start_nmi_sources()
+        start_timers(self)
 
     # ----------------------------------------------------------------------------------------
     # Boot
@@ -305,6 +307,7 @@ class Machine:
         eng.hook_interrupts(self._intr_hook(cpu))
         eng.hook_invalid_insn(lambda: self._crash(cpu, "exception #UD (invalid opcode)", cpu.engine.rip()))
         eng.hook_cpuid(self._cpuid_hook(cpu))
+        eng.hook_tsc(cpu.now, aux=i)  # a deterministic TSC: the CPU's cycle clock
         eng.set_rsp(lay.kstack_top(i))
         eng.set_rflags(0x202)
         for name, value in self.image.boot_regs(i, self.config.seed).items():
@@ -504,6 +507,22 @@ class Machine:
                 arg(self, cpu)
         if cpu.crash is None and cpu.pending and cpu.agent is None and cpu.engine.rflags() & RFLAGS_IF:
             self._deliver_pending_irq(cpu, cpu.engine.rip())
+
+    def raise_irq(self, cpu_index: int, vector: int, source: str = "irq") -> None:
+        """A maskable interrupt (a timer's) reaches `cpu_index`'s interrupt controller now; it stays
+        pending until IF=1. Call it from a `call_at` callback: the event loop then delivers it at
+        that very instruction boundary when IF is already 1."""
+        cpu = self.cpus[cpu_index]
+        merged = vector in cpu.pending
+        cpu.pending.add(vector)
+        if_on = self.irq_enabled(cpu_index)
+        self.trace.add((cpu.now(), cpu_index, "irq-arrive", vector, source, if_on, merged))
+        if not if_on and not cpu.popf_hooks and self.image.popf_sites:
+            self._watch_popf(cpu, True)
+
+    def irq_enabled(self, cpu_index: int) -> bool:
+        """IF of `cpu_index` now (between quanta, or from a hook of that CPU)."""
+        return bool(self.cpus[cpu_index].engine.rflags() & RFLAGS_IF)
 
     def set_rip(self, cpu_index: int, rip: int) -> None:
         """Point a CPU somewhere else (tests and fault injection)."""

@@ -370,6 +370,8 @@ LATENCY_METRICS = (
     "ipis",
     "int3_hits",
 )
+#: the real-time columns: worst over CPUs and seeds, and lateness percentiles pooled over seeds
+RT_METRICS = ("max_interruption_cycles", "rt_lateness_p50", "rt_lateness_p99", "rt_lateness_max")
 
 
 def cmd_latency(args: argparse.Namespace, out: Console) -> int:
@@ -381,9 +383,9 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
 
     from .costs import load_costs
     from .executors import executor
-    from .latency import LatencyConfig, measure
+    from .latency import LatencyConfig, measure, rt_cpus_for, rt_summary
     from .protocols import PROTOCOLS
-    from .report import markdown_table, plot_latency
+    from .report import markdown_table, plot_latency, plot_rt
 
     costs = load_costs(args.config, args.cost)
     for p in args.protocols:
@@ -404,6 +406,8 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             irqoff_cpu=args.irqoff_cpu,
             irqoff_len=args.irqoff_len,
             costs=costs,
+            rt_cpus=rt_cpus_for([1, -1] if args.rt_cpus is None else args.rt_cpus, c),
+            rt_period=args.rt_period,
         )
         for p in args.protocols
         for c in args.cpus
@@ -443,24 +447,32 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             row[m] = sum(float(r[m]) for r in rs) / len(rs)
         waits = [r["waited_longest_for"] for r in rs if r["waited_longest_for"] is not None]
         row["waited_for"] = f"cpu{max(set(waits), key=waits.count)}" if waits else "-"
+        row.update(rt_summary(rs))
         summary.append(row)
-    cols = ["protocol", "cpus", "sites", "syncs", *LATENCY_METRICS, "waited_for"]
-    table = Table(title=f"one patch operation, mean of {args.seeds} seed(s); cycles")
+    cols = ["protocol", "cpus", "sites", "syncs", *LATENCY_METRICS, *RT_METRICS, "waited_for"]
+    table = Table(
+        title=f"one patch operation, mean of {args.seeds} seed(s) (max interruption: worst; RT lateness: "
+        "percentiles of all wake-ups); cycles"
+    )
     for col in cols:
         table.add_column(col.replace("_cycles", "").replace("_", " "), justify="left" if col == "protocol" else "right")
     for r in summary:
-        table.add_row(*[f"{r[c]:,.0f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+        cells = ["-" if r[c] is None else f"{r[c]:,.0f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        table.add_row(*cells)
     out.print(table)
     stop = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "stop-machine"}
     bp = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "bp-batch"}
     for key in sorted(set(stop) & set(bp)):
         ratio = stop[key]["total_lost_cycles"] / max(bp[key]["total_lost_cycles"], 1)
+        worst = stop[key]["max_interruption_cycles"] / max(bp[key]["max_interruption_cycles"], 1)
         out.print(
-            f"  total cycles lost, stop_machine / text_poke_bp (batched), {key[0]} CPUs, {key[1]} sites: {ratio:.2f}"
+            f"  stop_machine / text_poke_bp (batched), {key[0]} CPUs, {key[1]} sites: total cycles lost {ratio:.2f}, "
+            f"worst interruption {worst:.1f}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     plot = plot_latency(rows, LATENCY_METRICS, args.out / "latency.png", "one patch operation against CPU count")
-    out.print(f"plots: {plot}")
+    rt_plot = plot_rt(rows, args.out / "rt.png")
+    out.print(f"plots: {plot}, {rt_plot}")
     md = markdown_table(summary, cols)
     if args.markdown:
         args.markdown.write_text(md + "\n")
@@ -590,6 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--busy", action="store_true", help="every workload CPU runs interrupts-off sections")
     lat.add_argument("--irqoff-cpu", type=_nonneg, default=0, help="this CPU runs long interrupts-off sections")
     lat.add_argument("--irqoff-len", type=_positive, default=20_000, help="spins per interrupts-off section")
+    lat.add_argument(
+        "--rt-cpus",
+        type=int,
+        nargs="*",
+        default=None,
+        help="CPUs running the periodic RT task; negative counts from the last CPU (default: 1 -1; none: no task)",
+    )
+    lat.add_argument("--rt-period", type=_positive, default=10_000, help="the RT task's timer period in cycles")
     lat.add_argument("--cost", action="append", default=[], help="override a cost: NAME=CYCLES (repeatable)")
     lat.add_argument("--config", type=Path, default=None, help="TOML file with a [costs] table")
     lat.add_argument("--jobs", type=_positive, default=None)

@@ -52,6 +52,7 @@ FN_SHIFT = 6  # traced functions sit every 64 bytes
 MAX_TRACED = 256
 BP_DESC_MAX = 256  # TP_VEC_MAX: PAGE_SIZE / 16-byte entries in Linux; ours are 32 bytes each
 BP_ENTRY_SIZE = 32
+RT_RING_SIZE = 256  # samples the RT task keeps (a power of two)
 
 #: #BP entry variant -> symbol
 BP_ENTRIES = {
@@ -75,7 +76,7 @@ NMI_ENTRIES: dict[str, tuple[str, int]] = {
 #: the entries users choose from (the rest are mutations)
 NMI_CHOICES = ("naive", "nested-safe", "latch-cmpxchg", "latch-cmpxchg386", "latch-dec")
 
-_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "workload.S")
+_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "workload.S", "rt_task.S")
 #: template sources expanded once per variant: suffix -> flags
 _TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
     "ftrace.S": {"": frozenset({"MAIN"}), "_alt": frozenset({"ALT"})},
@@ -116,11 +117,17 @@ class Percpu:
     NMI_STATE = 0x70  # i386-style entry: NOT_RUNNING 0 / EXECUTING 1 / LATCHED 2
     STOP_ACK = 0x60  # times this CPU entered the stop_machine stopper
     STOP_EXIT = 0x68  # times it left it
+    # the periodic RT task (rt_task.S), set up by textpoke.rt
+    RT_NEXT = 0x1E0  # expiry the task expects next (TSC cycles)
+    RT_PERIOD = 0x1E8  # its period
+    RT_COUNT = 0x1F0  # samples recorded so far
+    RT_OVERRUNS = 0x1F8  # ticks merged into a later one while the interrupt was held back
     SCRATCH = 0x200  # u64[64]: the workload's busy-work array
     WL_COUNT = 0x400  # u64[MAX_TRACED]: calls the workload made, per traced function
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
     FT_ALT_COUNT = 0x1400  # u64[MAX_TRACED]: calls ftrace_caller_alt saw
     NMI_CALLS = 0x1C00  # u64[MAX_TRACED]: calls the NMI handler made, per traced function
+    RT_RING = 0x3000  # (expected, woke) u64 pairs [RT_RING_SIZE]: the RT task's last samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +200,7 @@ class KernelImage:
             int(Vector.NMI): Gate(sym[nmi_symbol], ist=nmi_ist),
             int(Vector.IPI): Gate(sym["ipi_entry"]),
             int(Vector.STOP): Gate(sym["stopper_entry"]),
+            int(Vector.TIMER): Gate(sym["rt_timer_entry"]),
         }
         cfg = self.config
 
@@ -245,6 +253,7 @@ def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
         TRACED_BASE=traced_base,
         TRACED_BASE_PLUS_5=traced_base + 5,
         NMI_FUNCS_HALF_MASK=cfg.nmi_funcs // 2 - 1,
+        RT_RING_MASK=RT_RING_SIZE - 1,
         IRQ_STACK_SIZE=0x4000,
         NMI_STACK_SIZE=0x1000,
         KERNEL_CS=0x10,
