@@ -41,9 +41,26 @@ _positive = _at_least(1, "must be at least 1")
 _nonneg = _at_least(0, "must be >= 0")
 
 
+def _object_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--object",
+        action="append",
+        default=[],
+        metavar="FILE.o",
+        help="load this ELF object (compiled with the kernel's flags) as the traced code (repeatable)",
+    )
+
+
+def _kernel_config(args: argparse.Namespace, functions: int | None = None) -> KernelConfig:
+    """The kernel the command asked for: the user's objects, or the built-in traced functions."""
+    if args.object:
+        return KernelConfig(objects=tuple(args.object))
+    return KernelConfig(nr_traced=functions if functions is not None else args.functions)
+
+
 def cmd_machine(args: argparse.Namespace, out: Console) -> int:
     """Boot the machine and run its workloads (no patching): a smoke test of the hardware model."""
-    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    kernel = build_kernel(_kernel_config(args))
     sources = (NmiSource("perf", period=args.nmi_period),) if args.nmi_period else ()
     cfg = MachineConfig(cpus=args.cpus, seed=args.seed, quantum=args.quantum, nmi_sources=sources)
     m = Machine(cfg, kernel.boot_image())
@@ -58,6 +75,8 @@ def cmd_machine(args: argparse.Namespace, out: Console) -> int:
         s = cpu.stats
         total += s["instructions"]
         calls = sum(m.percpu(cpu.index, Percpu.WL_COUNT + 8 * i) for i in range(kernel.config.nr_traced))
+        if kernel.user_code:
+            calls = "-"  # compiled code keeps no call counts
         table.add_row(
             str(cpu.index),
             str(s["instructions"]),
@@ -97,6 +116,7 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--nmi-rate", type=_nonneg, default=50, help="perf NMIs per million cycles per CPU")
     g.add_argument("--nmi-aim", choices=list(AIMS), default=None, help="also aim NMIs at this window")
     g.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking")
+    _object_arg(g)  # type: ignore[arg-type]
 
 
 def make_scenario(args: argparse.Namespace):
@@ -115,6 +135,7 @@ def make_scenario(args: argparse.Namespace):
         nmi_rate=args.nmi_rate if args.nmi != "none" else 0,
         nmi_aim=args.nmi_aim,
         fred=args.fred,
+        objects=tuple(args.object),
     )
 
 
@@ -232,7 +253,7 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
     from .protocols import PatchRequest
     from .scenario import drain
 
-    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    kernel = build_kernel(_kernel_config(args))
     if len(args.site) != len(args.new):
         raise PatchError(f"give one --new per --site ({len(args.site)} sites, {len(args.new)} replacements)")
     if args.old and len(args.old) != len(args.site):
@@ -249,8 +270,9 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
             site = int(where, 0)
         except ValueError:
             if where not in kernel.symbols:
-                raise PatchError(f"no symbol {where!r} in the kernel (traced functions are fn_000 ...)") from None
-            site = kernel.symbols[where]
+                some = ", ".join(list(kernel.sites)[:4])
+                raise PatchError(f"no symbol {where!r} in the kernel (traced functions: {some} ...)") from None
+            site = kernel.sites.get(where, kernel.symbols[where])
         old = args.old[i] if args.old else (m.read(site, len(new)) if m.is_text(site, len(new)) else b"")
         try:
             requests.append(PatchRequest(site, old, new))
@@ -289,8 +311,10 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     from .report import plot_timeline
 
     t0 = time.perf_counter()
+    objects = tuple(args.object)
+    what = f"the functions of {', '.join(objects)}" if objects else "32 traced functions"
     out.print(
-        f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), 32 traced functions, "
+        f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), {what}, "
         "NMIs on cpu1-3; ftrace enabled then disabled on every site. seed "
         f"{args.seed}"
     )
@@ -300,7 +324,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             status.update(f"done: {row.label}")
 
         with executor(args.jobs) as ex:
-            rows = run_demo(args.seed, ex, tick)
+            rows = run_demo(args.seed, ex, tick, objects=objects)
     table = Table(title="verdicts and costs (cycles)")
     for col in ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested"):
         table.add_column(col, justify="left" if col in ("scenario", "verdict") else "right")
@@ -404,6 +428,7 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             irqoff_cpu=args.irqoff_cpu,
             irqoff_len=args.irqoff_len,
             costs=costs,
+            objects=tuple(args.object),
         )
         for p in args.protocols
         for c in args.cpus
@@ -496,7 +521,7 @@ def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
     from .callgraph import build_callgraph, reachable_sites
     from .image import BP_ENTRIES, NMI_CHOICES, NMI_ENTRIES
 
-    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    kernel = build_kernel(_kernel_config(args))
     g = build_callgraph(kernel)
     table = Table(title=f"traced sites reachable from each entry ({len(kernel.sites)} traced functions)")
     table.add_column("entry")
@@ -510,11 +535,32 @@ def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
         table.add_row(f"#BP {mode} ({sym})", ", ".join(sites) or "none")
     workload_only = sorted(set(kernel.sites) - set(reachable_sites(g, "nmi_handler")))
     out.print(table)
-    out.print(f"called only by the workloads (through computed calls): {len(workload_only)} sites")
+    if kernel.user_code:
+        out.print(_object_functions(kernel, g))
+    how = "direct calls from textpoke_workload" if kernel.user_code else "computed calls"
+    out.print(f"called only by the workloads ({how}): {len(workload_only)} sites")
     if args.dot:
         _write_dot(g, args.dot)
         out.print(f"wrote {args.dot}")
     return 0
+
+
+def _object_functions(kernel, g) -> Table:
+    """The functions loaded from the user's objects: where they are, their sites, who calls them."""
+    table = Table(title=f"functions of {', '.join(kernel.config.objects)}")
+    for col in ("function", "address", "size", "ftrace site", "called by"):
+        table.add_column(col, justify="right" if col in ("address", "size") else "left")
+    for name in sorted(kernel.foreign, key=lambda n: kernel.symbols[n]):
+        site = kernel.sites.get(name)
+        callers = sorted(a for a, _b in g.in_edges(name)) if name in g else []
+        table.add_row(
+            name,
+            f"{kernel.symbols[name]:#x}",
+            str(kernel.sizes[name]),
+            f"{site:#x}" if site is not None else "none (notrace)",
+            ", ".join(callers) or "-",
+        )
+    return table
 
 
 def _write_dot(g, path: Path) -> None:
@@ -549,9 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("textpoke-out"), help="where to write the timeline")
     run.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: all cores)")
     run.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    _object_arg(run)
     run.set_defaults(func=cmd_run)
     mach = sub.add_parser("machine", help="boot the machine and run its workloads, no patching")
     machine_args(mach)
+    _object_arg(mach)
     mach.set_defaults(func=cmd_machine)
 
     saf = sub.add_parser("safety", help="sweep seeds for a protocol and count the oracle's violations")
@@ -579,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     pat.add_argument("--functions", type=_positive, default=32)
     pat.add_argument("--warmup", type=_nonneg, default=5_000)
     pat.add_argument("--strict", action="store_true", help="exit 1 when the oracle found a violation")
+    _object_arg(pat)
     pat.set_defaults(func=cmd_patch)
 
     lat = sub.add_parser("latency", help="stop_machine against text_poke_bp as CPUs and batches grow")
@@ -598,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--json", type=Path, default=None)
     lat.add_argument("--markdown", type=Path, default=None)
     lat.add_argument("--quiet", action="store_true")
+    _object_arg(lat)
     lat.set_defaults(func=cmd_latency)
 
     from .explore import NESTED_FLAGS
@@ -623,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     cg = sub.add_parser("callgraph", help="traced sites reachable from the NMI entries and the #BP handler")
     cg.add_argument("--functions", type=_positive, default=32, help="traced functions in the kernel")
     cg.add_argument("--dot", type=Path, default=None, help="write the call graph in Graphviz dot form")
+    _object_arg(cg)
     cg.set_defaults(func=cmd_callgraph)
 
     rep = sub.add_parser("replay", help="rerun one seed and print its annotated trace")

@@ -9,7 +9,7 @@ timeline shows the enable operation of three of them, CPU by CPU.
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .metrics import Interval, StallMeter
@@ -87,8 +87,11 @@ def run_row(label: str, sc: Scenario, seed: int, record: bool) -> DemoRow:
     )
 
 
-def run_demo(seed: int = 0, executor: Executor | None = None, progress=None) -> list[DemoRow]:
-    jobs = [(label, sc, seed, draw) for label, sc, draw in DEFAULT_ROWS]
+def run_demo(
+    seed: int = 0, executor: Executor | None = None, progress=None, objects: tuple[str, ...] = ()
+) -> list[DemoRow]:
+    """The default rows; with `objects`, on a kernel built from those ELF objects."""
+    jobs = [(label, replace(sc, objects=objects) if objects else sc, seed, draw) for label, sc, draw in DEFAULT_ROWS]
     if executor is None:
         rows = []
         for j in jobs:

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cpus import CostModel, Machine, MachineConfig, SnoopModel
+from cpus import ConfigError, CostModel, Machine, MachineConfig, SnoopModel
 
 from .image import KernelConfig, Percpu, build_kernel
 from .metrics import StallMeter
@@ -42,6 +42,8 @@ class LatencyConfig:
     costs: CostModel = field(default_factory=CostModel)
     quantum: int = 1000
     fine_quantum: int = 200
+    #: ELF objects to build the kernel from (their first `sites` sites are patched)
+    objects: tuple[str, ...] = ()
 
 
 @dataclass
@@ -73,7 +75,9 @@ class LatencyRow:
 
 def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     nr = max(cfg.functions, cfg.sites)
-    kernel = build_kernel(KernelConfig(nr_traced=nr))
+    kernel = build_kernel(KernelConfig(objects=cfg.objects) if cfg.objects else KernelConfig(nr_traced=nr))
+    if len(kernel.sites) < cfg.sites:
+        raise ConfigError(f"the objects have {len(kernel.sites)} ftrace sites; cannot patch {cfg.sites}")
     meter = meter or StallMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
     mc = MachineConfig(
         cpus=cfg.cpus,

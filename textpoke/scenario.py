@@ -8,10 +8,12 @@ the run's seed and trace hash. The same scenario and seed give the same verdict 
 
 from __future__ import annotations
 
+import shlex
 import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
@@ -54,6 +56,9 @@ class Scenario:
     irqoff_len: int = 0  # > 0: workloads run interrupts-off sections of this many spins
     #: indices of the traced functions to patch (None: all of them)
     patch_sites: tuple[int, ...] | None = None
+    #: ELF objects (paths) whose functions are the traced functions and whose textpoke_workload the
+    #: workload CPUs call (`sites` then does not apply: every site of the objects is patched)
+    objects: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -98,6 +103,8 @@ class Scenario:
                 parts.append(f"aim={self.nmi_aim}")
         if self.fred:
             parts.append("fred")
+        if self.objects:
+            parts[3] = "objects=" + ",".join(Path(o).name for o in self.objects)
         return " ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -151,6 +158,11 @@ def aim_symbol(sc: Scenario) -> str | None:
 
 
 def _kernel(sc: Scenario):
+    if sc.objects:
+        kernel = build_kernel(KernelConfig(objects=tuple(sc.objects)))
+        if not kernel.sites:
+            raise ConfigError("the objects have no ftrace sites: compile them with -pg -mfentry")
+        return kernel
     return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=min(4, 1 << (sc.sites.bit_length() - 1))))
 
 
@@ -227,7 +239,9 @@ def run_scenario(
 def replay_command(sc: Scenario, seed: int) -> str:
     """The `textpoke replay` command line that reruns this scenario and seed."""
     parts = ["textpoke replay", str(seed), f"--protocol {sc.protocol}", f"--int3 {sc.int3}"]
-    parts += [f"--cpus {sc.cpus}", f"--sites {sc.sites}", f"--operation {sc.operation}"]
+    parts += [f"--cpus {sc.cpus}"]
+    parts += [f"--object {shlex.quote(o)}" for o in sc.objects] or [f"--sites {sc.sites}"]
+    parts += [f"--operation {sc.operation}"]
     if sc.mutation:
         parts.append(f"--mutation {sc.mutation}")
     if sc.nmi != "none":
