@@ -563,6 +563,19 @@ def _object_functions(kernel, g) -> Table:
     return table
 
 
+def cmd_cc(args: argparse.Namespace, out: Console) -> int:
+    """Compile C sources with the kernel's flags into objects `--object` accepts."""
+    from .cc import compile_objects, find_compiler
+
+    cc = find_compiler(args.compiler)
+    record = compile_objects(args.sources, args.out, cc)
+    out.print(f"{cc.name}, {cc.version}: {' '.join(cc.flags)}", markup=False, highlight=False)
+    for name, digest in record["objects"].items():
+        out.print(f"  {args.out / name}  sha256 {digest[:16]}")
+    out.print(f"wrote {args.out / 'BUILD.json'}")
+    return 0
+
+
 def _write_dot(g, path: Path) -> None:
     lines = ["digraph kernel {"]
     for n, d in g.nodes(data=True):
@@ -675,6 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--dot", type=Path, default=None, help="write the call graph in Graphviz dot form")
     _object_arg(cg)
     cg.set_defaults(func=cmd_callgraph)
+
+    cc = sub.add_parser("cc", help="compile C sources with the kernel's flags into objects for --object")
+    cc.add_argument("sources", type=Path, nargs="+", help="C source files")
+    cc.add_argument("-o", "--out", type=Path, default=Path("."), help="directory for the objects and BUILD.json")
+    cc.add_argument("--compiler", choices=["gcc", "clang", "zig"], default=None, help="default: gcc, clang, zig")
+    cc.set_defaults(func=cmd_cc)
 
     rep = sub.add_parser("replay", help="rerun one seed and print its annotated trace")
     rep.add_argument("seed", type=_nonneg)

@@ -191,6 +191,8 @@ class KernelImage:
     #: records parsed from the objects: jump labels and static call sites (see `textpoke.elfobj`)
     jump_entries: tuple = ()
     static_calls: tuple = ()
+    #: every global symbol of the objects (data too: read it with Machine.read after a run)
+    object_symbols: dict[str, int] = field(default_factory=dict)
 
     @property
     def user_code(self) -> bool:
@@ -602,6 +604,7 @@ def _build(
             "data_init": data_init,
             "jump_entries": linked.jump_entries,
             "static_calls": linked.static_calls,
+            "object_symbols": dict(linked.symbols),
         }
     elif traced:
         extra = {"site_table": tuple(starts[u.name] for u in traced)}
@@ -710,7 +713,6 @@ _FORBIDDEN = {
     "iret": "returns from interrupts are the entry code's",
     "hlt": "the machine uses hlt only to end bounded runs",
     "sti": "the machine does not model the sti shadow; restore interrupts with popfq (local_irq_restore)",
-    "int3": "int3 belongs to the patcher",
 }
 _VECTOR_REGS = re.compile(r"\b([xyz]mm\d+|mm\d|k[0-7])\b")
 

@@ -98,31 +98,31 @@ yes:
 		 : !__textpoke_branch_jmp(&(x)->key, 1))
 
 /* ---------------------------------------------------------------------------------------------
- * Static calls. DEFINE_STATIC_CALL(name, func) defines the key `__SCK__name` and the trampoline
- * `__SCT__name` (a 5-byte `jmp func`, then a ud1 as an end marker); static_call(name)(args) calls the
+ * Static calls. DEFINE_STATIC_CALL(name, target) defines the key `__SCK__name` and the trampoline
+ * `__SCT__name` (a 5-byte `jmp target`, then a ud2 that is never reached); static_call(name)(args) calls the
  * trampoline. The loader records every call or tail jump to a `__SCT__` trampoline as a static call
  * site (what Linux's objtool writes into .static_call_sites); objects may also carry that section
  * themselves: entries of two s32, each relative to its own field: the call instruction, and the key
- * (bit 0: a tail call, bit 1: init code). `func` must be a global function.
+ * (bit 0: a tail call, bit 1: init code). `target` must be a global function.
  * ------------------------------------------------------------------------------------------- */
 struct static_call_key {
 	void *func;
 };
 
 #define __TEXTPOKE_STR(x) #x
-#define DEFINE_STATIC_CALL(name, func)                                                           \
-	struct static_call_key __SCK__##name = { .func = (void *)(func) };                         \
+#define DEFINE_STATIC_CALL(name, target)                                                           \
+	struct static_call_key __SCK__##name = { .func = (void *)(target) };                         \
 	asm(".pushsection .static_call.text, \"ax\"\n\t"                                          \
 	    ".balign 8\n\t"                                                                           \
 	    ".globl __SCT__" #name "\n\t"                                                             \
 	    ".type __SCT__" #name ", @function\n"                                                     \
 	    "__SCT__" #name ":\n\t"                                                                   \
 	    ".byte 0xe9\n\t"                                                                          \
-	    ".long " __TEXTPOKE_STR(func) " - (. + 4)\n\t"                                            \
-	    ".byte 0x0f, 0xb9, 0xcc\n\t"                                                              \
+	    ".long " __TEXTPOKE_STR(target) " - (. + 4)\n\t"                                            \
+	    "ud2\n\t"                                                                                 \
 	    ".size __SCT__" #name ", . - __SCT__" #name "\n\t"                                        \
 	    ".popsection");                                                                           \
-	extern __typeof__(func) __SCT__##name
+	extern __typeof__(target) __SCT__##name
 
 #define static_call(name) (__SCT__##name)
 
