@@ -329,3 +329,44 @@ def test_object_from_the_plain_zig_command_loads(tmp_path):
     k = _kernel(obj)
     assert set(k.sites) == RING_FUNCTIONS
     assert b"\xe8" not in {k.text[s - TEXT_VA : s - TEXT_VA + 1] for s in k.sites.values()}
+
+
+@pytest.mark.parametrize("compiler", ["gcc", "zig"])
+def test_static_call_and_likely_branch_records(compiler):
+    """pktfilter.c: a call through static_call(filter) and a static_branch_likely on a true key."""
+    k = _kernel(OBJECTS / compiler / "pktfilter.o")
+    (call,) = k.static_calls
+    assert call.name == "filter" and not call.tail
+    assert call.key == k.object_symbols["__SCK__filter"]
+    tramp = k.symbols["__SCT__filter"]
+    assert k.text[call.addr - TEXT_VA] == 0xE8
+    rel = struct.unpack_from("<i", k.text, call.addr - TEXT_VA + 1)[0]
+    assert call.addr + 5 + rel == tramp
+    # the trampoline jumps to the key's function
+    rel = struct.unpack_from("<i", k.text, tramp - TEXT_VA + 1)[0]
+    assert k.text[tramp - TEXT_VA] == 0xE9 and tramp + 5 + rel == k.symbols["drop_telnet"]
+    (jump,) = k.jump_entries
+    assert jump.branch and jump.key == k.object_symbols["filter_on"]
+    assert "__SCT__filter" not in k.sites  # the trampoline is notrace
+
+
+def test_static_call_sites_section_is_parsed():
+    """An object carrying .static_call_sites itself: (s32 call, s32 key|flags), each relative to its field."""
+    from textpoke.elfobj import R_X86_64_PC32, ElfObject, Reloc, Section, Symbol
+
+    text = Section(1, ".text", bytes.fromhex("0f1f440000 e900000000 c3"), 16, True, False)
+    sites = Section(2, ".static_call_sites", bytes(8), 4, False, False)
+    key = Section(3, ".data", bytes(8), 8, False, True)
+    symbols = [
+        Symbol("", 0, 0, "STT_NOTYPE", "STB_LOCAL", "SHN_UNDEF"),
+        Symbol(".text", 0, 0, "STT_SECTION", "STB_LOCAL", 1),
+        Symbol("__SCK__tick", 0, 8, "STT_OBJECT", "STB_GLOBAL", 3),
+        Symbol("fn", 0, 11, "STT_FUNC", "STB_GLOBAL", 1),
+    ]
+    sites.relocs += [Reloc(0, R_X86_64_PC32, 1, 5), Reloc(4, R_X86_64_PC32, 2, 1)]  # key | TAIL
+    text.relocs += [Reloc(6, R_X86_64_PC32, 3, -4)]
+    obj = ElfObject("synthetic.o", {1: text, 2: sites, 3: key}, symbols)
+    linked = link([obj], TEXT_VA, 0xFFFFFFFF82100000)
+    (site,) = linked.static_calls
+    assert site.addr == TEXT_VA + 5 and site.tail and not site.init
+    assert site.key == linked.symbols["__SCK__tick"] and site.name == "tick"
