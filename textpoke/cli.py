@@ -19,7 +19,7 @@ from rich.table import Table
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, TextpokeError
 from cpus.config import DEFAULT_QUANTUM
 
-from .image import KernelConfig, Percpu, build_kernel
+from .image import KERNELS, KernelConfig, Percpu, build_kernel
 
 __all__ = ["main"]
 
@@ -42,6 +42,7 @@ _nonneg = _at_least(0, "must be >= 0")
 
 
 def _object_arg(sp: argparse.ArgumentParser) -> None:
+    """--object and --kernel: what code the kernel runs."""
     sp.add_argument(
         "--object",
         action="append",
@@ -49,13 +50,21 @@ def _object_arg(sp: argparse.ArgumentParser) -> None:
         metavar="FILE.o",
         help="load this ELF object (compiled with the kernel's flags) as the traced code (repeatable)",
     )
+    sp.add_argument(
+        "--kernel",
+        choices=list(KERNELS),
+        default="asm",
+        help="the built-in workload and traced functions: assembly (default) or C",
+    )
 
 
 def _kernel_config(args: argparse.Namespace, functions: int | None = None) -> KernelConfig:
     """The kernel the command asked for: the user's objects, or the built-in traced functions."""
     if args.object:
+        if args.kernel != "asm":
+            raise ConfigError("--object replaces the built-in workload and traced functions; drop --kernel")
         return KernelConfig(objects=tuple(args.object))
-    return KernelConfig(nr_traced=functions if functions is not None else args.functions)
+    return KernelConfig(nr_traced=functions if functions is not None else args.functions, kernel=args.kernel)
 
 
 def cmd_machine(args: argparse.Namespace, out: Console) -> int:
@@ -136,6 +145,7 @@ def make_scenario(args: argparse.Namespace):
         nmi_aim=args.nmi_aim,
         fred=args.fred,
         objects=tuple(args.object),
+        kernel=args.kernel,
     )
 
 
@@ -324,7 +334,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             status.update(f"done: {row.label}")
 
         with executor(args.jobs) as ex:
-            rows = run_demo(args.seed, ex, tick, objects=objects)
+            rows = run_demo(args.seed, ex, tick, objects=objects, kernel=args.kernel)
     table = Table(title="verdicts and costs (cycles)")
     for col in ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested"):
         table.add_column(col, justify="left" if col in ("scenario", "verdict") else "right")
@@ -429,6 +439,7 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             irqoff_len=args.irqoff_len,
             costs=costs,
             objects=tuple(args.object),
+            kernel=args.kernel,
         )
         for p in args.protocols
         for c in args.cpus
@@ -565,9 +576,15 @@ def _object_functions(kernel, g) -> Table:
 
 def cmd_cc(args: argparse.Namespace, out: Console) -> int:
     """Compile C sources with the kernel's flags into objects `--object` accepts."""
-    from .cc import compile_objects, find_compiler
+    from .cc import compile_objects, find_compiler, include_dir
 
     cc = find_compiler(args.compiler)
+    if args.kernel:
+        if args.sources:
+            raise ConfigError("--kernel rebuilds the C kernel only; give no sources with it")
+        args.sources, args.out = [include_dir() / "kernel.c"], include_dir()
+    elif not args.sources:
+        raise ConfigError("give C sources to compile, or --kernel to rebuild the C kernel")
     record = compile_objects(args.sources, args.out, cc)
     out.print(f"{cc.name}, {cc.version}: {' '.join(cc.flags)}", markup=False, highlight=False)
     for name, digest in record["objects"].items():
@@ -690,7 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     cg.set_defaults(func=cmd_callgraph)
 
     cc = sub.add_parser("cc", help="compile C sources with the kernel's flags into objects for --object")
-    cc.add_argument("sources", type=Path, nargs="+", help="C source files")
+    cc.add_argument("sources", type=Path, nargs="*", help="C source files")
+    cc.add_argument("--kernel", action="store_true", help="rebuild the C kernel (textpoke/c/kernel.o)")
     cc.add_argument("-o", "--out", type=Path, default=Path("."), help="directory for the objects and BUILD.json")
     cc.add_argument("--compiler", choices=["gcc", "clang", "zig"], default=None, help="default: gcc, clang, zig")
     cc.set_defaults(func=cmd_cc)

@@ -88,10 +88,15 @@ def run_row(label: str, sc: Scenario, seed: int, record: bool) -> DemoRow:
 
 
 def run_demo(
-    seed: int = 0, executor: Executor | None = None, progress=None, objects: tuple[str, ...] = ()
+    seed: int = 0,
+    executor: Executor | None = None,
+    progress=None,
+    objects: tuple[str, ...] = (),
+    kernel: str = "asm",
 ) -> list[DemoRow]:
-    """The default rows; with `objects`, on a kernel built from those ELF objects."""
-    jobs = [(label, replace(sc, objects=objects) if objects else sc, seed, draw) for label, sc, draw in DEFAULT_ROWS]
+    """The default rows; with `objects`, on a kernel built from those ELF objects; with kernel "c",
+    on the built-in workload and traced functions compiled from C."""
+    jobs = [(label, replace(sc, objects=objects, kernel=kernel), seed, draw) for label, sc, draw in DEFAULT_ROWS]
     if executor is None:
         rows = []
         for j in jobs:

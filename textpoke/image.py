@@ -86,8 +86,13 @@ _OBJECT_TEMPLATE_SWAP = {"ftrace.S": "ftrace_table.S"}
 #: what the user's objects define and the kernel calls
 USER_WORKLOAD = "textpoke_workload"
 USER_NMI = "textpoke_nmi"
+USER_NMI_IRQ = "textpoke_nmi_irq"
 #: the kernel functions the user's objects may call
 RUNTIME = ("memcpy", "memset", "memmove")
+#: the built-in kernels: the assembly one, and the same workload and traced functions in C
+KERNELS = ("asm", "c")
+C_KERNEL_OBJECT = "kernel.o"  # in textpoke/c, built from kernel.c by `textpoke cc --kernel`
+C_NMI_HALF_MAX = 2
 #: template sources expanded once per variant: suffix -> flags
 _TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
     "ftrace.S": {"": frozenset({"MAIN"}), "_alt": frozenset({"ALT"})},
@@ -126,6 +131,7 @@ class Percpu:
     WORK_MASK = 0x50  # busy-work iterations per call: (lcg >> 48) & mask
     LOOP_LIMIT = 0x58  # 0: run forever; else hlt after this many workload iterations
     NMI_STATE = 0x70  # i386-style entry: NOT_RUNNING 0 / EXECUTING 1 / LATCHED 2
+    RANDOM = 0x78  # kernels with C code: this workload iteration's random number (textpoke_random)
     STOP_ACK = 0x60  # times this CPU entered the stop_machine stopper
     STOP_EXIT = 0x68  # times it left it
     SCRATCH = 0x200  # u64[64]: the workload's busy-work array
@@ -146,10 +152,18 @@ class KernelConfig:
     work_mask: int = 15
     #: ELF objects (paths) whose functions replace the built-in traced functions and workload
     objects: tuple[str, ...] = ()
+    #: the built-in workload and traced functions: "asm" (textpoke/asm) or "c" (textpoke/c/kernel.c)
+    kernel: str = "asm"
 
     def __post_init__(self) -> None:
         if isinstance(self.objects, (str, bytes)) or not all(isinstance(o, str) for o in self.objects):
             raise ImageError("objects must be a tuple of paths")
+        if self.kernel not in KERNELS:
+            raise ImageError(f"unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
+        if self.kernel == "c" and self.objects:
+            raise ImageError("the C kernel has its own workload and traced functions; --object replaces them: pick one")
+        if self.kernel == "c" and self.nmi_funcs > 2 * C_NMI_HALF_MAX:
+            raise ImageError(f"the C kernel's NMI handler calls at most {2 * C_NMI_HALF_MAX} functions")
         if not 1 <= self.nr_traced <= MAX_TRACED:
             raise ImageError(f"nr_traced must be between 1 and {MAX_TRACED}, got {self.nr_traced}")
         n = self.nmi_funcs
@@ -196,7 +210,8 @@ class KernelImage:
 
     @property
     def user_code(self) -> bool:
-        """Built from the user's objects: the workload does not count calls per traced function."""
+        """Built from the user's objects: the workload does not count calls per traced function
+        (the C kernel's does, as the assembly one's)."""
         return bool(self.config.objects)
 
     @property
@@ -446,6 +461,24 @@ def _units(cfg: KernelConfig) -> tuple[list[Unit], list[Unit]]:
     return fixed, traced
 
 
+def _c_kernel_fixups(config: KernelConfig, linked: Linked) -> None:
+    """The C kernel's shape for `config`: its first nr_traced functions are the traced ones (site
+    index i is fn_i, so the workload's per-function counters line up with the site table), and its
+    two knobs in data get their values."""
+    want = [f"fn_{i:03d}" for i in range(config.nr_traced)]
+    missing = [n for n in want if n not in linked.sites]
+    if missing:
+        raise ImageError(f"the C kernel object has no ftrace site for {missing[0]}: rebuild it (textpoke cc --kernel)")
+    sites = {n: linked.sites[n] for n in want}
+    if sorted(sites.values()) != list(sites.values()):
+        raise ImageError("the C kernel's traced functions are not laid out in index order")
+    linked.sites = sites
+    data = bytearray(linked.data)
+    for name, value in (("textpoke_nr_traced", config.nr_traced), ("textpoke_nmi_half", config.nmi_funcs // 2)):
+        struct.pack_into("<Q", data, linked.symbols[name] - USER_DATA, value)
+    linked.data = bytes(data)
+
+
 def _object_units() -> list[Unit]:
     """The asm units of a kernel built with the user's objects: the entries and the stopper as
     always, the user workload loop instead of the built-in one, the table-driven trampolines, the
@@ -477,13 +510,16 @@ def _inner_labels(unit: Unit, body: str, address: int) -> dict[str, int]:
 
 def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
     """Assemble the kernel for `config` (cached per configuration, and per object contents)."""
+    if config.kernel == "c":
+        blob = resources.files("textpoke.c").joinpath(C_KERNEL_OBJECT).read_bytes()
+        return _build_with_objects(config, ((f"textpoke/c/{C_KERNEL_OBJECT}", blob),))
     if not config.objects:
         return _build_asm(config)
     blobs = []
     for path in config.objects:
         try:
             with open(path, "rb") as f:
-                blobs.append(f.read())
+                blobs.append((path, f.read()))
         except OSError as err:
             raise ObjectError(f"{path}: cannot read: {err.strerror or err}") from None
     return _build_with_objects(config, tuple(blobs))
@@ -496,8 +532,8 @@ def _build_asm(config: KernelConfig) -> KernelImage:
 
 
 @lru_cache(maxsize=8)
-def _build_with_objects(config: KernelConfig, blobs: tuple[bytes, ...]) -> KernelImage:
-    objects = [read_object(b, name=p) for p, b in zip(config.objects, blobs, strict=True)]
+def _build_with_objects(config: KernelConfig, blobs: tuple[tuple[str, bytes], ...]) -> KernelImage:
+    objects = [read_object(b, name=p) for p, b in blobs]
     defined = {
         s.name for o in objects for s in o.symbols if s.shndx != "SHN_UNDEF" and s.bind != "STB_LOCAL" and s.name
     }
@@ -505,7 +541,8 @@ def _build_with_objects(config: KernelConfig, blobs: tuple[bytes, ...]) -> Kerne
         raise ObjectError(f"no object defines {USER_WORKLOAD}(), which every workload CPU calls in its loop")
     fixed = _object_units()
     nmi = [f"    call {USER_NMI}"] if USER_NMI in defined else []
-    macros = MACROS | {"NMI_CALLBACKS_LOW": nmi, "NMI_CALLBACKS_HIGH": []}
+    nmi_irq = [f"    call {USER_NMI_IRQ}"] if USER_NMI_IRQ in defined else []
+    macros = MACROS | {"NMI_CALLBACKS_LOW": nmi, "NMI_CALLBACKS_HIGH": nmi_irq}
     return _build(config, fixed, [], macros, objects)
 
 
@@ -522,7 +559,7 @@ def _build(
     if dupes:
         raise ImageError(f"symbols defined twice: {', '.join(sorted(dupes))}")
     far = TEXT_VA + 0x40000000
-    user_globals = (USER_WORKLOAD, USER_NMI) if objects is not None else ()
+    user_globals = (USER_WORKLOAD, USER_NMI, USER_NMI_IRQ) if objects is not None else ()
     placeholder = dict.fromkeys([*names, *user_globals], far)
     consts_far = _constants(config, far)
     if objects is not None:
@@ -550,6 +587,8 @@ def _build(
     if objects is not None:
         runtime = {n: starts[n] for n in RUNTIME}
         linked = link(objects, asm_end, USER_DATA, runtime, frozenset(names))
+        if config.kernel == "c":
+            _c_kernel_fixups(config, linked)
         if len(linked.sites) > MAX_TRACED:
             raise ObjectError(f"the objects have {len(linked.sites)} ftrace sites; at most {MAX_TRACED} are supported")
         addr = asm_end + len(linked.text)

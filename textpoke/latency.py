@@ -44,6 +44,7 @@ class LatencyConfig:
     fine_quantum: int = 200
     #: ELF objects to build the kernel from (their first `sites` sites are patched)
     objects: tuple[str, ...] = ()
+    kernel: str = "asm"  # the built-in workload and traced functions: asm or c
 
 
 @dataclass
@@ -75,7 +76,9 @@ class LatencyRow:
 
 def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     nr = max(cfg.functions, cfg.sites)
-    kernel = build_kernel(KernelConfig(objects=cfg.objects) if cfg.objects else KernelConfig(nr_traced=nr))
+    kernel = build_kernel(
+        KernelConfig(objects=cfg.objects) if cfg.objects else KernelConfig(nr_traced=nr, kernel=cfg.kernel)
+    )
     if len(kernel.sites) < cfg.sites:
         raise ConfigError(f"the objects have {len(kernel.sites)} ftrace sites; cannot patch {cfg.sites}")
     meter = meter or StallMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
