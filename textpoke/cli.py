@@ -372,7 +372,10 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     path = plot_timeline(panels, args.out / "timeline.png", "enabling ftrace on 32 sites while the workloads run")
     out.print(f"timeline of the enable operation: {path}")
     out.print("hashes: " + " ".join(f"{r.trace_hash[:12]}" for r in rows) + f"  ({time.perf_counter() - t0:.1f} s)")
-    out.print("replay any row with: textpoke replay SEED --protocol P --nmi ENTRY --sites 32 --nmi-rate 300")
+    code = " ".join(f"--object {o}" for o in objects) or "--sites 32"
+    if args.kernel != "asm" and not objects:
+        code += f" --kernel {args.kernel}"
+    out.print(f"replay any row with: textpoke replay SEED --protocol P --nmi ENTRY {code} --nmi-rate 300")
     if args.json:
         data = [
             {

@@ -5,10 +5,14 @@
  *   - every workload CPU calls `void textpoke_workload(void)` in a loop; it should return (one
  *     iteration of work), so that runs can end at an iteration boundary;
  *   - the NMI handler calls `void textpoke_nmi(void)` if an object defines it (on the 4 KiB NMI
- *     stack, with NMIs blocked: keep it short);
+ *     stack, with NMIs blocked: keep it short), then `void textpoke_nmi_irq(void)` if defined, on
+ *     this CPU's 16 KiB irq stack;
  *   - every function compiled with -pg -mfentry gets an ftrace site, which the protocols patch;
  *     `notrace` functions get none;
- *   - data (.data, .bss, .rodata) is shared by all CPUs; textpoke_cpu() says which CPU runs;
+ *   - data (.data, .bss, .rodata) is shared by all CPUs; textpoke_cpu() says which CPU runs,
+ *     textpoke_random() gives a per-iteration random number;
+ *   - a traced function without side effects whose result is unused may be dropped by the
+ *     compiler, call and all: use its result;
  *   - the kernel provides memcpy, memset and memmove; any other undefined symbol is an error.
  *
  * Compile with the kernel's flags, e.g.
@@ -30,6 +34,16 @@ static __always_inline notrace unsigned long textpoke_cpu(void)
 
 	asm volatile("movq %%gs:0, %0" : "=r"(cpu));
 	return cpu;
+}
+
+/* A random number per workload iteration and CPU (the workload loop's LCG, seeded from the run's
+ * seed and the CPU number, so runs stay deterministic). Valid in textpoke_workload. */
+static __always_inline notrace unsigned long textpoke_random(void)
+{
+	unsigned long r;
+
+	asm volatile("movq %%gs:0x78, %0" : "=r"(r));
+	return r;
 }
 
 /* ---------------------------------------------------------------------------------------------
