@@ -175,8 +175,13 @@ def _bad_mcount(raw: bytes) -> bytes:
     return raw[:text] + b"\x90" * 5 + raw[text + 5 :]
 
 
+def _executable(raw: bytes) -> bytes:
+    return raw[:16] + struct.pack("<H", 2) + raw[18:]  # ET_EXEC
+
+
 BAD = {
     "not-elf": (_not_elf, "not an ELF file"),
+    "not-relocatable": (_executable, "not a relocatable object"),
     "wrong-machine": (_wrong_machine, "not x86-64"),
     "undefined-symbol": (_undefined, "undefined symbol: ring_sum"),
     "unhandled-relocation": (_gotpcrel, "R_X86_64_GOTPCREL against ring_max"),
@@ -370,3 +375,18 @@ def test_static_call_sites_section_is_parsed():
     (site,) = linked.static_calls
     assert site.addr == TEXT_VA + 5 and site.tail and not site.init
     assert site.key == linked.symbols["__SCK__tick"] and site.name == "tick"
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+def test_sse_code_is_refused_naming_function_and_instruction(tmp_path):
+    """pktfilter.c with gcc's plain ftrace flags: gcc copies a struct through %xmm0."""
+    import subprocess
+
+    from textpoke.cc import include_dir
+
+    obj = tmp_path / "pktfilter.o"
+    flags = "-O2 -pg -mfentry -mrecord-mcount -mnop-mcount -mcmodel=kernel -fno-pic -mno-red-zone -ffreestanding"
+    cmd = ["gcc", *flags.split(), "-fno-stack-protector", f"-I{include_dir()}", "-c", str(OBJECTS / "pktfilter.c")]
+    subprocess.run([*cmd, "-o", str(obj)], check=True)
+    with pytest.raises(ObjectError, match=r"make_pkt: \w+ at 0x[0-9a-f]+ uses SSE.*-mgeneral-regs-only"):
+        _kernel(obj)
