@@ -345,6 +345,10 @@ def link(
                     kind = RELOCATION_NAMES.get(r.type, f"relocation type {r.type}")
                     raise ObjectError(f"{obj.name}: {kind} against {name} in {sec.name} is not handled")
                 s_val = _address(sym, oi, obj, where, common)
+                if s_val is None and isinstance(sym.shndx, int):
+                    raise ObjectError(
+                        f"{obj.name}: {sec.name}+{r.offset:#x} refers to {name} in a section that is not loaded"
+                    )
                 if s_val is None:
                     s_val = globals_.get(sym.name, provided.get(sym.name, 0))  # an undefined weak is 0
                 _apply(obj, sec, buf, base, r, s_val, name)

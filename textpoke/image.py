@@ -510,11 +510,24 @@ def _inner_labels(unit: Unit, body: str, address: int) -> dict[str, int]:
 
 def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
     """Assemble the kernel for `config` (cached per configuration, and per object contents)."""
+    return _dispatch(config, cached=True)
+
+
+def _build_fresh(config: KernelConfig = KernelConfig()) -> KernelImage:
+    """`build_kernel` without its cache: a new image each call (for tests that alter one)."""
+    return _dispatch(config, cached=False)
+
+
+build_kernel.__wrapped__ = _build_fresh  # type: ignore[attr-defined]  # as functools.lru_cache offers
+
+
+def _dispatch(config: KernelConfig, cached: bool) -> KernelImage:
+    with_objects = _build_with_objects if cached else _build_with_objects.__wrapped__
     if config.kernel == "c":
         blob = resources.files("textpoke.c").joinpath(C_KERNEL_OBJECT).read_bytes()
-        return _build_with_objects(config, ((f"textpoke/c/{C_KERNEL_OBJECT}", blob),))
+        return with_objects(config, ((f"textpoke/c/{C_KERNEL_OBJECT}", blob),))
     if not config.objects:
-        return _build_asm(config)
+        return _build_asm(config) if cached else _build_asm.__wrapped__(config)
     blobs = []
     for path in config.objects:
         try:
@@ -522,7 +535,7 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
                 blobs.append((path, f.read()))
         except OSError as err:
             raise ObjectError(f"{path}: cannot read: {err.strerror or err}") from None
-    return _build_with_objects(config, tuple(blobs))
+    return with_objects(config, tuple(blobs))
 
 
 @lru_cache(maxsize=8)
