@@ -355,7 +355,6 @@ def link(
 
     # 4. functions
     functions: dict[str, tuple[int, int]] = {}
-    func_owner: dict[str, int] = {}
     for oi, obj in enumerate(objects):
         for s in obj.symbols:
             if s.kind != "STT_FUNC" or not isinstance(s.shndx, int) or (oi, s.shndx) not in where:
@@ -372,7 +371,6 @@ def link(
                     continue
                 raise ObjectError(f"{obj.name}: function {name} is defined twice")
             functions[name] = (addr, size)
-            func_owner[name] = oi
 
     text = bytearray(b"\xcc" * (_align(text_pos, 16) - text_base))
     data = bytearray(data_pos - data_base)
@@ -417,7 +415,7 @@ def link(
     key_names = {a: n[len(_SCK) :] for n, a in symbols.items() if n.startswith(_SCK)}
     jumps = _jump_entries(objects, where, images, in_text)
     calls = _static_calls(objects, where, images, in_text, key_names)
-    calls += _derived_static_calls(objects, where, images, symbols, key_names, text, text_base, calls)
+    calls += _derived_static_calls(objects, where, images, symbols, calls)
     return Linked(
         bytes(text),
         bytes(data),
@@ -545,7 +543,7 @@ def _static_calls(objects, where, images, in_text, key_names) -> list[StaticCall
     return out
 
 
-def _derived_static_calls(objects, where, images, symbols, key_names, text, text_base, known) -> list[StaticCallSite]:
+def _derived_static_calls(objects, where, images, symbols, known) -> list[StaticCallSite]:
     """Calls and tail jumps to `__SCT__name` trampolines, recorded as objtool records them."""
     seen = {c.addr for c in known}
     out = []
