@@ -19,7 +19,7 @@ from rich.table import Table
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, TextpokeError
 from cpus.config import DEFAULT_QUANTUM
 
-from .image import KernelConfig, Percpu, build_kernel
+from .image import KERNELS, KernelConfig, Percpu, build_kernel
 
 __all__ = ["main"]
 
@@ -41,9 +41,35 @@ _positive = _at_least(1, "must be at least 1")
 _nonneg = _at_least(0, "must be >= 0")
 
 
+def _object_arg(sp: argparse.ArgumentParser) -> None:
+    """--object and --kernel: what code the kernel runs."""
+    sp.add_argument(
+        "--object",
+        action="append",
+        default=[],
+        metavar="FILE.o",
+        help="load this ELF object (compiled with the kernel's flags) as the traced code (repeatable)",
+    )
+    sp.add_argument(
+        "--kernel",
+        choices=list(KERNELS),
+        default="asm",
+        help="the built-in workload and traced functions: assembly (default) or C",
+    )
+
+
+def _kernel_config(args: argparse.Namespace, functions: int | None = None) -> KernelConfig:
+    """The kernel the command asked for: the user's objects, or the built-in traced functions."""
+    if args.object:
+        if args.kernel != "asm":
+            raise ConfigError("--object replaces the built-in workload and traced functions; drop --kernel")
+        return KernelConfig(objects=tuple(args.object))
+    return KernelConfig(nr_traced=functions if functions is not None else args.functions, kernel=args.kernel)
+
+
 def cmd_machine(args: argparse.Namespace, out: Console) -> int:
     """Boot the machine and run its workloads (no patching): a smoke test of the hardware model."""
-    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    kernel = build_kernel(_kernel_config(args))
     sources = (NmiSource("perf", period=args.nmi_period),) if args.nmi_period else ()
     cfg = MachineConfig(cpus=args.cpus, seed=args.seed, quantum=args.quantum, nmi_sources=sources)
     m = Machine(cfg, kernel.boot_image())
@@ -58,6 +84,8 @@ def cmd_machine(args: argparse.Namespace, out: Console) -> int:
         s = cpu.stats
         total += s["instructions"]
         calls = sum(m.percpu(cpu.index, Percpu.WL_COUNT + 8 * i) for i in range(kernel.config.nr_traced))
+        if kernel.user_code:
+            calls = "-"  # compiled code keeps no call counts
         table.add_row(
             str(cpu.index),
             str(s["instructions"]),
@@ -97,6 +125,7 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--nmi-rate", type=_nonneg, default=50, help="perf NMIs per million cycles per CPU")
     g.add_argument("--nmi-aim", choices=list(AIMS), default=None, help="also aim NMIs at this window")
     g.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking")
+    _object_arg(g)  # type: ignore[arg-type]
 
 
 def make_scenario(args: argparse.Namespace):
@@ -115,6 +144,8 @@ def make_scenario(args: argparse.Namespace):
         nmi_rate=args.nmi_rate if args.nmi != "none" else 0,
         nmi_aim=args.nmi_aim,
         fred=args.fred,
+        objects=tuple(args.object),
+        kernel=args.kernel,
     )
 
 
@@ -232,7 +263,7 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
     from .protocols import PatchRequest
     from .scenario import drain
 
-    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    kernel = build_kernel(_kernel_config(args))
     if len(args.site) != len(args.new):
         raise PatchError(f"give one --new per --site ({len(args.site)} sites, {len(args.new)} replacements)")
     if args.old and len(args.old) != len(args.site):
@@ -249,8 +280,9 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
             site = int(where, 0)
         except ValueError:
             if where not in kernel.symbols:
-                raise PatchError(f"no symbol {where!r} in the kernel (traced functions are fn_000 ...)") from None
-            site = kernel.symbols[where]
+                some = ", ".join(list(kernel.sites)[:4])
+                raise PatchError(f"no symbol {where!r} in the kernel (traced functions: {some} ...)") from None
+            site = kernel.sites.get(where, kernel.symbols[where])
         old = args.old[i] if args.old else (m.read(site, len(new)) if m.is_text(site, len(new)) else b"")
         try:
             requests.append(PatchRequest(site, old, new))
@@ -289,8 +321,10 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     from .report import plot_timeline
 
     t0 = time.perf_counter()
+    objects = tuple(args.object)
+    what = f"the functions of {', '.join(objects)}" if objects else "32 traced functions"
     out.print(
-        f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), 32 traced functions, "
+        f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), {what}, "
         "NMIs on cpu1-3; ftrace enabled then disabled on every site. seed "
         f"{args.seed}"
     )
@@ -300,7 +334,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             status.update(f"done: {row.label}")
 
         with executor(args.jobs) as ex:
-            rows = run_demo(args.seed, ex, tick)
+            rows = run_demo(args.seed, ex, tick, objects=objects, kernel=args.kernel)
     table = Table(title="verdicts and costs (cycles)")
     for col in ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested"):
         table.add_column(col, justify="left" if col in ("scenario", "verdict") else "right")
@@ -338,7 +372,10 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     path = plot_timeline(panels, args.out / "timeline.png", "enabling ftrace on 32 sites while the workloads run")
     out.print(f"timeline of the enable operation: {path}")
     out.print("hashes: " + " ".join(f"{r.trace_hash[:12]}" for r in rows) + f"  ({time.perf_counter() - t0:.1f} s)")
-    out.print("replay any row with: textpoke replay SEED --protocol P --nmi ENTRY --sites 32 --nmi-rate 300")
+    code = " ".join(f"--object {o}" for o in objects) or "--sites 32"
+    if args.kernel != "asm" and not objects:
+        code += f" --kernel {args.kernel}"
+    out.print(f"replay any row with: textpoke replay SEED --protocol P --nmi ENTRY {code} --nmi-rate 300")
     if args.json:
         data = [
             {
@@ -408,6 +445,8 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             costs=costs,
             rt_cpus=rt_cpus_for([1, -1] if args.rt_cpus is None else args.rt_cpus, c),
             rt_period=args.rt_period,
+            objects=tuple(args.object),
+            kernel=args.kernel,
         )
         for p in args.protocols
         for c in args.cpus
@@ -508,7 +547,7 @@ def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
     from .callgraph import build_callgraph, reachable_sites
     from .image import BP_ENTRIES, NMI_CHOICES, NMI_ENTRIES
 
-    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    kernel = build_kernel(_kernel_config(args))
     g = build_callgraph(kernel)
     table = Table(title=f"traced sites reachable from each entry ({len(kernel.sites)} traced functions)")
     table.add_column("entry")
@@ -522,10 +561,50 @@ def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
         table.add_row(f"#BP {mode} ({sym})", ", ".join(sites) or "none")
     workload_only = sorted(set(kernel.sites) - set(reachable_sites(g, "nmi_handler")))
     out.print(table)
-    out.print(f"called only by the workloads (through computed calls): {len(workload_only)} sites")
+    if kernel.user_code:
+        out.print(_object_functions(kernel, g))
+    how = "direct calls from textpoke_workload" if kernel.user_code else "computed calls"
+    out.print(f"called only by the workloads ({how}): {len(workload_only)} sites")
     if args.dot:
         _write_dot(g, args.dot)
         out.print(f"wrote {args.dot}")
+    return 0
+
+
+def _object_functions(kernel, g) -> Table:
+    """The functions loaded from the user's objects: where they are, their sites, who calls them."""
+    table = Table(title=f"functions of {', '.join(kernel.config.objects)}")
+    for col in ("function", "address", "size", "ftrace site", "called by"):
+        table.add_column(col, justify="right" if col in ("address", "size") else "left")
+    for name in sorted(kernel.foreign, key=lambda n: kernel.symbols[n]):
+        site = kernel.sites.get(name)
+        callers = sorted(a for a, _b in g.in_edges(name)) if name in g else []
+        table.add_row(
+            name,
+            f"{kernel.symbols[name]:#x}",
+            str(kernel.sizes[name]),
+            f"{site:#x}" if site is not None else "none (notrace)",
+            ", ".join(callers) or "-",
+        )
+    return table
+
+
+def cmd_cc(args: argparse.Namespace, out: Console) -> int:
+    """Compile C sources with the kernel's flags into objects `--object` accepts."""
+    from .cc import compile_objects, find_compiler, include_dir
+
+    cc = find_compiler(args.compiler)
+    if args.kernel:
+        if args.sources:
+            raise ConfigError("--kernel rebuilds the C kernel only; give no sources with it")
+        args.sources, args.out = [include_dir() / "kernel.c"], include_dir()
+    elif not args.sources:
+        raise ConfigError("give C sources to compile, or --kernel to rebuild the C kernel")
+    record = compile_objects(args.sources, args.out, cc)
+    out.print(f"{cc.name}, {cc.version}: {' '.join(cc.flags)}", markup=False, highlight=False)
+    for name, digest in record["objects"].items():
+        out.print(f"  {args.out / name}  sha256 {digest[:16]}")
+    out.print(f"wrote {args.out / 'BUILD.json'}")
     return 0
 
 
@@ -561,9 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("textpoke-out"), help="where to write the timeline")
     run.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: all cores)")
     run.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    _object_arg(run)
     run.set_defaults(func=cmd_run)
     mach = sub.add_parser("machine", help="boot the machine and run its workloads, no patching")
     machine_args(mach)
+    _object_arg(mach)
     mach.set_defaults(func=cmd_machine)
 
     saf = sub.add_parser("safety", help="sweep seeds for a protocol and count the oracle's violations")
@@ -591,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     pat.add_argument("--functions", type=_positive, default=32)
     pat.add_argument("--warmup", type=_nonneg, default=5_000)
     pat.add_argument("--strict", action="store_true", help="exit 1 when the oracle found a violation")
+    _object_arg(pat)
     pat.set_defaults(func=cmd_patch)
 
     lat = sub.add_parser("latency", help="stop_machine against text_poke_bp as CPUs and batches grow")
@@ -618,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--json", type=Path, default=None)
     lat.add_argument("--markdown", type=Path, default=None)
     lat.add_argument("--quiet", action="store_true")
+    _object_arg(lat)
     lat.set_defaults(func=cmd_latency)
 
     from .explore import NESTED_FLAGS
@@ -643,7 +726,15 @@ def build_parser() -> argparse.ArgumentParser:
     cg = sub.add_parser("callgraph", help="traced sites reachable from the NMI entries and the #BP handler")
     cg.add_argument("--functions", type=_positive, default=32, help="traced functions in the kernel")
     cg.add_argument("--dot", type=Path, default=None, help="write the call graph in Graphviz dot form")
+    _object_arg(cg)
     cg.set_defaults(func=cmd_callgraph)
+
+    cc = sub.add_parser("cc", help="compile C sources with the kernel's flags into objects for --object")
+    cc.add_argument("sources", type=Path, nargs="*", help="C source files")
+    cc.add_argument("--kernel", action="store_true", help="rebuild the C kernel (textpoke/c/kernel.o)")
+    cc.add_argument("-o", "--out", type=Path, default=Path("."), help="directory for the objects and BUILD.json")
+    cc.add_argument("--compiler", choices=["gcc", "clang", "zig"], default=None, help="default: gcc, clang, zig")
+    cc.set_defaults(func=cmd_cc)
 
     rep = sub.add_parser("replay", help="rerun one seed and print its annotated trace")
     rep.add_argument("seed", type=_nonneg)

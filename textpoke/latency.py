@@ -52,6 +52,9 @@ class LatencyConfig:
     costs: CostModel = field(default_factory=CostModel)
     quantum: int = 1000
     fine_quantum: int = 200
+    #: ELF objects to build the kernel from (their first `sites` sites are patched)
+    objects: tuple[str, ...] = ()
+    kernel: str = "asm"  # the built-in workload and traced functions: asm or c
     #: CPUs running the periodic RT task (not the patcher: it runs the operation as Python code)
     rt_cpus: tuple[int, ...] = ()
     rt_period: int = 10_000
@@ -103,7 +106,11 @@ class LatencyRow:
 
 def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     nr = max(cfg.functions, cfg.sites)
-    kernel = build_kernel(KernelConfig(nr_traced=nr))
+    kernel = build_kernel(
+        KernelConfig(objects=cfg.objects) if cfg.objects else KernelConfig(nr_traced=nr, kernel=cfg.kernel)
+    )
+    if len(kernel.sites) < cfg.sites:
+        raise ConfigError(f"the objects have {len(kernel.sites)} ftrace sites; cannot patch {cfg.sites}")
     meter = meter or StallMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
     interruptions = InterruptionMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
     mc = MachineConfig(

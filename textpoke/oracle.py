@@ -22,7 +22,9 @@ nmi-corruption, lost-nmi  the NMI classes (see `textpoke.nmi_oracle`)
 Accounting: every call of a traced function runs its site exactly once, so after a drained run the
 number of site executions per CPU and function equals the workload's plus the NMI handler's own
 counts of calls, and the calls each tracer counted equal the executions whose effective instruction
-was a call to it.
+was a call to it. In a kernel built from the user's objects the compiled code keeps no counts of its
+own, so only the second equation is checked: each tracer's per-CPU, per-site count against the site
+executions that called it.
 """
 
 from __future__ import annotations
@@ -350,11 +352,14 @@ class SafetyOracle:
             if cpu.crash is not None:
                 continue
             calls = fetched = ft = ft_alt = exp_ft = exp_alt = 0
-            for i in range(k.config.nr_traced):
-                site = k.site_of(i)
-                wl = m.percpu(cpu.index, Percpu.WL_COUNT + 8 * i)
-                nm = m.percpu(cpu.index, Percpu.NMI_CALLS + 8 * i)
+            for i, site in enumerate(k.site_table):
                 f = self.fetches[(cpu.index, site)]
+                if k.user_code:
+                    # compiled code counts nothing itself: each execution of a site is one call
+                    wl, nm = f, 0
+                else:
+                    wl = m.percpu(cpu.index, Percpu.WL_COUNT + 8 * i)
+                    nm = m.percpu(cpu.index, Percpu.NMI_CALLS + 8 * i)
                 a = m.percpu(cpu.index, Percpu.FT_COUNT + 8 * i)
                 b = m.percpu(cpu.index, Percpu.FT_ALT_COUNT + 8 * i)
                 ea = self.traced[(cpu.index, site, "ftrace_caller")]

@@ -8,16 +8,18 @@ the run's seed and trace hash. The same scenario and seed give the same verdict 
 
 from __future__ import annotations
 
+import shlex
 import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
 from cpus.config import DEFAULT_QUANTUM, MAX_CPUS
 
-from .image import BP_ENTRIES, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
+from .image import BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
 from .oracle import SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .protocols import MUTATIONS, PROTOCOLS
@@ -54,6 +56,11 @@ class Scenario:
     irqoff_len: int = 0  # > 0: workloads run interrupts-off sections of this many spins
     #: indices of the traced functions to patch (None: all of them)
     patch_sites: tuple[int, ...] | None = None
+    #: ELF objects (paths) whose functions are the traced functions and whose textpoke_workload the
+    #: workload CPUs call (`sites` then does not apply: every site of the objects is patched)
+    objects: tuple[str, ...] = ()
+    #: the built-in workload and traced functions: "asm" or "c" (the same, compiled from C)
+    kernel: str = "asm"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -71,6 +78,10 @@ class Scenario:
                 raise ConfigError(f"unknown NMI aim {self.nmi_aim!r}; choose from {', '.join(AIMS)}")
             if self.nmi == "none" or aim_symbol(self) is None:
                 raise ConfigError(f"NMI aim {self.nmi_aim!r} needs an NMI entry that has that window")
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
+        if self.kernel != "asm" and self.objects:
+            raise ConfigError("objects replace the built-in workload and traced functions; the kernel must be asm")
         if self.mutation is not None and self.mutation not in MUTATIONS:
             raise ConfigError(f"unknown mutation {self.mutation!r}; choose from {', '.join(MUTATIONS)}")
         if not 2 <= self.cpus <= MAX_CPUS:
@@ -98,6 +109,10 @@ class Scenario:
                 parts.append(f"aim={self.nmi_aim}")
         if self.fred:
             parts.append("fred")
+        if self.objects:
+            parts[3] = "objects=" + ",".join(Path(o).name for o in self.objects)
+        if self.kernel != "asm":
+            parts.append(f"kernel={self.kernel}")
         return " ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -151,7 +166,13 @@ def aim_symbol(sc: Scenario) -> str | None:
 
 
 def _kernel(sc: Scenario):
-    return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=min(4, 1 << (sc.sites.bit_length() - 1))))
+    if sc.objects:
+        kernel = build_kernel(KernelConfig(objects=tuple(sc.objects)))
+        if not kernel.sites:
+            raise ConfigError("the objects have no ftrace sites: compile them with -pg -mfentry")
+        return kernel
+    nmi_funcs = min(4, 1 << (sc.sites.bit_length() - 1))
+    return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=nmi_funcs, kernel=sc.kernel))
 
 
 def run_scenario(
@@ -227,7 +248,9 @@ def run_scenario(
 def replay_command(sc: Scenario, seed: int) -> str:
     """The `textpoke replay` command line that reruns this scenario and seed."""
     parts = ["textpoke replay", str(seed), f"--protocol {sc.protocol}", f"--int3 {sc.int3}"]
-    parts += [f"--cpus {sc.cpus}", f"--sites {sc.sites}", f"--operation {sc.operation}"]
+    parts += [f"--cpus {sc.cpus}"]
+    parts += [f"--object {shlex.quote(o)}" for o in sc.objects] or [f"--sites {sc.sites}"]
+    parts += [f"--operation {sc.operation}"]
     if sc.mutation:
         parts.append(f"--mutation {sc.mutation}")
     if sc.nmi != "none":
@@ -236,6 +259,8 @@ def replay_command(sc: Scenario, seed: int) -> str:
             parts.append(f"--nmi-aim {sc.nmi_aim}")
     if sc.fred:
         parts.append("--fred")
+    if sc.kernel != "asm":
+        parts.append(f"--kernel {sc.kernel}")
     if sc.quantum != Scenario().quantum:
         parts.append(f"--quantum {sc.quantum}")
     if sc.irqoff_len:
