@@ -29,6 +29,7 @@ SYM_FUNC_START(workload_main)
     shr rcx, 20
     and rcx, rax
     jnz .Lloop
+SYM_INNER_LABEL(workload_irqoff)        # block starts, as in workload.S: the interruption meter probes them
     pushfq
     cli
     mov rcx, qword ptr gs:[PCPU_IRQOFF_LEN]
@@ -36,6 +37,7 @@ SYM_FUNC_START(workload_main)
     pause
     dec rcx
     jnz .Loff
+SYM_INNER_LABEL(workload_irqon)
     popfq
     jmp .Lloop
 SYM_FUNC_END(workload_main)
