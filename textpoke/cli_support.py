@@ -193,9 +193,11 @@ def print_table(
     rows: Sequence[Sequence[Any]],
     right: Sequence[str] = (),
     styles: Sequence[str | None] | None = None,
+    style_col: int = 0,
 ) -> None:
-    """Print a table: with rich on `out` (`fmt` "table"; `styles`, one per row, colour a row's first
-    cell; cells are shown as they are, never read as markup), or its rows as JSON or CSV on stdout."""
+    """Print a table: with rich on `out` (`fmt` "table"; `styles`, one per row, colour a row's cell
+    `style_col`; cells are shown as they are, never read as markup), or its rows as JSON or CSV on
+    stdout."""
     if fmt == "json":
         sys.stdout.write(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], indent=2) + "\n")
         return
@@ -212,7 +214,7 @@ def print_table(
     for i, r in enumerate(rows):
         cells = [Text(_cell(x)) for x in r]
         if styles and styles[i]:
-            cells[0].stylize(styles[i])  # type: ignore[arg-type]
+            cells[style_col].stylize(styles[i])  # type: ignore[arg-type]
         table.add_row(*cells)
     out.print(table)
 

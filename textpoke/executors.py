@@ -141,4 +141,3 @@ def stream(
     finally:
         for f in pending:
             f.cancel()
-

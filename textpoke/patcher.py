@@ -192,7 +192,7 @@ class Patcher:
             if r.site not in self.kernel.boundaries:
                 raise PatchError(f"{where} is not an instruction boundary")
             if r.site not in sites:
-                raise PatchError(f"{where} ({describe(self.m.read(r.site, 5), r.site)}) is not a patchable site")
+                raise PatchError(f"{where} ({self._first_insn(r.site)}) is not a patchable site")
             if len(r.new) != sites[r.site]:
                 raise PatchError(f"{where}: replacement is {len(r.new)} bytes, the site is {sites[r.site]}")
             for lo, hi in seen:
@@ -209,6 +209,11 @@ class Patcher:
             if protocol in INT3_PROTOCOLS:
                 _decode_for_int3(r)
         return tuple(requests)
+
+    def _first_insn(self, site: int) -> str:
+        """The disassembly of the one instruction at `site` (text permitting: at most 15 bytes)."""
+        code = self.m.read(site, max(1, min(15, self.m.text_hi - site)))
+        return describe(code[: insn_length(code) or len(code)], site)
 
     def _warn_nmi_reachable(self, reqs: Sequence[PatchRequest], protocol: str) -> None:
         from .callgraph import build_callgraph, reachable_sites
