@@ -84,6 +84,11 @@ def _kernel_config(functions: int) -> KernelConfig:
     return KernelConfig(nr_traced=functions, nmi_funcs=min(4, 1 << (functions.bit_length() - 1)))
 
 
+def _stderr_line(text: str) -> None:
+    """One line on stderr, as it is (no markup, no wrapping)."""
+    Console(stderr=True).print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _console_for(args: argparse.Namespace) -> Console:
     """Where a command's prose goes: stdout, or stderr when stdout carries `--format json|csv`."""
     if getattr(args, "format", "table") != "table":
@@ -178,8 +183,13 @@ def check_scenario_options(args: argparse.Namespace) -> None:
         if build(args.protocol, req, args.mutation) == build(args.protocol, req):
             raise ConfigError(f"--mutation {args.mutation} changes nothing in --protocol {args.protocol}")
     if args.nmi == "none":
-        for given, option in ((args.nmi_rate is not None, "--nmi-rate"), (args.fred, "--fred")):
-            if given:
+        given = (
+            (args.nmi_rate is not None, "--nmi-rate"),
+            (args.fred, "--fred"),
+            (args.nmi_aim is not None, "--nmi-aim"),
+        )
+        for is_given, option in given:
+            if is_given:
                 raise ConfigError(f"{option} needs an NMI entry (--nmi ENTRY)")
     elif args.fred and args.nmi.startswith("latch"):
         raise ConfigError(f"--fred models x86_64 FRED hardware; --nmi {args.nmi} is an i386 entry")
@@ -264,11 +274,9 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
         data["seconds"] = dt
         if args.json:
             write_output(args.json, json.dumps(data, indent=2) + "\n")
-        Console(stderr=True).print(
+        _stderr_line(
             f"textpoke: interrupted: {result.seeds} of {len(seeds)} seeds done"
-            + (f", {len(result.failing)} with a violation; wrote {args.json} (marked incomplete)" if args.json else ""),
-            markup=False,
-            highlight=False,
+            + (f", {len(result.failing)} with a violation; wrote {args.json} (marked incomplete)" if args.json else "")
         )
         return 130
     n = max(result.seeds, 1)
@@ -382,7 +390,7 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
         if not new:
             raise PatchError(f"--new for --site {where}: give at least one byte")
         if site < 0 or not m.is_text(site, len(new)):
-            raise PatchError(f"--site {where}: {site:#x} is not inside the kernel text")
+            raise PatchError(f"--site {where} is not inside the kernel text ({m.text_lo:#x} to {m.text_hi:#x})")
         old = args.old[i] if args.old else m.read(site, len(new))
         try:
             requests.append(PatchRequest(site, old, new))
@@ -579,11 +587,9 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
                     "rows": [{k: v for k, v in r.as_dict().items() if k != "phases"} for _, r in done],  # type: ignore[attr-defined]
                 }
                 write_output(args.json, json.dumps(partial, indent=2) + "\n")
-            Console(stderr=True).print(
+            _stderr_line(
                 f"textpoke: interrupted: {len(done)} of {len(configs)} runs done"
-                + (f"; wrote {args.json} (marked incomplete)" if args.json else ""),
-                markup=False,
-                highlight=False,
+                + (f"; wrote {args.json} (marked incomplete)" if args.json else "")
             )
             return 130
     done.sort(key=lambda x: x[0])
@@ -660,9 +666,8 @@ def cmd_explore(args: argparse.Namespace, out: Console) -> int:
         result = explore(protocol, args.mutation, cpus, sites, max_states=args.max_states)
     out.print(result.report(), markup=False, highlight=False)
     if args.strict and result.safe and not result.complete:
-        Console(stderr=True).print(
-            f"textpoke: the search stopped at --max-states {args.max_states} before it was complete: nothing is proven",
-            markup=False,
+        _stderr_line(
+            f"textpoke: the search stopped at --max-states {args.max_states} before it was complete: nothing is proven"
         )
         return 1
     return 1 if args.strict and not result.safe else 0
@@ -888,7 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[red]textpoke: error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err_console.print("textpoke: interrupted", markup=False, highlight=False)
+        err_console.print("textpoke: interrupted", markup=False, highlight=False, soft_wrap=True)
         return 130
 
 

@@ -46,7 +46,7 @@ def check_scheduler(address: str) -> str:
     except ValueError:
         raise ConfigError(f"--scheduler {address!r}: invalid port (1 to 65535)") from None
     if parts.scheme != "inproc" and port is None:
-        raise ConfigError(f"--scheduler {address!r} has no port (write tcp://HOST:PORT, usually 8786)")
+        raise ConfigError(f"--scheduler {address!r} is not a scheduler address: no port (write tcp://HOST:PORT)")
     if port == 0:
         raise ConfigError(f"--scheduler {address!r}: invalid port (1 to 65535)")
     return text
