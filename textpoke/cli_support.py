@@ -72,7 +72,7 @@ def bounded(low: int, high: int) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if not low <= v <= high:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: give {low:,} to {high:,}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be between {low:,} and {high:,}")
         return v
 
     parse.__name__ = f"whole number in [{low}, {high}]"

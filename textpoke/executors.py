@@ -94,8 +94,8 @@ def executor(jobs: int | None = None, scheduler: str | None = None) -> Iterator[
 
 def _stop_now(pool: ProcessPoolExecutor) -> None:
     """Drop the queued tasks and end the workers without waiting for the running ones."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
     pool.shutdown(wait=False, cancel_futures=True)
-    procs = list((getattr(pool, "_processes", None) or {}).values())
     for p in procs:
         if p.is_alive():
             p.terminate()
