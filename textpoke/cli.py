@@ -384,7 +384,7 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
         except ValueError:
             if where not in kernel.symbols:
                 raise PatchError(
-                    f"--site {where!r}: no such symbol in the kernel (traced functions are fn_000 ...)"
+                    f"--site: no symbol {where!r} in the kernel (traced functions are fn_000 ...)"
                 ) from None
             site = kernel.symbols[where]
         if not new:
