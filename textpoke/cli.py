@@ -403,7 +403,7 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
         warnings.simplefilter("always")
         report = patcher.patch(requests, args.protocol)
     for w in caught:
-        Console(stderr=True).print(f"[yellow]textpoke: warning:[/yellow] {escape(str(w.message))}")
+        Console(stderr=True).print(f"[yellow]textpoke: warning:[/yellow] {escape(str(w.message))}", soft_wrap=True)
     m.run(args.warmup)
     drain(m)
     verdict = oracle.verdict(m, args.seed, True)
