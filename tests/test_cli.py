@@ -464,3 +464,12 @@ def test_incomplete_seeds_are_counted_apart_from_violations():
     data = result.as_dict()
     assert data["seeds_incomplete"] == 1 and data["incomplete_seeds"] == {"1": "the budget ran out"}
     assert data["seeds_with_violation"] == 0 and result.failing == []
+
+
+def test_replay_writes_its_files_whole(capsys, tmp_path):
+    listing, jsonl = tmp_path / "listing.txt", tmp_path / "trace.jsonl"
+    argv = ["replay", "0", "--cpus", "2", "--sites", "2", "--operation", "enable", "--limit", "5"]
+    rc, out, _ = run_cli(capsys, *argv, "--out", str(listing), "--jsonl", str(jsonl))
+    assert rc == 0 and f"wrote {listing}" in out
+    assert len(listing.read_text().splitlines()) == len(jsonl.read_text().splitlines()) > 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["listing.txt", "trace.jsonl"]

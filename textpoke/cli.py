@@ -892,6 +892,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TextpokeError) as err:
         err_console.print(f"[red]textpoke: error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
+    except OSError as err:  # an output that became unwritable after the checks (disk full, ...)
+        where = f" {err.filename}" if err.filename else ""
+        err_console.print(f"textpoke: error:{where}: {err.strerror or err}", markup=False, soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         err_console.print("textpoke: interrupted", markup=False, highlight=False, soft_wrap=True)
         return 130

@@ -22,9 +22,10 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich import box
 from rich.console import Console
@@ -41,6 +42,7 @@ __all__ = [
     "bounded",
     "check_output_path",
     "escape",
+    "open_whole",
     "output_dir",
     "output_file",
     "output_image",
@@ -153,6 +155,35 @@ def output_image(option: str) -> Callable[[str], Path]:
 def output_dir(option: str) -> Callable[[str], Path]:
     """An argparse type: a directory this command will write into (made if missing)."""
     return _path_type(option, directory=True)
+
+
+@contextmanager
+def open_whole(path: Path | None) -> Iterator[IO[str] | None]:
+    """A text file to write `path` through, made visible only when the block ends without an
+    exception (a temporary file beside it, then a rename); None when `path` is None. A device or a
+    pipe is written directly."""
+    if path is None:
+        yield None
+        return
+    if path.exists() and not path.is_file():
+        with open(path, "w", encoding="utf-8") as fh:
+            yield fh
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yield fh
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_output(path: Path, text: str) -> None:
