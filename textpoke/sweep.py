@@ -27,7 +27,7 @@ __all__ = ["SeedResult", "SweepInterrupted", "SweepResult", "run_one", "sweep", 
 #: a full garbage collection after this many runs in one process: a run leaves reference cycles
 #: (machine, CPUs, hooks) that hold Unicorn instances, and when Python's collector gets to them
 #: would otherwise decide how much memory a long sweep takes
-_COLLECT_EVERY = 10
+_COLLECT_EVERY = 5
 _runs = 0
 
 
