@@ -473,3 +473,32 @@ def test_replay_writes_its_files_whole(capsys, tmp_path):
     assert rc == 0 and f"wrote {listing}" in out
     assert len(listing.read_text().splitlines()) == len(jsonl.read_text().splitlines()) > 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["listing.txt", "trace.jsonl"]
+
+
+def test_ctrl_c_inside_an_emulator_callback_is_not_lost(kernel):
+    """A signal usually lands while Python runs one of Unicorn's hook callbacks, where ctypes would
+    print an exception and drop it. The CLI's handler defers it to the end of the quantum."""
+
+    class RaiseSigint:
+        def __init__(self) -> None:
+            self.sent = 0
+
+        def on_probe(self, cpu: int, time: int, label: str) -> None:
+            if not self.sent:
+                self.sent += 1
+                signal.raise_signal(signal.SIGINT)
+
+    probe = RaiseSigint()
+    m = Machine(MachineConfig(cpus=2, seed=0), kernel.boot_image("emulate"), [probe])
+    m.probe(kernel.symbols["workload_main"], "loop")
+    previous = signal.signal(signal.SIGINT, cli._on_sigint)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stop:
+            m.run(2_000_000)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert probe.sent == 1
+    # raised by the engine once Unicorn returned, not from inside the callback
+    last = stop.traceback[-1]
+    assert last.name == "run" and last.path.name == "_unicorn.py"
+    assert m.now() < 2_000_000  # stopped at once, not after the run

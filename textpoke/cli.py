@@ -10,7 +10,9 @@ incomplete).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -883,10 +885,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C: a KeyboardInterrupt, raised once the emulator is out of its callbacks."""
+    from cpus._unicorn import defer_interrupt
+
+    if not defer_interrupt():
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     err_console = Console(stderr=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         return args.func(args, _console_for(args))
     except (ConfigError, TextpokeError) as err:
@@ -899,6 +912,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("textpoke: interrupted", markup=False, highlight=False, soft_wrap=True)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":
