@@ -97,6 +97,7 @@ def scaling(quick: bool, out: Path) -> dict:
             window = writes[-1][1] - writes[0][0]
             assert r["max_stall_cycles"] >= window, (r["cpus"], r["max_stall_cycles"], window)
             assert r["max_interruption_cycles"] >= window, (r["cpus"], r["max_interruption_cycles"], window)
+
     # what a real-time task sees: the worst interruption of any CPU, over the seeds
     def worst(protocol: str, c: int) -> int:
         return max(r["max_interruption_cycles"] for r in rows if r["protocol"] == protocol and r["cpus"] == c)

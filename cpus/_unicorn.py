@@ -119,6 +119,25 @@ CpuidHook = Callable[[], bool]
 _INSN_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
 
 
+# Ctrl-C while Unicorn runs: Python runs a signal handler at the next bytecode it executes, which is
+# usually inside one of our hook callbacks, and an exception raised there would be printed by ctypes
+# and lost. A handler that calls `defer_interrupt()` instead has `Engine.run` raise the
+# KeyboardInterrupt once Unicorn has returned (at the end of the quantum).
+_emulating = False
+_interrupt_deferred = False
+
+
+def defer_interrupt() -> bool:
+    """For a SIGINT handler: True when an engine is running on this thread, in which case
+    `Engine.run` raises KeyboardInterrupt as soon as it returns; False when the caller should raise
+    it itself."""
+    global _interrupt_deferred
+    if _emulating:
+        _interrupt_deferred = True
+        return True
+    return False
+
+
 class Engine:
     """One x86_64 CPU core in long mode, ring 0, paging on, sharing `memories` with its siblings."""
 
@@ -276,7 +295,13 @@ class Engine:
     # -- execution ------------------------------------------------------------------------------
     def run(self, rip: int, until: int, count: int) -> RunStop | None:
         """Execute up to `count` instructions from `rip`; a guest fault ends it early."""
+        global _emulating, _interrupt_deferred
+        _emulating = True
         status = uclib.uc_emu_start(self._uch, rip, until, 0, count)
+        _emulating = False
+        if _interrupt_deferred:
+            _interrupt_deferred = False
+            raise KeyboardInterrupt
         if self.hook_error is not None:
             err, self.hook_error = self.hook_error, None
             raise err

@@ -11,12 +11,26 @@ from dataclasses import dataclass, field
 from .coherence import SnoopModel
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_QUANTUM", "MAX_CPUS", "CostModel", "MachineConfig", "NmiSource", "TimerSource"]
+__all__ = [
+    "DEFAULT_QUANTUM",
+    "MAX_COST",
+    "MAX_CPUS",
+    "MAX_INSTRUCTION_COST",
+    "CostModel",
+    "MachineConfig",
+    "NmiSource",
+    "TimerSource",
+]
 
 #: Each CPU is a Unicorn instance (about 3 MiB resident, 16 MiB of reserved code buffer).
 MAX_CPUS = 128
 #: mean scheduling quantum (instructions) outside patch steps; see README "Model and its limits"
 DEFAULT_QUANTUM = 1000
+#: the largest cost of one event, in cycles (400 us at 2.5 GHz, a hundred times a real text_poke):
+#: beyond it a run is no longer a model of a machine, and a patch operation would take hours to simulate
+MAX_COST = 1_000_000
+#: the largest cost of one retired instruction
+MAX_INSTRUCTION_COST = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +51,14 @@ class CostModel:
     stopper_wakeup: int = 5000  # scheduling the stop_machine stopper thread on a woken CPU
 
     def __post_init__(self) -> None:
+        # every cost is at least one cycle: a free poll would make a spin-wait spin without time passing
         for name in self.__dataclass_fields__:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"cost model: {name} must be a non-negative integer, got {v!r}")
-        if self.instruction < 1:
-            raise ConfigError("cost model: instruction must be at least 1 cycle")
+            high = MAX_INSTRUCTION_COST if name == "instruction" else MAX_COST
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"cost {name} must be a whole number of cycles, got {v!r}")
+            if not 1 <= v <= high:
+                raise ConfigError(f"cost {name} must be between 1 and {high:,} cycles, got {v:,}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,7 @@ def test_disable_and_retarget_need_enabled_sites(rig, kernel):
         (["patch", "--site", "fn_001", "--new", "b801000000"], "cannot emulate"),
         (["patch", "--site", "0xffffffff81000001", "--new", "e800000000"], "not an instruction boundary"),
         (["patch", "--site", "nosuch", "--new", "e800000000"], "no symbol"),
-        (["safety", "--cpus", "1", "--seeds", "1"], "cpus must be between 2"),
+        (["safety", "--cpus", "1", "--seeds", "1"], "argument --cpus: 1 is out of range: must be between 2"),
     ],
 )
 def test_cli_refuses_bad_input_with_the_message(argv, message):

@@ -134,9 +134,7 @@ def test_config_errors():
 def test_percpu_variables_do_not_overlap():
     arrays = {"SCRATCH": 64 * 8, "WL_COUNT": 256 * 8, "FT_COUNT": 256 * 8, "FT_ALT_COUNT": 256 * 8}
     arrays |= {"NMI_CALLS": 256 * 8, "RT_RING": 16 * RT_RING_SIZE}
-    spans = sorted(
-        (v, v + arrays.get(k, 8), k) for k, v in vars(Percpu).items() if k.isupper() and isinstance(v, int)
-    )
+    spans = sorted((v, v + arrays.get(k, 8), k) for k, v in vars(Percpu).items() if k.isupper() and isinstance(v, int))
     for (_, end, a), (start, _, b) in pairwise(spans):
         assert end <= start, f"per-CPU variables {a} and {b} overlap"
     assert spans[-1][1] <= 0x4000  # the per-CPU area is 16 KiB

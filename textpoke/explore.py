@@ -507,13 +507,15 @@ def _r(s: NmiState, **kw) -> NmiState:
     return NmiState(**d)
 
 
-def explore_nmi(entry: str = "nested-safe", nmis: int = 3, fred: bool = False) -> ExploreResult:
+def explore_nmi(
+    entry: str = "nested-safe", nmis: int = 3, fred: bool = False, max_states: int = 200_000
+) -> ExploreResult:
     """Every interleaving of up to `nmis` NMI arrivals with the steps of one CPU's NMI entry, where
     the handler may hit an int3 (a site being patched) whose iretq unblocks NMIs."""
     if entry not in ("naive", *NESTED_FLAGS, "latch-cmpxchg", "latch-cmpxchg386", "latch-dec"):
         raise ValueError(f"unknown NMI entry {entry!r}")
     start = NmiState("none", False, False, nmis, "-", "-", ("-", "-"), 0, False)
-    states, transitions, complete, violations = _search(start, lambda st: _nmi_successors(st, entry, fred))
+    states, transitions, complete, violations = _search(start, lambda st: _nmi_successors(st, entry, fred), max_states)
     label = entry + (" (FRED)" if fred else "")
     return ExploreResult(
         f"NMI entry {label}",

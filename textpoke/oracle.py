@@ -96,6 +96,9 @@ class Verdict:
     counts: Counter = field(default_factory=Counter)
     accounting: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    #: why the run has no full verdict (a patch operation ran out of its cycle budget while still
+    #: making progress); what was seen before that is kept, nothing after it is judged
+    incomplete: str | None = None
 
     @property
     def failed_classes(self) -> list[str]:
@@ -106,6 +109,8 @@ class Verdict:
         return not self.counts
 
     def summary(self) -> str:
+        if self.incomplete and self.ok:
+            return f"seed {self.seed}: incomplete, {self.incomplete} (trace {self.trace_hash})"
         if self.ok:
             return f"seed {self.seed}: ok (trace {self.trace_hash})"
         parts = ", ".join(f"{k} x{self.counts[k]}" for k in self.failed_classes)
@@ -145,6 +150,7 @@ class SafetyOracle:
         }
         self.machine: Machine | None = None
         self.nmi_counts: Counter = Counter()
+        self.incomplete: str | None = None  # set when an operation is abandoned before its end
 
     def attach(self, m: Machine) -> None:
         """Give the oracle the machine it judges (stack snapshots) and the handler probe."""
@@ -153,6 +159,8 @@ class SafetyOracle:
 
     # -- reporting ---------------------------------------------------------------------------------
     def _flag(self, kind: str, cpu: int, time: int, site: int | None, code: bytes, detail: str) -> None:
+        if self.incomplete is not None:
+            return  # an abandoned operation: what follows is not the protocol's doing
         self.counts[kind] += 1
         if sum(1 for v in self.violations if v.kind == kind) < _MAX_KEPT:
             where = site if site is not None else 0
@@ -177,6 +185,9 @@ class SafetyOracle:
 
     def on_op_hang(self, op, time: int, why: str) -> None:
         self._flag("crash", 0, time, None, b"", f"patch operation hung: {why}")
+
+    def on_op_incomplete(self, op, time: int, why: str) -> None:
+        self.incomplete = why
 
     # -- machine instrument ------------------------------------------------------------------------
     def on_text_write(self, cpu: int, time: int, addr: int, data: bytes) -> None:
@@ -392,5 +403,7 @@ class SafetyOracle:
         return {"exact": exact, "per_cpu": rows}
 
     def verdict(self, m: Machine, seed: int, drained: bool) -> Verdict:
-        accounting = self.reconcile(m) if drained else {"exact": None, "per_cpu": []}
-        return Verdict(seed, m.trace_hash, list(self.violations), Counter(self.counts), accounting)
+        accounting = self.reconcile(m) if drained and self.incomplete is None else {"exact": None, "per_cpu": []}
+        verdict = Verdict(seed, m.trace_hash, list(self.violations), Counter(self.counts), accounting)
+        verdict.incomplete = self.incomplete
+        return verdict

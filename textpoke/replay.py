@@ -18,6 +18,7 @@ from rich.console import Console
 from cpus.delivery import Vector
 from cpus.disasm import describe
 
+from .cli_support import open_whole
 from .image import KernelImage
 from .scenario import Scenario, _kernel, run_scenario
 
@@ -196,9 +197,8 @@ def replay(
     out.print(f"[bold]{sc.label()}  seed {seed}[/bold]")
     out.print(f"trace hash {v.trace_hash} ({m.trace.count} records)")
     lines = 0
-    fh = listing.open("w") if listing else None
-    jh = jsonl.open("w") if jsonl else None
-    try:
+    # each file appears whole when the listing is done, or not at all
+    with open_whole(listing) as fh, open_whole(jsonl) as jh:
         for d, line in annotated_listing(m.trace.records, rec.events, sym, show_runs):
             if jh:
                 jh.write(json.dumps(_jsonable(d)) + "\n")
@@ -208,11 +208,6 @@ def replay(
                 style = "red" if d["kind"] in ("VIOLATION", "crash") else None
                 out.print(line, style=style, markup=False, highlight=False)
             lines += 1
-    finally:
-        if fh:
-            fh.close()
-        if jh:
-            jh.close()
     if limit and lines > limit:
         out.print(f"... {lines - limit} more lines (--limit 0 shows all, --out FILE writes all)")
     for r in outcome.reports:

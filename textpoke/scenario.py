@@ -134,6 +134,7 @@ class Outcome:
             "seed": v.seed,
             "trace_hash": v.trace_hash,
             "ok": v.ok,
+            "incomplete": v.incomplete,
             "violations": dict(v.counts),
             "accounting_exact": v.accounting.get("exact"),
             "operations": [
@@ -144,6 +145,7 @@ class Outcome:
                     "syncs": len(r.syncs),
                     "ipis": r.ipis,
                     "hung": r.hung,
+                    "incomplete": r.incomplete,
                 }
                 for r in self.reports
             ],
@@ -214,8 +216,9 @@ def run_scenario(
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_MASK, struct.pack("<Q", 7))
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_LEN, struct.pack("<Q", sc.irqoff_len))
     m.watch(kernel.sites.values())
-    # a patch operation that has not returned after a million cycles is hung (a CPU never answers)
-    patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip", timeout=1_000_000)
+    # a wait without progress for the patcher's stall window is hung (a CPU never answers); an
+    # operation that runs out of its budget (scaled with its work) while progressing is incomplete
+    patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip")
     patcher.listeners.append(oracle)
     patcher.listeners.extend(e for e in extra_instruments if hasattr(e, "on_op_start"))
 
@@ -278,7 +281,7 @@ def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> 
         else:
             report = patcher.retarget(targets, **kw)
         m.run(sc.settle)
-        if report is None or report.hung:
+        if report is None or report.hung or report.incomplete:
             break
 
 
