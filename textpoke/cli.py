@@ -90,13 +90,28 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way")
     g.add_argument("--quantum", type=_positive, default=DEFAULT_QUANTUM, help="mean scheduling quantum")
     g.add_argument("--irqoff", type=_nonneg, default=0, help="interrupts-off sections of this many spins")
+    from cpus.config import NMI_CPUS
+
     from .image import NMI_ENTRIES
+    from .oracle import XMC_RULES
     from .scenario import AIMS
 
     g.add_argument("--nmi", choices=["none", *NMI_ENTRIES], default="none", help="NMI entry (none: no NMIs)")
     g.add_argument("--nmi-rate", type=_nonneg, default=50, help="perf NMIs per million cycles per CPU")
     g.add_argument("--nmi-aim", choices=list(AIMS), default=None, help="also aim NMIs at this window")
     g.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking")
+    g.add_argument(
+        "--nmi-cpus",
+        choices=list(NMI_CPUS),
+        default="all",
+        help="CPUs the NMI sources reach: all (the patcher too, default) or workers",
+    )
+    g.add_argument(
+        "--xmc-rule",
+        choices=list(XMC_RULES),
+        default="linux",
+        help="cross-modifying-code rule the oracle judges by: linux (text_poke_bp's, default) or sdm",
+    )
 
 
 def make_scenario(args: argparse.Namespace):
@@ -115,6 +130,8 @@ def make_scenario(args: argparse.Namespace):
         nmi_rate=args.nmi_rate if args.nmi != "none" else 0,
         nmi_aim=args.nmi_aim,
         fred=args.fred,
+        nmi_cpus=args.nmi_cpus,
+        xmc_rule=args.xmc_rule,
     )
 
 
@@ -180,6 +197,9 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
         f"traced-call accounting exact in {exact} of {result.seeds}; "
         f"{result.seeds / dt:.2f} seeds/s ({dt:.1f} s)"
     )
+    if data["violations_by_cpu"]:
+        per = ", ".join(f"cpu{c} {n}" for c, n in data["violations_by_cpu"].items())
+        out.print(f"violation events by CPU: {per}")
     if sc.nmi != "none":
         out.print(
             f"NMIs: {data['nmi_delivered']} delivered, {data['nmi_nested']} nested (in "
@@ -237,7 +257,7 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
         raise PatchError(f"give one --new per --site ({len(args.site)} sites, {len(args.new)} replacements)")
     if args.old and len(args.old) != len(args.site):
         raise PatchError(f"give one --old per --site, or none ({len(args.site)} sites, {len(args.old)} --old)")
-    oracle = SafetyOracle(kernel, args.cpus)
+    oracle = SafetyOracle(kernel, args.cpus, xmc_rule=args.xmc_rule)
     cfg = MachineConfig(cpus=args.cpus, seed=args.seed)
     m = Machine(cfg, kernel.boot_image(args.int3), [oracle])
     m.watch(kernel.sites.values())
@@ -291,7 +311,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     t0 = time.perf_counter()
     out.print(
         f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), 32 traced functions, "
-        "NMIs on cpu1-3; ftrace enabled then disabled on every site. seed "
+        "NMIs on every CPU; ftrace enabled then disabled on every site. seed "
         f"{args.seed}"
     )
     with out.status("running the scenarios...") as status:
@@ -566,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     saf.set_defaults(func=cmd_safety)
 
     from .image import BP_ENTRIES
+    from .oracle import XMC_RULES
     from .protocols import PROTOCOLS
 
     pat = sub.add_parser("patch", help="patch sites of a running machine and report the verdict")
@@ -578,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     pat.add_argument("--seed", type=_nonneg, default=0)
     pat.add_argument("--functions", type=_positive, default=32)
     pat.add_argument("--warmup", type=_nonneg, default=5_000)
+    pat.add_argument("--xmc-rule", choices=list(XMC_RULES), default="linux", help="cross-modifying-code rule")
     pat.add_argument("--strict", action="store_true", help="exit 1 when the oracle found a violation")
     pat.set_defaults(func=cmd_patch)
 

@@ -37,6 +37,7 @@ class SeedResult:
     nmi_latched: int
     nmi_dropped: int
     first: dict[str, str]  # class -> one-line description of its first violation
+    by_cpu: dict[int, int] = field(default_factory=dict)  # cpu -> violation events
 
     @property
     def ok(self) -> bool:
@@ -69,6 +70,7 @@ def run_one(sc: Scenario, seed: int) -> SeedResult:
         nmi_latched=v.stats.get("nmi_latched", 0),
         nmi_dropped=v.stats.get("nmi_dropped", 0),
         first=first,
+        by_cpu=dict(v.by_cpu),
     )
 
 
@@ -103,6 +105,13 @@ class SweepResult:
             c.update(r.counts.keys())
         return c
 
+    def events_by_cpu(self) -> Counter:
+        """cpu -> violation events on that CPU, over every seed."""
+        c: Counter = Counter()
+        for r in self.results:
+            c.update(r.by_cpu)
+        return c
+
     def events(self) -> Counter:
         c: Counter = Counter()
         for r in self.results:
@@ -130,6 +139,7 @@ class SweepResult:
             "violations": {k: per_class.get(k, 0) for k in CLASSES},
             "violation_events": {k: self.events().get(k, 0) for k in CLASSES},
             "violation_rate_ci95": {k: wilson(per_class.get(k, 0), n) for k in CLASSES},
+            "violations_by_cpu": {str(c): k for c, k in sorted(self.events_by_cpu().items())},
             "failing_seeds": self.failing,
             "accounting_exact_seeds": sum(1 for r in self.results if r.accounting_exact),
             "trace_hashes": {str(r.seed): r.trace_hash for r in self.results},
