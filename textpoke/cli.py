@@ -506,7 +506,9 @@ def cmd_explore(args: argparse.Namespace, out: Console) -> int:
     else:
         if not 1 <= args.cpus <= 3 or not 1 <= args.sites <= 2:
             raise ConfigError("the explorer takes 1 to 3 workload CPUs (--cpus) and 1 or 2 sites (--sites)")
-        result = explore(args.protocol, args.mutation, args.cpus, args.sites, max_states=args.max_states)
+        result = explore(
+            args.protocol, args.mutation, args.cpus, args.sites, max_states=args.max_states, xmc_rule=args.xmc_rule
+        )
     out.print(result.report(), markup=False, highlight=False)
     return 1 if args.strict and not result.safe else 0
 
@@ -631,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--cpus", type=_positive, default=2, help="workload CPUs (1 to 3)")
     ex.add_argument("--sites", type=_positive, default=1, help="sites (1 or 2)")
     ex.add_argument("--max-states", type=_positive, default=200_000, help="the bound")
+    ex.add_argument("--xmc-rule", choices=list(XMC_RULES), default="linux", help="cross-modifying-code rule")
     ex.add_argument(
         "--nmi",
         choices=["naive", *NESTED_FLAGS, "latch-cmpxchg", "latch-cmpxchg386", "latch-dec"],
