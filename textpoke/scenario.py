@@ -41,7 +41,7 @@ class Scenario:
     operation: str = "toggle"
     mutation: str | None = None
     nmi: str = "none"  # "none", or the NMI entry: naive, nested-safe, latch-cmpxchg, ...
-    #: perf-like NMIs per million cycles on each workload CPU (a watchdog adds one eighth of that)
+    #: perf-like NMIs per million cycles on each CPU `nmi_cpus` names (a watchdog adds one eighth of that)
     nmi_rate: int = 0
     #: aim extra NMIs at a window of the entry: "exit-window", "repeat" or "latch-window"
     nmi_aim: str | None = None
