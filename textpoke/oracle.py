@@ -207,7 +207,8 @@ class SafetyOracle:
                     if 0 <= j < n:
                         new[j] = b
                 new_b = bytes(new)
-                if new_b != cur if self.xmc_rule == "sdm" else new_b[1:] != cur[1:]:
+                modified = (new_b != cur) if self.xmc_rule == "sdm" else (new_b[1:] != cur[1:])
+                if modified:
                     for c in range(self.ncpus):
                         if c != cpu:
                             self.dirty[c].add(site)
