@@ -12,7 +12,8 @@ Rules
 
 Measured recipes (UNICORN-NOTES.md) applied here: real paging with 2 MiB-free 4-level tables and the
 default TLB mode (fastest), a 16 MiB TCG buffer (the default reserves 1 GiB per instance), `until` at an
-unmapped address, every hook added before the first instruction is translated.
+unmapped address, every hook added before the first instruction is translated, and the count hook
+installed before any block is translated (`start_counting`).
 """
 
 from __future__ import annotations
@@ -293,6 +294,18 @@ class Engine:
             self._callbacks[handle.value] = fptr
 
     # -- execution ------------------------------------------------------------------------------
+    def start_counting(self, at: int) -> None:
+        """Install Unicorn's instruction-count hook now, before any block is translated.
+
+        Unicorn adds that hook at the first `emu_start` with a count, and only blocks translated
+        afterwards carry it: a block translated earlier (a watched site, decoded ahead of time) would
+        run uncounted forever. A start at `at` that ends at `at` installs the hook and executes
+        nothing (RIP is left at `at`: the caller sets it afterwards)."""
+        status = uclib.uc_emu_start(self._uch, at, at, 0, 1)
+        if status:
+            raise UcError(status)
+        self.drop_decoded(at, at + 1)
+
     def run(self, rip: int, until: int, count: int) -> RunStop | None:
         """Execute up to `count` instructions from `rip`; a guest fault ends it early."""
         global _emulating, _interrupt_deferred

@@ -16,6 +16,7 @@ __all__ = [
     "MAX_COST",
     "MAX_CPUS",
     "MAX_INSTRUCTION_COST",
+    "NMI_CPUS",
     "CostModel",
     "MachineConfig",
     "NmiSource",
@@ -31,6 +32,8 @@ DEFAULT_QUANTUM = 1000
 MAX_COST = 1_000_000
 #: the largest cost of one retired instruction
 MAX_INSTRUCTION_COST = 1_000
+#: which CPUs NMI sources reach by default: every one, or every one but the patcher
+NMI_CPUS = ("all", "workers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +75,7 @@ class NmiSource:
     name: str = "perf"
     period: int = 20_000
     jitter: float = 0.25
-    cpus: tuple[int, ...] | None = None  # None: every CPU but the patcher
+    cpus: tuple[int, ...] | None = None  # None: the machine's `nmi_cpus`
     start: int = 0
 
     def __post_init__(self) -> None:
@@ -133,6 +136,9 @@ class MachineConfig:
     timer_sources: tuple[TimerSource, ...] = ()
     costs: CostModel = field(default_factory=CostModel)
     patcher_cpu: int = 0
+    #: which CPUs an NMI source without its own `cpus` reaches: "all" (the patcher is an ordinary
+    #: CPU and takes NMIs too) or "workers" (every CPU but the patcher)
+    nmi_cpus: str = "all"
     #: keep every trace record in memory (the hash is always computed)
     keep_trace: bool = False
 
@@ -156,6 +162,8 @@ class MachineConfig:
             s.min_delay is not None and not 0 <= s.min_delay <= s.max_delay  # type: ignore[operator]
         ):
             raise ConfigError(f"snoop model needs 0 <= min_delay <= max_delay (or both None), got {s}")
+        if self.nmi_cpus not in NMI_CPUS:
+            raise ConfigError(f"nmi_cpus must be one of {', '.join(NMI_CPUS)}, got {self.nmi_cpus!r}")
         for src in self.nmi_sources:
             for c in src.cpus or ():
                 if not 0 <= c < self.cpus:
@@ -165,7 +173,10 @@ class MachineConfig:
                 if not 0 <= c < self.cpus:
                     raise ConfigError(f"timer {t.name!r} targets CPU {c}, which does not exist")
 
-    def nmi_targets(self, src: NmiSource | TimerSource) -> tuple[int, ...]:
-        if src.cpus is not None:
+    def nmi_targets(self, src: NmiSource | TimerSource | None = None) -> tuple[int, ...]:
+        """The CPUs `src` reaches (with no source: the CPUs NMI sources reach by default)."""
+        if src is not None and src.cpus is not None:
             return src.cpus
-        return tuple(c for c in range(self.cpus) if c != self.patcher_cpu)
+        if self.nmi_cpus == "workers":
+            return tuple(c for c in range(self.cpus) if c != self.patcher_cpu)
+        return tuple(range(self.cpus))

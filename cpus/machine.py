@@ -18,8 +18,18 @@ delivers what is due; during a quantum Unicorn calls back for the things only ha
 * `popfq` is watched so that an interrupt held back by IF=0 is delivered right when IF comes back;
 * the patchable sites are watched so the fetch-coherence model knows what each CPU executes there.
 
+Serializing: only what the SDM lists as serializing drops a CPU's stale decoded copies -- here
+`iretq` and `cpuid` (and an agent's own `Serialize`). Delivering an interrupt, exception or NMI does
+not serialize: a handler runs whatever its CPU had decoded until it executes one of those.
+
 Agents are Python programs that occupy a CPU instead of guest code (the patcher): generators that
-yield actions (`Delay`, `WriteText`, `SendIpi`, `WaitUntil`, `Fine`) costed on that CPU's clock.
+yield actions (`Delay`, `WriteText`, `SendIpi`, `WaitUntil`, `Fine`, `Serialize`) costed on that
+CPU's clock. An agent's CPU is still a CPU: the agent takes it over when it sits in its idle loop
+(the image's `idle_range`, where the agent then "parks"), and an NMI that arrives between two of the
+agent's steps (a WaitUntil poll is one step) is delivered there as anywhere else, with the parking
+spot as its return address; the CPU runs the NMI entry and handler in guest code -- nesting, int3s
+and latched NMIs included -- and the agent continues once the CPU is back in its idle loop, its
+clock having run on meanwhile.
 
 Time inside a quantum: events raised by the running CPU itself (int3, iretq) are stamped with the
 quantum's start time plus the cycles charged so far; external events are exact.
@@ -65,6 +75,7 @@ __all__ = [
     "Instrument",
     "Machine",
     "SendIpi",
+    "Serialize",
     "WaitUntil",
     "WriteText",
 ]
@@ -145,13 +156,18 @@ class WaitUntil:
 
 
 @dataclass(frozen=True, slots=True)
+class Serialize:
+    """The agent executes a serializing instruction (Linux's sync_core() on its own CPU)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Fine:
     """Enter (True) or leave (False) fine-grained scheduling around a patch step."""
 
     on: bool
 
 
-Action = Delay | WriteText | SendIpi | WaitUntil | Fine
+Action = Delay | WriteText | SendIpi | WaitUntil | Fine | Serialize
 Agent = Generator[Action, None, Any]
 
 
@@ -300,6 +316,8 @@ class Machine:
         for off, value in self.image.percpu_init(i, lay).items():
             self.write(lay.percpu_va(i) + off, struct.pack("<Q", value & (2**64 - 1)))
         eng = cpu.engine
+        # before any hook or block: every block translated from now on counts its instructions
+        eng.start_counting(self.image.idle_entry)
         for a in self.image.iret_sites:
             eng.hook_block_at(a, 1, self._iret_hook(cpu))
         for a in self.image.halt_sites:
@@ -451,9 +469,7 @@ class Machine:
         """An NMI source aimed at one instruction: each time a CPU is about to execute `addr`, an NMI
         arrives right there with `probability` (seeded). For tests that must hit a window a few
         instructions wide; it costs a check on every instruction of those CPUs."""
-        targets = (
-            list(cpus) if cpus is not None else [c for c in range(self.config.cpus) if c != self.config.patcher_cpu]
-        )
+        targets = list(cpus) if cpus is not None else list(self.config.nmi_targets())
         for c in targets:
             cpu = self.cpus[c]
             rng = random.Random(f"{self.config.seed}/aim/{label}/{c}")
@@ -537,11 +553,12 @@ class Machine:
         outcome = cpu.nmi.arrive()
         now = cpu.now()
         if outcome is NmiArrival.DELIVER:
-            if cpu.agent is not None:
-                # an agent is Python code and cannot take an NMI: it stays latched for later
+            if cpu.agent is not None and self.image.idle_range is None:
+                # no idle loop to park an agent's CPU in: the NMI stays latched until the agent ends
                 cpu.nmi.latched = True
                 outcome = NmiArrival.LATCH
             else:
+                # on an agent's CPU between two steps this is its parking spot in the idle loop
                 self._deliver(cpu, Vector.NMI, cpu.engine.rip())
         if outcome is NmiArrival.LATCH:
             cpu.stats["nmi_latched"] += 1
@@ -596,7 +613,7 @@ class Machine:
         self.trace.add((now, cpu.index, "deliver", vector, ret_rip, rsp, base))
         for f in self._obs["on_deliver"]:
             f(cpu.index, now, vector, frame)
-        self._serialize(cpu)
+        # not serializing: the SDM does not list event delivery among serializing operations
         return True
 
     def _watch_popf(self, cpu: Cpu, on: bool) -> None:
@@ -621,11 +638,12 @@ class Machine:
         cpu.stats["ipi_delivered"] += 1
         self._deliver(cpu, vector, ret_rip)
 
-    def _serialize(self, cpu: Cpu) -> None:
+    def _serialize(self, cpu: Cpu, cause: str) -> None:
+        """`cpu` executes a serializing instruction (`cause`: iretq, cpuid, or an agent's)."""
         dropped = self.coherence.serialize(cpu.index)
         if dropped:
             cpu.stats["serialize_drops"] += dropped
-            self.trace.add((cpu.now(), cpu.index, "serialize", dropped))
+            self.trace.add((cpu.now(), cpu.index, "serialize", dropped, cause))
         for f in self._obs["on_serialize"]:
             f(cpu.index, cpu.now())
 
@@ -716,7 +734,7 @@ class Machine:
             self.trace.add((now, cpu.index, "iret", rip, new_rsp, unblocked))
             for f in self._obs["on_iret"]:
                 f(cpu.index, now, frame, unblocked)
-            self._serialize(cpu)
+            self._serialize(cpu, "iretq")
             if cpu.nmi.take_latched():
                 self.trace.add((now, cpu.index, "nmi", "latched", "deliver"))
                 self._deliver(cpu, Vector.NMI, rip)
@@ -788,7 +806,7 @@ class Machine:
 
     def _cpuid_hook(self, cpu: Cpu) -> Callable[[], bool]:
         def on_cpuid() -> bool:
-            self._serialize(cpu)
+            self._serialize(cpu, "cpuid")
             return False  # let Unicorn execute cpuid itself
 
         return on_cpuid
@@ -796,8 +814,19 @@ class Machine:
     # ----------------------------------------------------------------------------------------
     # Agents
     # ----------------------------------------------------------------------------------------
+    def in_idle(self, cpu: int) -> bool:
+        """True when `cpu` is in its idle loop, inside no handler: where an agent parks. Without an
+        idle loop in the image, an agent's CPU counts as parked all the time."""
+        rng = self.image.idle_range
+        if rng is None:
+            return True
+        c = self.cpus[cpu]
+        rip = c.rip if c.rip is not None else c.engine.rip()
+        return rng[0] <= rip < rng[1]
+
     def start_agent(self, cpu: int, agent: Agent) -> None:
-        """Occupy `cpu` with a Python program (the patcher) until it returns."""
+        """Occupy `cpu` with a Python program (the patcher) until it returns. It starts once the CPU
+        is in its idle loop (a handler in progress there finishes first)."""
         c = self.cpus[cpu]
         if c.agent is not None:
             raise ConfigError(f"cpu{cpu} already runs an agent")
@@ -820,7 +849,9 @@ class Machine:
             cpu.agent_done = True
             cpu.agent_result = stop.value
             self.trace.add((cpu.clock, cpu.index, "agent-done"))
-            self._serialize(cpu)
+            # an agent ends serialized: the patcher's last step is its own sync_core() (the final
+            # sync runs do_sync_core on the sending CPU too; text_poke ends with a CR3 write)
+            self._serialize(cpu, "agent")
             return
         if isinstance(action, Delay):
             cpu.clock += action.cycles
@@ -837,6 +868,9 @@ class Machine:
                 cpu.clock += self.costs.poll
         elif isinstance(action, Fine):
             self.fine += 1 if action.on else -1
+        elif isinstance(action, Serialize):
+            self._serialize(cpu, "agent")
+            cpu.clock += self.costs.instruction
         else:
             raise SimulatorBug(f"agent on cpu{cpu.index} yielded {action!r}, which is not an action")
 
@@ -869,16 +903,19 @@ class Machine:
             if stop_when is not None and stop_when():
                 break
             cpu = cpus[i]
-            if cpu.agent is not None:
-                self._step_agent(cpu)
-                heapq.heapreplace(heap, (cpu.clock, i))
-                continue
             if cpu.events and cpu.events[0][0] <= clock:
                 self._due(cpu)
                 if cpu.crash is not None:
                     heapq.heappop(heap)
                     continue
-            q = 1 + int(rnd() * (q_fine if self.fine > 0 or clock < self.fine_until else q_span))
+            if cpu.agent is not None and self.in_idle(i):
+                # the agent runs between events: an NMI due now was delivered above, and then the
+                # CPU is in its handler, not parked
+                self._step_agent(cpu)
+                heapq.heapreplace(heap, (cpu.clock, i))
+                continue
+            fine = self.fine > 0 or clock < self.fine_until or cpu.agent is not None
+            q = 1 + int(rnd() * (q_fine if fine else q_span))
             limit = end - clock
             if cpu.events:
                 limit = min(limit, cpu.events[0][0] - clock)

@@ -187,7 +187,10 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
         default=0,
         help=f"workloads run interrupts-off sections of this many spins (0: none; at most {MAX_IRQOFF_SPINS:,})",
     )
+    from cpus.config import NMI_CPUS
+
     from .image import NMI_ENTRIES
+    from .oracle import XMC_RULES
     from .scenario import AIMS
 
     g.add_argument("--nmi", choices=["none", *NMI_ENTRIES], default="none", help="NMI entry (none: no NMIs)")
@@ -199,6 +202,18 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--nmi-aim", choices=list(AIMS), default=None, help="also aim NMIs at this window (with --nmi)")
     g.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking (with an IDT --nmi entry)")
+    g.add_argument(
+        "--nmi-cpus",
+        choices=list(NMI_CPUS),
+        default="all",
+        help="CPUs the NMI sources reach: all (the patcher too, default) or workers",
+    )
+    g.add_argument(
+        "--xmc-rule",
+        choices=list(XMC_RULES),
+        default="linux",
+        help="cross-modifying-code rule the oracle judges by: linux (text_poke_bp's, default) or sdm",
+    )
     _object_arg(g)  # type: ignore[arg-type]
 
 
@@ -242,6 +257,8 @@ def make_scenario(args: argparse.Namespace):
         fred=args.fred,
         objects=tuple(args.object),
         kernel=args.kernel,
+        nmi_cpus=args.nmi_cpus,
+        xmc_rule=args.xmc_rule,
     )
 
 
@@ -337,6 +354,9 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
         f"{result.seeds / dt:.2f} seeds/s ({dt:.1f} s)",
         markup=False,
     )
+    if data["violations_by_cpu"]:
+        per = ", ".join(f"cpu{c} {n}" for c, n in data["violations_by_cpu"].items())
+        out.print(f"violation events by CPU: {per}")
     if sc.nmi != "none":
         out.print(
             f"NMIs: {data['nmi_delivered']} delivered, {data['nmi_nested']} nested (in "
@@ -401,7 +421,7 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
         raise PatchError(f"give one --new per --site ({len(args.site)} sites, {len(args.new)} replacements)")
     if args.old and len(args.old) != len(args.site):
         raise PatchError(f"give one --old per --site, or none ({len(args.site)} sites, {len(args.old)} --old)")
-    oracle = SafetyOracle(kernel, args.cpus)
+    oracle = SafetyOracle(kernel, args.cpus, xmc_rule=args.xmc_rule)
     cfg = MachineConfig(cpus=args.cpus, seed=args.seed)
     m = Machine(cfg, kernel.boot_image(args.int3), [oracle])
     m.watch(kernel.sites.values())
@@ -467,7 +487,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     what = f"the functions of {', '.join(objects)}" if objects else "32 traced functions"
     out.print(
         f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), {what}, "
-        "NMIs on cpu1-3; ftrace enabled then disabled on every site. seed "
+        "NMIs on every CPU; ftrace enabled then disabled on every site. seed "
         f"{args.seed}"
     )
     with out.status("running the scenarios...") as status:
@@ -707,7 +727,7 @@ def cmd_explore(args: argparse.Namespace, out: Console) -> int:
             req = (PatchRequest(0x1000, b"\x0f\x1f\x44\x00\x00", b"\xe8\x00\x00\x00\x00"),)
             if build(protocol, req, args.mutation) == build(protocol, req):
                 raise ConfigError(f"--mutation {args.mutation} changes nothing in --protocol {protocol}")
-        result = explore(protocol, args.mutation, cpus, sites, max_states=args.max_states)
+        result = explore(protocol, args.mutation, cpus, sites, max_states=args.max_states, xmc_rule=args.xmc_rule)
     out.print(result.report(), markup=False, highlight=False)
     if args.strict and result.safe and not result.complete:
         _stderr_line(
@@ -859,6 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     saf.set_defaults(func=cmd_safety)
 
     from .image import BP_ENTRIES
+    from .oracle import XMC_RULES
 
     pat = sub.add_parser("patch", help="patch sites of a running machine and report the verdict")
     pat.add_argument("--site", action="append", required=True, help="address or symbol (repeatable)")
@@ -876,6 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_warmup,
         default=5_000,
         help="cycles the workloads run before the patch, and again after it (default 5000)",
+    )
+    pat.add_argument(
+        "--xmc-rule", choices=list(XMC_RULES), default="linux", help="cross-modifying-code rule (linux or sdm)"
     )
     pat.add_argument("--strict", action="store_true", help="exit 1 when the oracle found a violation")
     _object_arg(pat)
@@ -940,6 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=bounded(1, MAX_EXPLORE_STATES),
         default=200_000,
         help="stop after this many states (default 200000)",
+    )
+    ex.add_argument(
+        "--xmc-rule", choices=list(XMC_RULES), default="linux", help="cross-modifying-code rule (linux or sdm)"
     )
     ex.add_argument(
         "--nmi",

@@ -1,6 +1,6 @@
 """The main job: the embedded default scenario that `textpoke run` shows.
 
-Four CPUs (one patcher), 32 traced functions, NMIs at a high rate on the workload CPUs, and ftrace
+Four CPUs (one patcher), 32 traced functions, NMIs at a high rate on every CPU, and ftrace
 enabled then disabled on every site, once for each protocol and NMI entry that matters. Every row is a
 seeded scenario judged by the oracle; the table shows its verdict and what the patching cost, and the
 timeline shows the enable operation of three of them, CPU by CPU.

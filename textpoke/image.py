@@ -274,6 +274,7 @@ class KernelImage:
             gates=gates,
             worker_entry=sym["workload_main"],
             idle_entry=sym["idle_main"],
+            idle_range=(sym["idle_main"], sym["idle_main"] + self.sizes["idle_main"]),
             watch=tuple((addr, len(FTRACE_NOP)) for addr in self.sites.values()),
             iret_sites=self.iret_sites,
             popf_sites=self.popf_sites,

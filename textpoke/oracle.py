@@ -8,9 +8,10 @@ Classes
 -------
 torn-fetch              a CPU executed site bytes that are neither the old instruction, nor the new
                         one, nor an int3 followed by either tail
-unsynced-modification   a CPU executed a site (not an int3) whose bytes other than the first changed
-                        since its last serializing event (the SDM's cross-modifying-code hazard),
-                        even if the bytes decode cleanly
+unsynced-modification   a CPU executed a site whose bytes changed since it last executed a
+                        serializing instruction (iretq, cpuid; not an event delivery), even if the
+                        bytes decode cleanly. Which changes count depends on the cross-modifying-code
+                        rule (`xmc_rule`, below)
 crash                   any fault of a CPU
 unhandled-int3          an int3 the #BP handler could not attribute (the kernel would die)
 stale-after-completion  a CPU executed a transitional or old instruction after the operation returned
@@ -18,6 +19,17 @@ missed-call             a traced call that did not reach a tracer: counted when 
                         call -> call site, and when a tracer saw fewer calls than were executed
 extra-call              a tracer saw more calls than CPUs executed traced sites
 nmi-corruption, lost-nmi  the NMI classes (see `textpoke.nmi_oracle`)
+
+Cross-modifying-code rules
+--------------------------
+linux (default)  the rule text_poke_bp relies on: an int3 written over a site's first byte, and then
+                 the new first byte, may be executed without serializing (an informal vendor
+                 assurance, not in the SDM); so an int3 execution is never flagged, and a site counts
+                 as modified only when bytes other than the first changed.
+sdm              the SDM's cross-modifying-code algorithm: every executing CPU serializes before it
+                 runs modified code, with no exemption. Any change counts, and any execution of a
+                 modified site is flagged, int3 included. text_poke_bp itself breaks this rule.
+The CPU that wrote is exempt under both: text_poke ends with a serializing CR3 write.
 
 Accounting: every call of a traced function runs its site exactly once, so after a drained run the
 number of site executions per CPU and function equals the workload's plus the NMI handler's own
@@ -34,12 +46,12 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cpus import Crash, Machine
+from cpus import ConfigError, Crash, Machine
 from cpus.disasm import describe
 
 from .image import FTRACE_NOP, KernelImage, Percpu
 
-__all__ = ["CLASSES", "COUNTED", "SafetyOracle", "Verdict", "Violation"]
+__all__ = ["CLASSES", "COUNTED", "XMC_RULES", "SafetyOracle", "Verdict", "Violation"]
 
 CLASSES = (
     "torn-fetch",
@@ -55,6 +67,8 @@ CLASSES = (
 #: classes that are counted, and are violations only where the scenario says the call must not drop
 COUNTED = ("missed-call", "extra-call")
 INT3 = 0xCC
+#: cross-modifying-code rules the oracle can judge by (see the module docstring)
+XMC_RULES = ("linux", "sdm")
 _MAX_KEPT = 50  # violations kept with details per class (all are counted)
 
 
@@ -99,6 +113,7 @@ class Verdict:
     #: why the run has no full verdict (a patch operation ran out of its cycle budget while still
     #: making progress); what was seen before that is kept, nothing after it is judged
     incomplete: str | None = None
+    by_cpu: Counter = field(default_factory=Counter)  # cpu -> violation events
 
     @property
     def failed_classes(self) -> list[str]:
@@ -120,9 +135,12 @@ class Verdict:
 class SafetyOracle:
     """Instrument of the machine and listener of the patcher."""
 
-    def __init__(self, kernel: KernelImage, ncpus: int) -> None:
+    def __init__(self, kernel: KernelImage, ncpus: int, xmc_rule: str = "linux") -> None:
+        if xmc_rule not in XMC_RULES:
+            raise ConfigError(f"unknown cross-modifying-code rule {xmc_rule!r}; choose from {', '.join(XMC_RULES)}")
         self.kernel = kernel
         self.ncpus = ncpus
+        self.xmc_rule = xmc_rule
         self.tracers = {
             kernel.symbols["ftrace_caller"]: "ftrace_caller",
             kernel.symbols["ftrace_caller_alt"]: "ftrace_caller_alt",
@@ -137,6 +155,7 @@ class SafetyOracle:
         self.dirty: defaultdict[int, set[int]] = defaultdict(set)
         self.violations: list[Violation] = []
         self.counts: Counter = Counter()
+        self.by_cpu: Counter = Counter()  # cpu -> violation events
         self.fetches: Counter = Counter()  # (cpu, site) -> executions
         self.traced: Counter = Counter()  # (cpu, site, tracer) -> executions that call the tracer
         self.int3_hits: Counter = Counter()  # cpu -> site executions that trapped
@@ -162,6 +181,7 @@ class SafetyOracle:
         if self.incomplete is not None:
             return  # an abandoned operation: what follows is not the protocol's doing
         self.counts[kind] += 1
+        self.by_cpu[cpu] += 1
         if sum(1 for v in self.violations if v.kind == kind) < _MAX_KEPT:
             where = site if site is not None else 0
             v = Violation(kind, cpu, time, site, code, describe(code, where) if code else "", detail)
@@ -200,7 +220,8 @@ class SafetyOracle:
                     if 0 <= j < n:
                         new[j] = b
                 new_b = bytes(new)
-                if new_b[1:] != cur[1:]:
+                modified = (new_b != cur) if self.xmc_rule == "sdm" else (new_b[1:] != cur[1:])
+                if modified:
                     for c in range(self.ncpus):
                         if c != cpu:
                             self.dirty[c].add(site)
@@ -215,6 +236,15 @@ class SafetyOracle:
         self.fetches[(cpu, site)] += 1
         first = code[0]
         act = self.active.get(site)
+        if first == INT3 and self.xmc_rule == "sdm" and site in self.dirty.get(cpu, ()):
+            self._flag(
+                "unsynced-modification",
+                cpu,
+                time,
+                site,
+                code,
+                "executed (an int3) after its bytes changed without a serializing instruction since (SDM rule)",
+            )
         # what the execution does for the tracers
         if first == INT3:
             self.int3_hits[cpu] += 1
@@ -234,7 +264,7 @@ class SafetyOracle:
                     time,
                     site,
                     code,
-                    "executed after its tail changed without a serializing event since",
+                    "executed after its bytes changed without a serializing instruction since",
                 )
         # legality of the bytes
         if act is not None:
@@ -404,6 +434,8 @@ class SafetyOracle:
 
     def verdict(self, m: Machine, seed: int, drained: bool) -> Verdict:
         accounting = self.reconcile(m) if drained and self.incomplete is None else {"exact": None, "per_cpu": []}
-        verdict = Verdict(seed, m.trace_hash, list(self.violations), Counter(self.counts), accounting)
+        verdict = Verdict(
+            seed, m.trace_hash, list(self.violations), Counter(self.counts), accounting, by_cpu=Counter(self.by_cpu)
+        )
         verdict.incomplete = self.incomplete
         return verdict

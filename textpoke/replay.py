@@ -3,7 +3,9 @@
 The run is repeated with every trace record kept (same seed, same trace hash), and the listing
 interleaves, in the order the machine processed them: text writes, what each CPU executed at the
 sites while an operation was in flight (with capstone disassembly), decoded copies refreshed by
-snoops, event deliveries and `iretq`s, IPIs, NMIs, crashes, and the oracle's violations.
+snoops, event deliveries and `iretq`s, IPIs, NMIs, crashes, and the oracle's violations. A CPU that
+drops stale decoded copies says which serializing instruction made it (`iretq`, `cpuid`, or the
+patcher's own sync_core); a delivery never does, since delivering an event does not serialize.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def _record_dict(rec: tuple) -> dict[str, Any]:
         "nmi": ("source", "outcome"),
         "decode": ("site", "code"),
         "snoop": ("site", "code"),
-        "serialize": ("dropped",),
+        "serialize": ("dropped", "cause"),
         "crash": ("reason", "rip", "code"),
         "watch": ("site",),
         "unwatch": ("site",),
@@ -138,6 +140,9 @@ def _fmt(d: dict[str, Any], sym: Symbolizer) -> str:
         code = d["code"]
         shown = f"{code.hex(' ')} ({describe(code, d['rip'])})" if code else "<unmapped>"
         return head + f"CRASH     {d['reason']} at {sym(d['rip'])}: {shown}"
+    if kind == "serialize":
+        n = d["dropped"]
+        return head + f"serialize {d.get('cause', '?')}: drops {n} stale decoded cop{'y' if n == 1 else 'ies'}"
     if kind == "run":
         return head + f"runs      {d['instructions']} instructions from {sym(d['rip'])}"
     if kind == "VIOLATION":

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
-from cpus.config import DEFAULT_QUANTUM, MAX_CPUS
+from cpus.config import DEFAULT_QUANTUM, MAX_CPUS, NMI_CPUS
 
 from .image import BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
-from .oracle import SafetyOracle, Verdict
+from .oracle import XMC_RULES, SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .protocols import MUTATIONS, PROTOCOLS
 
@@ -43,7 +43,7 @@ class Scenario:
     operation: str = "toggle"
     mutation: str | None = None
     nmi: str = "none"  # "none", or the NMI entry: naive, nested-safe, latch-cmpxchg, ...
-    #: perf-like NMIs per million cycles on each workload CPU (a watchdog adds one eighth of that)
+    #: perf-like NMIs per million cycles on each CPU `nmi_cpus` names (a watchdog adds one eighth of that)
     nmi_rate: int = 0
     #: aim extra NMIs at a window of the entry: "exit-window", "repeat" or "latch-window"
     nmi_aim: str | None = None
@@ -61,6 +61,10 @@ class Scenario:
     objects: tuple[str, ...] = ()
     #: the built-in workload and traced functions: "asm" or "c" (the same, compiled from C)
     kernel: str = "asm"
+    #: which CPUs the NMI sources reach: "all" (the patcher too, as in Linux) or "workers"
+    nmi_cpus: str = "all"
+    #: the cross-modifying-code rule the oracle judges by: "linux" (text_poke_bp's) or "sdm"
+    xmc_rule: str = "linux"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -82,6 +86,12 @@ class Scenario:
             raise ConfigError(f"unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
         if self.kernel != "asm" and self.objects:
             raise ConfigError("objects replace the built-in workload and traced functions; the kernel must be asm")
+        if self.nmi_cpus not in NMI_CPUS:
+            raise ConfigError(f"unknown NMI CPU set {self.nmi_cpus!r}; choose from {', '.join(NMI_CPUS)}")
+        if self.xmc_rule not in XMC_RULES:
+            raise ConfigError(
+                f"unknown cross-modifying-code rule {self.xmc_rule!r}; choose from {', '.join(XMC_RULES)}"
+            )
         if self.mutation is not None and self.mutation not in MUTATIONS:
             raise ConfigError(f"unknown mutation {self.mutation!r}; choose from {', '.join(MUTATIONS)}")
         if not 2 <= self.cpus <= MAX_CPUS:
@@ -107,12 +117,16 @@ class Scenario:
             parts.append(f"nmi={self.nmi} rate={self.nmi_rate}")
             if self.nmi_aim:
                 parts.append(f"aim={self.nmi_aim}")
+            if self.nmi_cpus != "all":
+                parts.append(f"nmi-cpus={self.nmi_cpus}")
         if self.fred:
             parts.append("fred")
         if self.objects:
             parts[3] = "objects=" + ",".join(Path(o).name for o in self.objects)
         if self.kernel != "asm":
             parts.append(f"kernel={self.kernel}")
+        if self.xmc_rule != "linux":
+            parts.append(f"xmc={self.xmc_rule}")
         return " ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -198,8 +212,9 @@ def run_scenario(
         nmi_sources=sources,
         snoop=snoop,
         keep_trace=keep_trace,
+        nmi_cpus=sc.nmi_cpus,
     )
-    oracle = SafetyOracle(kernel, sc.cpus)
+    oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
     m = Machine(cfg, kernel.boot_image(sc.int3, nmi_entry), [oracle, *extra_instruments])
     oracle.attach(m)
@@ -260,10 +275,14 @@ def replay_command(sc: Scenario, seed: int) -> str:
         parts.append(f"--nmi {sc.nmi} --nmi-rate {sc.nmi_rate}")
         if sc.nmi_aim:
             parts.append(f"--nmi-aim {sc.nmi_aim}")
+        if sc.nmi_cpus != "all":
+            parts.append(f"--nmi-cpus {sc.nmi_cpus}")
     if sc.fred:
         parts.append("--fred")
     if sc.kernel != "asm":
         parts.append(f"--kernel {sc.kernel}")
+    if sc.xmc_rule != "linux":
+        parts.append(f"--xmc-rule {sc.xmc_rule}")
     if sc.quantum != Scenario().quantum:
         parts.append(f"--quantum {sc.quantum}")
     if sc.irqoff_len:
@@ -295,12 +314,17 @@ def _disable(patcher: Patcher, targets: list[int], kw: dict[str, Any]) -> PatchR
 
 
 def drain(m: Machine, limit: int = 400_000) -> bool:
-    """Let every workload finish its current iteration and stop (hlt): every call in flight completes.
-    True when all of them stopped within `limit` cycles."""
+    """Let every workload finish its current iteration and stop (hlt), and the patcher CPU finish any
+    handler it is in (it takes NMIs too): every call in flight completes. True when all of that
+    happened within `limit` cycles."""
     patcher = m.config.patcher_cpu
     workers = [c for c in m.cpus if c.index != patcher and c.runnable]
     for c in workers:
         loops = m.percpu(c.index, Percpu.LOOPS)
         m.write(m.layout.percpu_va(c.index) + Percpu.LOOP_LIMIT, struct.pack("<Q", loops + 1))
-    m.run(limit, stop_when=lambda: all(not c.runnable for c in workers))
-    return all(c.halted for c in workers)
+
+    def settled() -> bool:
+        return all(not c.runnable for c in workers) and (not m.cpus[patcher].runnable or m.in_idle(patcher))
+
+    m.run(limit, stop_when=settled)
+    return all(c.halted for c in workers) and (not m.cpus[patcher].alive or m.in_idle(patcher))

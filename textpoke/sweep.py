@@ -50,6 +50,7 @@ class SeedResult:
     #: why the run is incomplete (a patch operation ran out of its cycle budget while still making
     #: progress): neither safe nor unsafe, counted on its own; None for a complete run
     incomplete: str | None = None
+    by_cpu: dict[int, int] = field(default_factory=dict)  # cpu -> violation events
 
     @property
     def ok(self) -> bool:
@@ -87,6 +88,7 @@ def run_one(sc: Scenario, seed: int) -> SeedResult:
         nmi_dropped=v.stats.get("nmi_dropped", 0),
         first=first,
         incomplete=v.incomplete,
+        by_cpu=dict(v.by_cpu),
     )
 
 
@@ -131,6 +133,13 @@ class SweepResult:
             c.update(r.counts.keys())
         return c
 
+    def events_by_cpu(self) -> Counter:
+        """cpu -> violation events on that CPU, over every seed."""
+        c: Counter = Counter()
+        for r in self.results:
+            c.update(r.by_cpu)
+        return c
+
     def events(self) -> Counter:
         c: Counter = Counter()
         for r in self.results:
@@ -162,6 +171,7 @@ class SweepResult:
             "violations": {k: per_class.get(k, 0) for k in CLASSES},
             "violation_events": {k: self.events().get(k, 0) for k in CLASSES},
             "violation_rate_ci95": {k: wilson(per_class.get(k, 0), n) for k in CLASSES},
+            "violations_by_cpu": {str(c): k for c, k in sorted(self.events_by_cpu().items())},
             "failing_seeds": self.failing,
             "accounting_exact_seeds": sum(1 for r in self.results if r.accounting_exact),
             "trace_hashes": {str(r.seed): r.trace_hash for r in self.results},
