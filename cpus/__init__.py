@@ -7,13 +7,14 @@ from .boot import BootImage
 from .coherence import SnoopModel
 from .config import MAX_CPUS, CostModel, MachineConfig, NmiSource, TimerSource
 from .delivery import Gate, NmiArrival, NmiState, Vector
-from .errors import AgentTimeout, ConfigError, SimulatorBug, TextpokeError
+from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug, TextpokeError
 from .machine import Agent, Cpu, Crash, Delay, Fine, Instrument, Machine, SendIpi, WaitUntil, WriteText
 from .trace import Trace, format_record
 
 __all__ = [
     "MAX_CPUS",
     "Agent",
+    "AgentStuck",
     "AgentTimeout",
     "BootImage",
     "ConfigError",

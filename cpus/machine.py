@@ -62,7 +62,7 @@ from .delivery import (
     frame_base,
 )
 from .disasm import describe, insn_length
-from .errors import AgentTimeout, ConfigError, SimulatorBug
+from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug
 from .timer import start_timers
 from .trace import Trace
 
@@ -957,11 +957,18 @@ class Machine:
         self.start_agent(cpu, agent)
         c = self.cpus[cpu]
         start = c.clock
-        self.run(limit, stop_when=lambda: c.agent_done)
+        self.run(limit, stop_when=lambda: c.agent_done or c.crash is not None)
         if not c.agent_done:
             wait = self._pending_wait.pop(cpu, None)
             c.agent = None
             self.fine = 0
+            if c.crash is not None:
+                self.trace.add((c.clock, cpu, "agent-lost", "crashed"))
+                raise AgentStuck(cpu, f"crashed at t={c.crash.time} ({c.crash.reason})")
+            if not self.in_idle(cpu):
+                # its CPU is still inside an interrupt handler: the agent could not even run
+                self.trace.add((c.clock, cpu, "agent-lost", "in a handler"))
+                raise AgentStuck(cpu, f"has not returned from an interrupt handler (RIP {c.engine.rip():#x})")
             self.trace.add((c.clock, cpu, "agent-timeout", wait.label if wait else ""))
             raise AgentTimeout(cpu, start, limit, wait.label if wait else "")
         return c.agent_result

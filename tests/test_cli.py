@@ -366,10 +366,20 @@ def test_the_stall_window_covers_interrupts_off_sections(kernel):
 def test_a_cpu_that_never_answers_is_still_a_hang():
     """The naive NMI entry kills CPUs inside the #BP handler holding a reference: the patcher waits
     for the references forever. That is a real consequence of the bug and stays a violation."""
-    out = run_scenario(Scenario(nmi="naive", nmi_rate=500), 3)
+    out = run_scenario(Scenario(nmi="naive", nmi_rate=500, nmi_cpus="workers"), 11)
     assert [r.hung for r in out.reports] == ["bp_desc refs"]
     assert out.verdict.counts["crash"] and not out.verdict.incomplete
     assert any("patch operation hung: no progress" in v.detail for v in out.verdict.violations)
+
+
+def test_a_patching_cpu_that_dies_is_a_hang_not_an_incomplete_run():
+    """With NMIs on the patching CPU too, the naive entry kills that CPU itself: the operation can
+    never finish, whatever the budget, so it is hung (a violation), not incomplete."""
+    out = run_scenario(Scenario(nmi="naive", nmi_rate=500), 3)
+    assert out.verdict.by_cpu.get(0)
+    assert [r.hung is not None for r in out.reports] == [True]
+    assert not out.verdict.incomplete and out.verdict.counts["crash"]
+    assert any("hung: the agent's cpu0 crashed" in v.detail for v in out.verdict.violations)
 
 
 # -- streaming and Ctrl-C --------------------------------------------------------------------------

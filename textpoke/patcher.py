@@ -20,7 +20,8 @@ Rules
    CPU's slowest legitimate answer always fits in it. Separately, the whole operation has a cycle
    budget that grows with its work (its steps, the CPUs, the costs); running out of it while the
    waits are still making progress leaves the operation *incomplete* (`PatchReport.incomplete`):
-   no verdict either way, never a violation.
+   no verdict either way, never a violation. The patching CPU is a CPU like any other: if it
+   crashes, or never comes back from an interrupt handler to run the agent, the operation is hung.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from cpus import AgentTimeout, Delay, Fine, Machine, SendIpi, TextpokeError, Vector, WaitUntil, WriteText
+from cpus import AgentStuck, AgentTimeout, Delay, Fine, Machine, SendIpi, TextpokeError, Vector, WaitUntil, WriteText
 from cpus.disasm import describe, insn_length
 
 from . import bpdesc
@@ -297,6 +298,12 @@ class Patcher:
                 getattr(li, "on_op_start", lambda *_: None)(op, self.m.cpus[self.cpu].clock)
             try:
                 self.m.run_agent(self.cpu, self._agent(steps, report), limit=budget)
+            except AgentStuck as lost:
+                # the patching CPU itself died or hangs in a handler: the operation never ends
+                report.hung = lost.why
+                report.end = self._now()
+                for li in self.listeners:
+                    getattr(li, "on_op_hang", lambda *_: None)(op, report.end, str(lost))
             except AgentTimeout as timeout:
                 report.incomplete = f"{timeout} while still making progress"
                 report.end = self._now()
