@@ -64,6 +64,7 @@ __all__ = [
     "Instrument",
     "Machine",
     "SendIpi",
+    "Serialize",
     "WaitUntil",
     "WriteText",
 ]
@@ -127,12 +128,24 @@ class WriteText:
 
     addr: int
     data: bytes
+    #: cycles the store costs the agent (None: `costs.text_write`, a whole text_poke)
+    cost: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SendIpi:
+    """IPIs from the agent's CPU: one ICR write per target, or (`shorthand`) one ICR write with the
+    all-but-self destination shorthand, which the APIC delivers to every other CPU (`targets` is
+    then ignored)."""
+
     targets: tuple[int, ...]
     vector: int = int(Vector.IPI)
+    shorthand: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Serialize:
+    """The agent's CPU executes a serializing instruction (sync_core run locally)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +163,7 @@ class Fine:
     on: bool
 
 
-Action = Delay | WriteText | SendIpi | WaitUntil | Fine
+Action = Delay | WriteText | SendIpi | WaitUntil | Fine | Serialize
 Agent = Generator[Action, None, Any]
 
 
@@ -267,6 +280,7 @@ class Machine:
         self._pending_wait: dict[int, WaitUntil] = {}
         self._site_hooks: dict[int, list[int]] = {}  # watched site -> hook handle per CPU
         self._release: set[int] = set()  # sites to stop watching once no CPU holds them stale
+        self._storing: int | None = None  # the CPU whose guest store into text is being recorded
         self.text_lo = L.TEXT_VA
         self.text_hi = L.TEXT_VA + len(image.text)
 
@@ -278,7 +292,7 @@ class Machine:
             n,
             image.watch,
             self.read,
-            lambda c, lo, hi: self.cpus[c].engine.drop_decoded(lo, hi),
+            self._drop_decoded,
             self._install_copy,
         )
         for cpu in self.cpus:
@@ -305,6 +319,7 @@ class Machine:
         eng.hook_interrupts(self._intr_hook(cpu))
         eng.hook_invalid_insn(lambda: self._crash(cpu, "exception #UD (invalid opcode)", cpu.engine.rip()))
         eng.hook_cpuid(self._cpuid_hook(cpu))
+        eng.hook_mem_write(L.TEXT_PA, L.TEXT_PA + lay.text_size, self._text_store_hook(cpu))
         eng.set_rsp(lay.kstack_top(i))
         eng.set_rflags(0x202)
         for name, value in self.image.boot_regs(i, self.config.seed).items():
@@ -368,6 +383,32 @@ class Machine:
         self.watch(self.coherence.sites_overlapping(addr, addr + len(data)))
         now = self.cpus[w].now()
         self.mem_text.write(L.TEXT_PA + (addr - L.TEXT_VA), data)
+        self._text_written(w, now, addr, data)
+
+    def _text_store_hook(self, cpu: Cpu) -> Callable[[int, int, int], None]:
+        """A guest store into the text (through any alias): the same bookkeeping as `write_text`.
+        Unicorn performs the store itself, right after this hook, and drops the storing engine's
+        own translated blocks of those bytes (a CPU's own stores are coherent with its fetch).
+        Sites the store hits should already be watched (the patcher watches before it lets guest
+        code write); an unwatched one is simply re-decoded from memory by every CPU."""
+
+        def on_store(pa: int, size: int, value: int) -> None:
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self._storing = cpu.index
+            try:
+                self._text_written(cpu.index, cpu.now(), L.TEXT_VA + (pa - L.TEXT_PA), data)
+            finally:
+                self._storing = None
+
+        return on_store
+
+    def _drop_decoded(self, cpu: int, lo: int, hi: int) -> None:
+        # the storing engine drops its own blocks (Unicorn's self-modifying-code check); removing
+        # them from inside its own memory hook would crash it
+        if cpu != self._storing:
+            self.cpus[cpu].engine.drop_decoded(lo, hi)
+
+    def _text_written(self, w: int, now: int, addr: int, data: bytes) -> None:
         self.fine_until = max(self.fine_until, now + self.config.fine_window)
         self.trace.add((now, w, "write", addr, bytes(data)))
         for f in self._obs["on_text_write"]:
@@ -807,11 +848,20 @@ class Machine:
             cpu.clock += action.cycles
         elif isinstance(action, WriteText):
             self.write_text(action.addr, action.data, cpu.index)
-            cpu.clock += self.costs.text_write
+            cpu.clock += self.costs.text_write if action.cost is None else action.cost
         elif isinstance(action, SendIpi):
-            for t in action.targets:
-                self.send_ipi(cpu.index, t, action.vector)
+            if action.shorthand:
+                for t in range(len(self.cpus)):
+                    if t != cpu.index:
+                        self.send_ipi(cpu.index, t, action.vector)
                 cpu.clock += self.costs.ipi_send
+            else:
+                for t in action.targets:
+                    self.send_ipi(cpu.index, t, action.vector)
+                    cpu.clock += self.costs.ipi_send
+        elif isinstance(action, Serialize):
+            self._serialize(cpu)
+            cpu.clock += self.costs.iret
         elif isinstance(action, WaitUntil):
             if not action.predicate():
                 waits[cpu.index] = action

@@ -36,10 +36,18 @@ from cpus.layout import IMAGE_DATA_VA, TEXT_VA, Layout
 __all__ = [
     "BP_DESC",
     "BP_ENTRIES",
+    "FTRACE_MODIFYING",
     "FTRACE_NOP",
+    "MOD_CODE_IP",
+    "MOD_CODE_NEW",
+    "MOD_CODE_WRITE_FLAG",
     "NMI_CHOICES",
     "NMI_ENTRIES",
+    "NMI_RUNNING",
+    "NMI_UPDATES",
+    "STOP_NUM_THREADS",
     "STOP_STATE",
+    "STOP_THREAD_ACK",
     "ImageError",
     "KernelConfig",
     "KernelImage",
@@ -48,6 +56,8 @@ __all__ = [
 ]
 
 FTRACE_NOP = bytes.fromhex("0f1f440000")
+#: the trampolines' patchable tracer calls (inner labels of ftrace.S)
+TRAMPOLINE_SITES = ("ftrace_call", "ftrace_call_alt")
 FN_SHIFT = 6  # traced functions sit every 64 bytes
 MAX_TRACED = 256
 BP_DESC_MAX = 256  # TP_VEC_MAX: PAGE_SIZE / 16-byte entries in Linux; ours are 32 bytes each
@@ -75,7 +85,7 @@ NMI_ENTRIES: dict[str, tuple[str, int]] = {
 #: the entries users choose from (the rest are mutations)
 NMI_CHOICES = ("naive", "nested-safe", "latch-cmpxchg", "latch-cmpxchg386", "latch-dec")
 
-_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "workload.S")
+_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "ftrace_nmi.S", "workload.S")
 #: template sources expanded once per variant: suffix -> flags
 _TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
     "ftrace.S": {"": frozenset({"MAIN"}), "_alt": frozenset({"ALT"})},
@@ -116,6 +126,10 @@ class Percpu:
     NMI_STATE = 0x70  # i386-style entry: NOT_RUNNING 0 / EXECUTING 1 / LATCHED 2
     STOP_ACK = 0x60  # times this CPU entered the stop_machine stopper
     STOP_EXIT = 0x68  # times it left it
+    SAVE_MODIFYING = 0x78  # ftrace_nmi_enter's copy of modifying_code, for ftrace_nmi_exit
+    STOP_STAGE = 0x80  # the last multi_cpu_stop state this CPU acted on
+    FT_FUNC = 0x88  # calls of the function tracer (reached through the trampoline's ftrace_call)
+    FT_LIST = 0x90  # calls of ftrace_ops_list_func
     SCRATCH = 0x200  # u64[64]: the workload's busy-work array
     WL_COUNT = 0x400  # u64[MAX_TRACED]: calls the workload made, per traced function
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
@@ -166,6 +180,16 @@ class KernelImage:
     halt_sites: tuple[int, ...] = ()
     boundaries: frozenset[int] = frozenset()  # every instruction start in the text
     constants: dict[str, int] = field(default_factory=dict)
+    #: the trampolines' patchable calls of the tracer function (ftrace_call, ftrace_call_alt)
+    trampoline_sites: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def patchable(self) -> dict[int, bytes]:
+        """Every patchable site -> its bytes at boot (traced sites and the trampolines' calls)."""
+        out = {site: FTRACE_NOP for site in self.sites.values()}
+        for site in self.trampoline_sites.values():
+            out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
+        return out
 
     @property
     def traced_base(self) -> int:
@@ -217,7 +241,7 @@ class KernelImage:
             gates=gates,
             worker_entry=sym["workload_main"],
             idle_entry=sym["idle_main"],
-            watch=tuple((addr, len(FTRACE_NOP)) for addr in self.sites.values()),
+            watch=tuple((addr, len(FTRACE_NOP)) for addr in self.patchable),
             iret_sites=self.iret_sites,
             popf_sites=self.popf_sites,
             halt_sites=self.halt_sites,
@@ -230,7 +254,21 @@ class KernelImage:
 # ------------------------------------------------------------------------------------------------
 # Data layout (kernel data segment, after the machine's GDT/IDT)
 # ------------------------------------------------------------------------------------------------
-STOP_STATE = IMAGE_DATA_VA  # u64: non-zero while stop_machine holds the other CPUs
+#: multi_cpu_stop's shared state (u64 each): the stage, the acks still missing, the thread count
+STOP_STATE = IMAGE_DATA_VA
+STOP_THREAD_ACK = IMAGE_DATA_VA + 0x08
+STOP_NUM_THREADS = IMAGE_DATA_VA + 0x10
+#: multi_cpu_stop's stages (MULTI_STOP_*)
+STOP_NONE, STOP_PREPARE, STOP_DISABLE_IRQ, STOP_RUN, STOP_EXIT = range(5)
+STOP_STAGE_NAMES = {STOP_PREPARE: "prepare", STOP_DISABLE_IRQ: "disable-irq", STOP_RUN: "run", STOP_EXIT: "exit"}
+#: stop_machine ftrace (2.6.28-3.4): modifying_code, nmi_running (bit 31: a write is pending), the
+#: pending write's address (in the text's writable alias) and bytes, and how many NMIs performed it
+FTRACE_MODIFYING = IMAGE_DATA_VA + 0x18
+NMI_RUNNING = IMAGE_DATA_VA + 0x20
+MOD_CODE_IP = IMAGE_DATA_VA + 0x28
+MOD_CODE_NEW = IMAGE_DATA_VA + 0x30
+NMI_UPDATES = IMAGE_DATA_VA + 0x38
+MOD_CODE_WRITE_FLAG = 1 << 31
 BP_DESC = IMAGE_DATA_VA + 0x40  # refs u64, nr_entries u64, entries[BP_DESC_MAX] of 32 bytes
 DATA_SIZE = 0x40 + 16 + BP_DESC_MAX * BP_ENTRY_SIZE
 
@@ -240,6 +278,13 @@ def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
     c.update(
         BP_DESC=BP_DESC,
         STOP_STATE=STOP_STATE,
+        MULTI_STOP_DISABLE_IRQ=STOP_DISABLE_IRQ,
+        MULTI_STOP_EXIT=STOP_EXIT,
+        FTRACE_MOD=FTRACE_MODIFYING,  # base of the stop_machine ftrace variables
+        FTRACE_MOD_RUNNING=NMI_RUNNING - FTRACE_MODIFYING,
+        FTRACE_MOD_IP=MOD_CODE_IP - FTRACE_MODIFYING,
+        FTRACE_MOD_NEW=MOD_CODE_NEW - FTRACE_MODIFYING,
+        FTRACE_MOD_UPDATES=NMI_UPDATES - FTRACE_MODIFYING,
         NR_TRACED=cfg.nr_traced,
         FN_SHIFT=FN_SHIFT,
         TRACED_BASE=traced_base,
@@ -492,6 +537,7 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
         iret_sites=(),
         popf_sites=(),
         constants=consts,
+        trampoline_sites={n: inner[n] for n in TRAMPOLINE_SITES},
     )
     found_ = verify(image)
     image.iret_sites = found_.irets
@@ -564,6 +610,10 @@ def verify(image: KernelImage) -> Found:
         got = image.text[site - TEXT_VA : site - TEXT_VA + 5]
         if got != FTRACE_NOP:
             raise ImageError(f"{fn}: site at {site:#x} holds {got.hex(' ')}, not the ftrace nop")
+    for name, site in image.trampoline_sites.items():
+        got = image.text[site - TEXT_VA : site - TEXT_VA + 5]
+        if got != call_bytes(site, image.symbols["ftrace_stub"]):
+            raise ImageError(f"{name}: site at {site:#x} holds {got.hex(' ')}, not a 5-byte call of ftrace_stub")
     return Found(tuple(irets), tuple(popfs), tuple(halts), frozenset(boundaries))
 
 

@@ -1,20 +1,47 @@
-# The stop_machine stopper. The patcher wakes it with an IPI on every other CPU (as Linux wakes the
-# per-CPU stopper thread); it runs with interrupts off (interrupt gate), acknowledges, spins until
-# the patcher releases it, serializes (sync_core: cpuid) and goes back to what the CPU was doing.
-# NMIs still arrive while it spins, and run the NMI handler.
+# The stop_machine stopper: multi_cpu_stop on one CPU. The patcher wakes it with an IPI on every
+# other CPU (as Linux queues work to each CPU's stopper thread and wakes it); delivery charges the
+# thread's scheduling (`stopper_wakeup`), and the interrupt gate means it cannot start while the CPU
+# runs with interrupts off. From then on it is a thread: interrupts back on, then the stage loop.
+#
+# Stages (STOP_STATE): NONE 0, PREPARE 1, DISABLE_IRQ 2, RUN 3, EXIT 4. Every CPU, the caller
+# included, acts on each new stage once and acknowledges it; the acknowledgement is a decrement of
+# the shared STOP_THREAD_ACK, and the CPU whose decrement reaches zero re-arms it with the thread
+# count and moves everyone to the next stage: each stage is a barrier of all CPUs. DISABLE_IRQ turns
+# interrupts off, RUN runs the function on the active CPU (the caller: the patcher writes the text),
+# and after acknowledging EXIT the stopper returns; its iretq serializes.
 SYM_FUNC_START(stopper_entry)
     push rax
     push rbx
     push rcx
     push rdx
     lock inc qword ptr gs:[PCPU_STOP_ACK]
+    pushfq
+    or qword ptr [rsp], 0x200
+    popfq                               # a thread runs with interrupts on
     mov rbx, STOP_STATE
-.Lspin:
+    xor ecx, ecx                        # the stage this CPU last acted on: NONE
+.Lwait:
     pause
-    cmp qword ptr [rbx], 0
-    jne .Lspin
-    xor eax, eax
-    cpuid
+    mov rax, qword ptr [rbx]
+    cmp rax, rcx
+    je .Lwait
+    mov rcx, rax
+    mov qword ptr gs:[PCPU_STOP_STAGE], rax
+    cmp rax, MULTI_STOP_DISABLE_IRQ
+    jne .Lack
+    pushfq
+    and qword ptr [rsp], -0x201
+    popfq                               # local_irq_disable
+.Lack:
+    lock dec qword ptr [rbx+8]          # ack_state: the last CPU to ack moves everyone on
+    jnz .Lacked
+    mov rdx, qword ptr [rbx+16]
+    mov qword ptr [rbx+8], rdx          # re-arm the barrier with the thread count ...
+    lea rdx, [rax+1]
+    mov qword ptr [rbx], rdx            # ... then publish the next stage
+.Lacked:
+    cmp rcx, MULTI_STOP_EXIT
+    jne .Lwait
     lock inc qword ptr gs:[PCPU_STOP_EXIT]
     pop rdx
     pop rcx
