@@ -90,6 +90,12 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way")
     g.add_argument("--quantum", type=_positive, default=DEFAULT_QUANTUM, help="mean scheduling quantum")
     g.add_argument("--irqoff", type=_nonneg, default=0, help="interrupts-off sections of this many spins")
+    g.add_argument(
+        "--ipi",
+        choices=["shorthand", "per-target"],
+        default="shorthand",
+        help="sync IPIs: one all-but-self shorthand while every CPU is online (Linux), or one per target",
+    )
     from .image import NMI_ENTRIES
     from .scenario import AIMS
 
@@ -115,6 +121,7 @@ def make_scenario(args: argparse.Namespace):
         nmi_rate=args.nmi_rate if args.nmi != "none" else 0,
         nmi_aim=args.nmi_aim,
         fred=args.fred,
+        ipi=args.ipi,
     )
 
 
@@ -387,8 +394,8 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
 
     costs = load_costs(args.config, args.cost)
     for p in args.protocols:
-        if p not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
+        if p not in PROTOCOLS and p != "ftrace-linux":
+            raise ConfigError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)} or ftrace-linux")
     for c in args.cpus:
         if not 2 <= c <= 128:
             raise ConfigError(f"CPU counts must be between 2 and 128, got {c}")
@@ -404,6 +411,7 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             irqoff_cpu=args.irqoff_cpu,
             irqoff_len=args.irqoff_len,
             costs=costs,
+            ipi_shorthand=args.ipi == "shorthand",
         )
         for p in args.protocols
         for c in args.cpus
@@ -439,18 +447,32 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
     summary = []
     for (p, c, n), rs in groups.items():
         row = {"protocol": p, "cpus": c, "sites": n, "seeds": len(rs)}
-        for m in (*LATENCY_METRICS, "syncs"):
+        for m in (*LATENCY_METRICS, "syncs", "ipi_sends"):
             row[m] = sum(float(r[m]) for r in rs) / len(rs)
+        waits = [w for r in rs for w in r["sync_waits"]]
+        row["mean_sync_cycles"] = sum(waits) / len(waits) if waits else 0.0
+        for stage in ("prepare", "disable-irq", "run", "exit"):
+            vals = [r["stage_cycles"][stage] for r in rs if stage in r["stage_cycles"]]
+            if vals:
+                row[f"stage_{stage}"] = sum(vals) / len(vals)
         waits = [r["waited_longest_for"] for r in rs if r["waited_longest_for"] is not None]
         row["waited_for"] = f"cpu{max(set(waits), key=waits.count)}" if waits else "-"
         summary.append(row)
-    cols = ["protocol", "cpus", "sites", "syncs", *LATENCY_METRICS, "waited_for"]
+    cols = ["protocol", "cpus", "sites", "syncs", "mean_sync_cycles", "ipi_sends", *LATENCY_METRICS, "waited_for"]
     table = Table(title=f"one patch operation, mean of {args.seeds} seed(s); cycles")
     for col in cols:
         table.add_column(col.replace("_cycles", "").replace("_", " "), justify="left" if col == "protocol" else "right")
     for r in summary:
         table.add_row(*[f"{r[c]:,.0f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
     out.print(table)
+    for r in summary:
+        stages = [(k[6:], r[k]) for k in r if k.startswith("stage_")]
+        if stages:
+            out.print(
+                f"  {r['protocol']}, {r['cpus']} CPUs, {r['sites']} sites: multi_cpu_stop stages "
+                + ", ".join(f"{name} {v:,.0f}" for name, v in stages)
+                + " cycles"
+            )
     stop = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "stop-machine"}
     bp = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "bp-batch"}
     for key in sorted(set(stop) & set(bp)):
@@ -590,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--busy", action="store_true", help="every workload CPU runs interrupts-off sections")
     lat.add_argument("--irqoff-cpu", type=_nonneg, default=0, help="this CPU runs long interrupts-off sections")
     lat.add_argument("--irqoff-len", type=_positive, default=20_000, help="spins per interrupts-off section")
+    lat.add_argument(
+        "--ipi",
+        choices=["shorthand", "per-target"],
+        default="shorthand",
+        help="sync IPIs: one all-but-self shorthand (Linux, every CPU online) or one per target",
+    )
     lat.add_argument("--cost", action="append", default=[], help="override a cost: NAME=CYCLES (repeatable)")
     lat.add_argument("--config", type=Path, default=None, help="TOML file with a [costs] table")
     lat.add_argument("--jobs", type=_positive, default=None)

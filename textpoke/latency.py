@@ -7,7 +7,8 @@ patch_latency_cycles  from the operation's start to its return, on the patcher C
 stall (per CPU)       cycles a CPU spent away from its workload because of the patch: in the sync
                       IPI's handler, in the stop_machine stopper, in int3 traps
 total_lost_cycles     the patcher's latency plus every other CPU's stall
-syncs, ipis, int3_hits, and who the patcher waited for longest
+syncs, ipis (IPIs received), ipi_sends (ICR writes), int3_hits, and who the patcher waited for longest;
+stop_machine's stage times; `protocol="ftrace-linux"` measures ftrace_modify_all_code's enable
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class LatencyConfig:
     costs: CostModel = field(default_factory=CostModel)
     quantum: int = 1000
     fine_quantum: int = 200
+    #: sync IPIs as one all-but-self shorthand (Linux, every CPU online) or one per target
+    ipi_shorthand: bool = True
 
 
 @dataclass
@@ -64,6 +67,9 @@ class LatencyRow:
     sync_waits: list[int]
     rendezvous_cycles: int
     phases: list[tuple[int, int, str]]
+    ipi_sends: int = 0
+    #: stop_machine: cycles each multi_cpu_stop stage took, as the caller saw it
+    stage_cycles: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -91,12 +97,15 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         _irqoff(m, cfg.irqoff_cpu, mask=1, length=cfg.irqoff_len)
     sites = [kernel.site_of(i) for i in range(cfg.sites)]
     m.watch(sites)
-    patcher = Patcher(m, kernel, timeout=2_000_000_000)
+    patcher = Patcher(m, kernel, timeout=2_000_000_000, ipi_shorthand=cfg.ipi_shorthand)
     m.run(cfg.warmup)
     meter.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NmiReachableWarning)  # no NMIs in latency runs
-        report = patcher.enable_ftrace(sites, protocol=cfg.protocol)
+        if cfg.protocol == "ftrace-linux":  # ftrace_modify_all_code's enable
+            report = patcher.ftrace_modify_all_code(True, sites)
+        else:
+            report = patcher.enable_ftrace(sites, protocol=cfg.protocol)
     m.run(2_000)  # let the last handlers return
     others = [c for c in range(cfg.cpus) if c != mc.patcher_cpu]
     stalls = [meter.stall.get(c, 0) for c in others]
@@ -124,6 +133,8 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         sync_waits=[s.wait for s in report.syncs],
         rendezvous_cycles=report.rendezvous,
         phases=report.phases,
+        ipi_sends=report.ipi_sends,
+        stage_cycles={name: end - start for name, start, end in report.stages},
     )
 
 

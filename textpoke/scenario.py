@@ -22,14 +22,19 @@ from .oracle import SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .protocols import MUTATIONS, PROTOCOLS
 
-__all__ = ["OPERATIONS", "Outcome", "Scenario", "replay_command", "run_scenario"]
+__all__ = ["IPI_MODES", "OPERATIONS", "Outcome", "Scenario", "replay_command", "run_scenario"]
 
 #: what a scenario does to the sites
 OPERATIONS = {
     "toggle": ("enable", "disable"),
     "retarget": ("enable", "retarget", "disable"),
     "enable": ("enable",),
+    # ftrace_modify_all_code's sequence: ftrace_call, the site batches, a sync round, ftrace_call again
+    "ftrace-linux": ("enable-linux", "disable-linux"),
 }
+#: how a sync reaches the other CPUs: one all-but-self shorthand while every CPU is online (Linux),
+#: or always one IPI per target
+IPI_MODES = ("shorthand", "per-target")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Scenario:
     irqoff_len: int = 0  # > 0: workloads run interrupts-off sections of this many spins
     #: indices of the traced functions to patch (None: all of them)
     patch_sites: tuple[int, ...] | None = None
+    ipi: str = "shorthand"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -62,6 +68,10 @@ class Scenario:
             raise ConfigError(f"unknown int3 mode {self.int3!r}; choose from {', '.join(BP_ENTRIES)}")
         if self.operation not in OPERATIONS:
             raise ConfigError(f"unknown operation {self.operation!r}; choose from {', '.join(OPERATIONS)}")
+        if self.operation == "ftrace-linux" and self.protocol != "bp-batch":
+            raise ConfigError("operation ftrace-linux patches with text_poke_bp as Linux does: use --protocol bp-batch")
+        if self.ipi not in IPI_MODES:
+            raise ConfigError(f"unknown IPI mode {self.ipi!r}; choose from {', '.join(IPI_MODES)}")
         if self.nmi != "none" and self.nmi not in NMI_ENTRIES:
             raise ConfigError(f"unknown NMI entry {self.nmi!r}; choose none or {', '.join(NMI_ENTRIES)}")
         if self.nmi_rate < 0 or self.nmi_rate > 200_000:
@@ -98,6 +108,8 @@ class Scenario:
                 parts.append(f"aim={self.nmi_aim}")
         if self.fred:
             parts.append("fred")
+        if self.ipi != "shorthand":
+            parts.append(f"ipi={self.ipi}")
         return " ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -128,6 +140,7 @@ class Outcome:
                     "latency": r.latency,
                     "syncs": len(r.syncs),
                     "ipis": r.ipis,
+                    "ipi_sends": r.ipi_sends,
                     "hung": r.hung,
                 }
                 for r in self.reports
@@ -194,7 +207,9 @@ def run_scenario(
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_LEN, struct.pack("<Q", sc.irqoff_len))
     m.watch(kernel.sites.values())
     # a patch operation that has not returned after a million cycles is hung (a CPU never answers)
-    patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip", timeout=1_000_000)
+    patcher = Patcher(
+        m, kernel, skip_mode=sc.int3 == "skip", timeout=1_000_000, ipi_shorthand=sc.ipi == "shorthand"
+    )
     patcher.listeners.append(oracle)
     patcher.listeners.extend(e for e in extra_instruments if hasattr(e, "on_op_start"))
 
@@ -240,6 +255,8 @@ def replay_command(sc: Scenario, seed: int) -> str:
         parts.append(f"--quantum {sc.quantum}")
     if sc.irqoff_len:
         parts.append(f"--irqoff {sc.irqoff_len}")
+    if sc.ipi != "shorthand":
+        parts.append(f"--ipi {sc.ipi}")
     return " ".join(parts)
 
 
@@ -250,6 +267,11 @@ def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> 
             report = patcher.enable_ftrace(targets, **kw)
         elif op == "disable":
             report = _disable(patcher, targets, kw)
+        elif op == "enable-linux":
+            report = patcher.ftrace_modify_all_code(True, targets, mutation=sc.mutation)
+        elif op == "disable-linux":
+            enabled = [s for s in targets if patcher.m.read(s, 1) == b"\xe8"]
+            report = patcher.ftrace_modify_all_code(False, enabled, mutation=sc.mutation) if enabled else None
         else:
             report = patcher.retarget(targets, **kw)
         m.run(sc.settle)
