@@ -503,9 +503,11 @@ class Patcher:
         m.write(MOD_CODE_IP, struct.pack("<Q", alias))
         m.write(MOD_CODE_NEW, step.data.ljust(8, b"\0"))
         flag = MOD_CODE_WRITE_FLAG if step.nmi_write else 0
+        shared = m.costs.poll  # a barrier or an atomic on the shared line
+        yield Delay(shared)  # smp_mb: the pending write is visible before NMIs may perform it
         t0 = self._now()
 
-        def set_flag() -> bool:  # wait_for_nmi_and_set_mod_flag: one cmpxchg per poll
+        def set_flag() -> bool:  # wait_for_nmi_and_set_mod_flag: one cmpxchg(0 -> flag) per poll
             if m.read_u64(NMI_RUNNING) != 0:
                 return False
             m.write(NMI_RUNNING, struct.pack("<Q", flag))
@@ -513,12 +515,13 @@ class Patcher:
 
         yield WaitUntil(set_flag, "NMIs to leave before the write")
         report.nmi_wait += self._now() - t0
-        yield Delay(m.costs.poll)  # smp_mb, then into probe_kernel_write
+        yield Delay(2 * shared)  # the cmpxchg that succeeded, smp_mb
         insn = m.costs.instruction
-        yield WriteText(step.site, step.data[:4], cost=2 * insn)
+        yield WriteText(step.site, step.data[:4], cost=2 * insn)  # probe_kernel_write: a 5-byte copy
         yield WriteText(step.site + 4, step.data[4:], cost=2 * insn)
-        yield Delay(m.costs.poll)  # smp_mb
+        yield Delay(shared)  # smp_mb: the write happens before the flag is cleared
         m.write(NMI_RUNNING, struct.pack("<Q", m.read_u64(NMI_RUNNING) & ~MOD_CODE_WRITE_FLAG))  # clear_mod_flag
+        yield Delay(shared)
         t1 = self._now()
         yield WaitUntil(lambda: m.read_u64(NMI_RUNNING) == 0, "NMIs to leave after the write")
         report.nmi_wait += self._now() - t1

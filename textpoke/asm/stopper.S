@@ -28,11 +28,11 @@ SYM_FUNC_START(stopper_entry)
     mov rcx, rax
     mov qword ptr gs:[PCPU_STOP_STAGE], rax
     cmp rax, MULTI_STOP_DISABLE_IRQ
-    jne .Lack
+    jne stopper_ack
     pushfq
     and qword ptr [rsp], -0x201
     popfq                               # local_irq_disable
-.Lack:
+SYM_INNER_LABEL(stopper_ack)
     lock dec qword ptr [rbx+8]          # ack_state: the last CPU to ack moves everyone on
     jnz .Lacked
     mov rdx, qword ptr [rbx+16]
