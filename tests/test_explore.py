@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from textpoke.explore import NESTED_FLAGS, explore, explore_nmi
-from textpoke.protocols import MUTATIONS
+from textpoke.protocols import BP_MUTATIONS
 from textpoke.scenario import Scenario
 from textpoke.sweep import run_one
 
@@ -26,7 +26,7 @@ def test_unsafe_baselines_have_a_counterexample(protocol):
     assert path[-1].startswith("=>") and any(step.startswith("cpu1: executes") for step in path)
 
 
-@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize("mutation", list(BP_MUTATIONS))
 def test_every_protocol_mutation_has_a_shortest_counterexample_and_the_sweeps_catch_it(mutation):
     r = explore("bp", mutation, 1, 1)
     assert r.violations, mutation

@@ -13,7 +13,7 @@ from cpus import Machine, MachineConfig
 from textpoke.image import FTRACE_NOP, call_bytes
 from textpoke.oracle import SafetyOracle
 from textpoke.patcher import Patcher, PatchError
-from textpoke.protocols import MUTATIONS, PatchRequest
+from textpoke.protocols import BP_MUTATIONS, PatchRequest
 from textpoke.scenario import Scenario, run_scenario
 from textpoke.sweep import run_one
 
@@ -135,7 +135,7 @@ CAUGHT_WITHIN = {
 }
 
 
-@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize("mutation", list(BP_MUTATIONS))
 def test_oracle_catches_each_protocol_mutation(mutation):
     n = CAUGHT_WITHIN[mutation]
     caught = [s for s in range(n) if not run_one(Scenario(protocol="bp", mutation=mutation), s).ok]

@@ -39,9 +39,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "BP_MUTATIONS",
     "INT3_PROTOCOLS",
     "MUTATIONS",
     "PROTOCOLS",
+    "STOP_MACHINE_MUTATIONS",
     "TEXT_POKE_ARRAY_MAX",
     "ModCode",
     "PatchRequest",
@@ -294,15 +296,20 @@ def _no_nmi_write(steps: tuple[Step, ...]) -> tuple[Step, ...]:
     return tuple(ModCode(s.site, s.data, nmi_write=False) if isinstance(s, ModCode) else s for s in steps)
 
 
-MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
+#: mutations of text_poke_bp
+BP_MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
     "no-sync-after-int3": _drop_sync("int3"),
     "no-sync-after-tail": _drop_sync("tail"),
     "no-final-sync": _drop_sync("first"),
     "tail-before-int3": _per_batch(_tail_before_int3),
     "first-before-tail": _per_batch(_first_before_tail),
     "early-withdraw": _per_batch(_early_withdraw),
+}
+#: mutations of stop-machine-ftrace
+STOP_MACHINE_MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
     "no-nmi-write": _no_nmi_write,
 }
+MUTATIONS = BP_MUTATIONS | STOP_MACHINE_MUTATIONS
 
 
 def build(protocol: str, requests: Sequence[PatchRequest], mutation: str | None = None) -> tuple[Step, ...]:
