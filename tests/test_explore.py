@@ -61,3 +61,22 @@ def test_unsafe_nmi_entries_have_a_counterexample(entry):
     r = explore_nmi(entry, nmis=3)
     expected = "lost-nmi" if entry == "latch-cmpxchg386" else "nmi-corruption"
     assert expected in r.violations, r.report()
+
+
+def test_stop_machine_ftrace_explored_with_nmis():
+    """With NMIs on the stopped CPUs: bare stop_machine is unsafe; stop-machine-ftrace is unsafe only
+    through the window between an NMI's delivery and its ftrace_nmi_enter, and safe without it;
+    without the NMI-side write it is unsafe even then."""
+    bare = explore("stop-machine", None, 1, 1, nmis=1)
+    assert "unsynced-modification" in bare.violations
+    real = explore("stop-machine-ftrace", None, 1, 1, nmis=1)
+    path = real.violations["unsynced-modification"]
+    assert any("an NMI arrives" in p for p in path)
+    arrive = next(i for i, p in enumerate(path) if "an NMI arrives" in p)
+    counted = next(i for i, p in enumerate(path) if "counts itself in" in p)
+    assert any("clears the write flag" in p for p in path[arrive:counted])  # overtaken in its entry
+    for cpus, sites, nmis in ((1, 1, 1), (2, 1, 1), (1, 2, 2)):
+        assert explore("stop-machine-ftrace", None, cpus, sites, nmis=nmis, count_at_delivery=True).safe
+    assert not explore("stop-machine-ftrace", "no-nmi-write", 1, 1, nmis=1, count_at_delivery=True).safe
+    with pytest.raises(ValueError):
+        explore("bp", None, 1, 1, nmis=1)

@@ -508,7 +508,16 @@ def cmd_explore(args: argparse.Namespace, out: Console) -> int:
     else:
         if not 1 <= args.cpus <= 3 or not 1 <= args.sites <= 2:
             raise ConfigError("the explorer takes 1 to 3 workload CPUs (--cpus) and 1 or 2 sites (--sites)")
-        result = explore(args.protocol, args.mutation, args.cpus, args.sites, max_states=args.max_states)
+        nmis = args.nmis if args.protocol_nmis else 0
+        result = explore(
+            args.protocol,
+            args.mutation,
+            args.cpus,
+            args.sites,
+            max_states=args.max_states,
+            nmis=nmis,
+            count_at_delivery=args.nmi_counted_at_delivery,
+        )
     out.print(result.report(), markup=False, highlight=False)
     return 1 if args.strict and not result.safe else 0
 
@@ -643,7 +652,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="explore this NMI entry instead of a protocol",
     )
-    ex.add_argument("--nmis", type=_positive, default=3, help="NMIs that may arrive (with --nmi)")
+    ex.add_argument("--nmis", type=_positive, default=3, help="NMIs that may arrive (with --nmi or --protocol-nmis)")
+    ex.add_argument(
+        "--protocol-nmis",
+        action="store_true",
+        help="with a stop_machine protocol: up to --nmis NMIs on each workload CPU, whose handler executes the sites",
+    )
+    ex.add_argument(
+        "--nmi-counted-at-delivery",
+        action="store_true",
+        help="what-if: an NMI counts itself into nmi_running as it is delivered (no entry window)",
+    )
     ex.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking (with --nmi)")
     ex.add_argument("--strict", action="store_true", help="exit 1 when an unsafe state is reachable")
     ex.set_defaults(func=cmd_explore)
