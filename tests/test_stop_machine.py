@@ -207,3 +207,14 @@ def test_stop_machine_variants_round_trip(kernel, protocol):
     p.disable_ftrace(protocol=protocol)
     assert m.read(m.text_lo, m.text_hi - m.text_lo) == before
     assert not oracle.counts
+
+
+def test_a_preempt_off_section_delays_the_stopper_but_not_the_ipi():
+    """With preemption off the woken stopper cannot run: the IPI is taken (interrupts are on) and
+    marks a reschedule, and preempt_enable switches to the stopper; PREPARE waits for it."""
+    from textpoke.latency import LatencyConfig, measure
+
+    base = dict(protocol="stop-machine", cpus=3, sites=1, functions=8, warmup=6_000)
+    fast = measure(LatencyConfig(**base))
+    slow = measure(LatencyConfig(**base, preempt_off_cpu=2, preempt_off_len=6_000))
+    assert slow.stage_cycles["prepare"] > fast.stage_cycles["prepare"] + 3_000

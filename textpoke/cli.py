@@ -401,6 +401,8 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             raise ConfigError(f"CPU counts must be between 2 and 128, got {c}")
     if args.irqoff_cpu and any(args.irqoff_cpu >= c for c in args.cpus):
         raise ConfigError(f"--irqoff-cpu {args.irqoff_cpu} does not exist on a {min(args.cpus)}-CPU machine")
+    if args.preempt_off_cpu and any(args.preempt_off_cpu >= c for c in args.cpus):
+        raise ConfigError(f"--preempt-off-cpu {args.preempt_off_cpu} does not exist on a {min(args.cpus)}-CPU machine")
     configs = [
         LatencyConfig(
             protocol=p,
@@ -412,6 +414,8 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             irqoff_len=args.irqoff_len,
             costs=costs,
             ipi_shorthand=args.ipi == "shorthand",
+            preempt_off_cpu=args.preempt_off_cpu,
+            preempt_off_len=args.irqoff_len,
         )
         for p in args.protocols
         for c in args.cpus
@@ -620,7 +624,15 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--seed-start", type=_nonneg, default=0)
     lat.add_argument("--busy", action="store_true", help="every workload CPU runs interrupts-off sections")
     lat.add_argument("--irqoff-cpu", type=_nonneg, default=0, help="this CPU runs long interrupts-off sections")
-    lat.add_argument("--irqoff-len", type=_positive, default=20_000, help="spins per interrupts-off section")
+    lat.add_argument(
+        "--preempt-off-cpu",
+        type=_nonneg,
+        default=0,
+        help="this CPU runs long preempt-off sections (interrupts on): its stopper waits for preempt_enable",
+    )
+    lat.add_argument(
+        "--irqoff-len", type=_positive, default=20_000, help="spins per interrupts-off (or preempt-off) section"
+    )
     lat.add_argument(
         "--ipi",
         choices=["shorthand", "per-target"],

@@ -108,9 +108,7 @@ class ExploreResult:
 
 
 class _Model:
-    def __init__(
-        self, steps: tuple[Step, ...], requests: tuple[PatchRequest, ...], ncpus: int, nmis: int = 0
-    ) -> None:
+    def __init__(self, steps: tuple[Step, ...], requests: tuple[PatchRequest, ...], ncpus: int, nmis: int = 0) -> None:
         self.steps = steps
         self.reqs = requests
         self.sites = [r.site for r in requests]

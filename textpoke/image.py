@@ -130,6 +130,10 @@ class Percpu:
     STOP_STAGE = 0x80  # the last multi_cpu_stop state this CPU acted on
     FT_FUNC = 0x88  # calls of the function tracer (reached through the trampoline's ftrace_call)
     FT_LIST = 0x90  # calls of ftrace_ops_list_func
+    PREEMPT_COUNT = 0x98  # > 0 inside a preempt-off section
+    NEED_RESCHED = 0xA0  # a woken stopper waits for preempt_enable
+    PREEMPT_MASK = 0xA8  # 0: no preempt-off sections; else one when (lcg >> 24) & mask == 0
+    PREEMPT_LEN = 0xB0  # iterations of the preempt-off spin
     SCRATCH = 0x200  # u64[64]: the workload's busy-work array
     WL_COUNT = 0x400  # u64[MAX_TRACED]: calls the workload made, per traced function
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function

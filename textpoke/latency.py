@@ -45,6 +45,9 @@ class LatencyConfig:
     fine_quantum: int = 200
     #: sync IPIs as one all-but-self shorthand (Linux, every CPU online) or one per target
     ipi_shorthand: bool = True
+    #: this CPU runs long preempt-off sections (interrupts on): a stopper woken there waits (0: none)
+    preempt_off_cpu: int = 0
+    preempt_off_len: int = 20_000
 
 
 @dataclass
@@ -95,6 +98,10 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         _irqoff(m, c, mask=3, length=max(cfg.irqoff_len // 10, 1))
     if cfg.irqoff_cpu:
         _irqoff(m, cfg.irqoff_cpu, mask=1, length=cfg.irqoff_len)
+    if cfg.preempt_off_cpu:
+        base = m.layout.percpu_va(cfg.preempt_off_cpu)
+        m.write(base + Percpu.PREEMPT_MASK, struct.pack("<Q", 1))
+        m.write(base + Percpu.PREEMPT_LEN, struct.pack("<Q", cfg.preempt_off_len))
     sites = [kernel.site_of(i) for i in range(cfg.sites)]
     m.watch(sites)
     patcher = Patcher(m, kernel, timeout=2_000_000_000, ipi_shorthand=cfg.ipi_shorthand)

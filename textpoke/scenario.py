@@ -207,9 +207,7 @@ def run_scenario(
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_LEN, struct.pack("<Q", sc.irqoff_len))
     m.watch(kernel.sites.values())
     # a patch operation that has not returned after a million cycles is hung (a CPU never answers)
-    patcher = Patcher(
-        m, kernel, skip_mode=sc.int3 == "skip", timeout=1_000_000, ipi_shorthand=sc.ipi == "shorthand"
-    )
+    patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip", timeout=1_000_000, ipi_shorthand=sc.ipi == "shorthand")
     patcher.listeners.append(oracle)
     patcher.listeners.extend(e for e in extra_instruments if hasattr(e, "on_op_start"))
 

@@ -2,6 +2,8 @@
 # other CPU (as Linux queues work to each CPU's stopper thread and wakes it); delivery charges the
 # thread's scheduling (`stopper_wakeup`), and the interrupt gate means it cannot start while the CPU
 # runs with interrupts off. From then on it is a thread: interrupts back on, then the stage loop.
+# A CPU inside a preempt-off section (PCPU_PREEMPT_COUNT) takes the IPI but cannot switch to the
+# stopper: it marks a reschedule as pending, and preempt_enable runs the stopper.
 #
 # Stages (STOP_STATE): NONE 0, PREPARE 1, DISABLE_IRQ 2, RUN 3, EXIT 4. Every CPU, the caller
 # included, acts on each new stage once and acknowledges it; the acknowledgement is a decrement of
@@ -10,10 +12,29 @@
 # interrupts off, RUN runs the function on the active CPU (the caller: the patcher writes the text),
 # and after acknowledging EXIT the stopper returns; its iretq serializes.
 SYM_FUNC_START(stopper_entry)
+    cmp qword ptr gs:[PCPU_PREEMPT_COUNT], 0
+    je .Lrun
+    mov qword ptr gs:[PCPU_NEED_RESCHED], 1
+    jmp native_iret                     # preemption is off: the stopper runs at preempt_enable
+.Lrun:
+    call multi_cpu_stop
+    jmp native_iret
+SYM_FUNC_END(stopper_entry)
+
+# preempt_enable found a reschedule pending: switch to the stopper now. It returns with `ret`, as
+# schedule() back to a preempted kernel task does: no iretq, so no serializing event on this path.
+SYM_FUNC_START(preempt_schedule)
+    mov qword ptr gs:[PCPU_NEED_RESCHED], 0
+    call multi_cpu_stop
+    ret
+SYM_FUNC_END(preempt_schedule)
+
+SYM_FUNC_START(multi_cpu_stop)
     push rax
     push rbx
     push rcx
     push rdx
+    pushfq                              # the flags to restore at the end
     lock inc qword ptr gs:[PCPU_STOP_ACK]
     pushfq
     or qword ptr [rsp], 0x200
@@ -43,9 +64,10 @@ SYM_INNER_LABEL(stopper_ack)
     cmp rcx, MULTI_STOP_EXIT
     jne .Lwait
     lock inc qword ptr gs:[PCPU_STOP_EXIT]
+    popfq                               # local_irq_restore
     pop rdx
     pop rcx
     pop rbx
     pop rax
-    jmp native_iret
-SYM_FUNC_END(stopper_entry)
+    ret
+SYM_FUNC_END(multi_cpu_stop)
