@@ -180,6 +180,7 @@ class Cpu:
         "events",
         "extra",
         "halted",
+        "hold",
         "index",
         "nmi",
         "pending",
@@ -205,6 +206,7 @@ class Cpu:
         self.tentative: tuple[int, int, bytes] | None = None
         self.popf_hooks: list[int] = []
         self.halted = False
+        self.hold = False  # the cycles charged at this boundary must pass before the next instruction
         self.stats = {
             "site_exec": 0,
             "instructions": 0,
@@ -610,6 +612,7 @@ class Machine:
         cpu.extra += self.costs.event_entry
         if vector == Vector.STOP:
             cpu.extra += self.costs.stopper_wakeup  # the stopper is a thread: it must be scheduled
+            cpu.hold = True  # ... before its first instruction runs, in everyone's time
         if vector == Vector.NMI:
             cpu.nmi.delivered()
             cpu.stats["nmi_delivered"] += 1
@@ -908,6 +911,12 @@ class Machine:
                 self._due(cpu)
                 if cpu.crash is not None:
                     heapq.heappop(heap)
+                    continue
+                if cpu.hold:
+                    cpu.hold = False
+                    cpu.clock = clock + cpu.extra
+                    cpu.extra = 0
+                    heapq.heapreplace(heap, (cpu.clock, i))
                     continue
             q = 1 + int(rnd() * (q_fine if self.fine > 0 or clock < self.fine_until else q_span))
             limit = end - clock
