@@ -9,6 +9,9 @@ import pytest
 
 from cpus import Machine, MachineConfig
 from cpus.layout import TEXT_ALIAS_VA, TEXT_VA
+
+# bare stop_machine is asked to patch NMI-reachable sites on purpose here
+pytestmark = pytest.mark.filterwarnings("ignore::textpoke.patcher.NmiReachableWarning")
 from textpoke.image import (
     FTRACE_MODIFYING,
     FTRACE_NOP,
@@ -66,7 +69,6 @@ class _StageLog:
                 self.acks.append(ack)
 
 
-@pytest.mark.filterwarnings("ignore::textpoke.patcher.NmiReachableWarning")
 def test_stages_are_barriers_of_every_cpu(kernel):
     """No CPU acknowledges a stage before every CPU acknowledged the one before it, every CPU passes
     all four stages, and the caller records them in order."""
