@@ -9,9 +9,6 @@ import pytest
 
 from cpus import Machine, MachineConfig
 from cpus.layout import TEXT_ALIAS_VA, TEXT_VA
-
-# bare stop_machine is asked to patch NMI-reachable sites on purpose here
-pytestmark = pytest.mark.filterwarnings("ignore::textpoke.patcher.NmiReachableWarning")
 from textpoke.image import (
     FTRACE_MODIFYING,
     FTRACE_NOP,
@@ -30,6 +27,9 @@ from textpoke.oracle import SafetyOracle
 from textpoke.patcher import Operation, Patcher
 from textpoke.protocols import PatchRequest
 from textpoke.scenario import Scenario, run_scenario
+
+# bare stop_machine is asked to patch NMI-reachable sites on purpose here
+pytestmark = pytest.mark.filterwarnings("ignore::textpoke.patcher.NmiReachableWarning")
 
 
 class _Writes:
