@@ -132,8 +132,7 @@ class Percpu:
     FT_LIST = 0x90  # calls of ftrace_ops_list_func
     PREEMPT_COUNT = 0x98  # > 0 inside a preempt-off section
     NEED_RESCHED = 0xA0  # a woken stopper waits for preempt_enable
-    PREEMPT_MASK = 0xA8  # 0: no preempt-off sections; else one when (lcg >> 24) & mask == 0
-    PREEMPT_LEN = 0xB0  # iterations of the preempt-off spin
+    PREEMPT_OFF = 0xA8  # non-zero: the IRQOFF_MASK/IRQOFF_LEN sections are preempt-off sections instead
     SCRATCH = 0x200  # u64[64]: the workload's busy-work array
     WL_COUNT = 0x400  # u64[MAX_TRACED]: calls the workload made, per traced function
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function

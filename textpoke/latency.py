@@ -99,9 +99,8 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     if cfg.irqoff_cpu:
         _irqoff(m, cfg.irqoff_cpu, mask=1, length=cfg.irqoff_len)
     if cfg.preempt_off_cpu:
-        base = m.layout.percpu_va(cfg.preempt_off_cpu)
-        m.write(base + Percpu.PREEMPT_MASK, struct.pack("<Q", 1))
-        m.write(base + Percpu.PREEMPT_LEN, struct.pack("<Q", cfg.preempt_off_len))
+        _irqoff(m, cfg.preempt_off_cpu, mask=1, length=cfg.preempt_off_len)
+        m.write(m.layout.percpu_va(cfg.preempt_off_cpu) + Percpu.PREEMPT_OFF, struct.pack("<Q", 1))
     sites = [kernel.site_of(i) for i in range(cfg.sites)]
     m.watch(sites)
     patcher = Patcher(m, kernel, timeout=2_000_000_000, ipi_shorthand=cfg.ipi_shorthand)
