@@ -76,18 +76,26 @@ def cmd_machine(args: argparse.Namespace, out: Console) -> int:
     return 1 if m.crashes else 0
 
 
+def _names(builtins) -> str:
+    return ", ".join(builtins) + ", an installed entry point, or package.module:function"
+
+
+def _protocol_help(builtins, default: str) -> str:
+    return f"patch protocol: {_names(builtins)} (default {default})"
+
+
 def scenario_args(sp: argparse.ArgumentParser) -> None:
     from .image import BP_ENTRIES
     from .protocols import MUTATIONS, PROTOCOLS
     from .scenario import OPERATIONS
 
     g = sp.add_argument_group("scenario")
-    g.add_argument("--protocol", choices=list(PROTOCOLS), default="bp-batch", help="patch protocol")
+    g.add_argument("--protocol", default="bp-batch", metavar="P", help=_protocol_help(PROTOCOLS, "bp-batch"))
     g.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate", help="#BP handler mode")
     g.add_argument("--cpus", type=_positive, default=4, help="CPUs, the patcher included (default 4)")
     g.add_argument("--sites", type=_positive, default=8, help="traced functions, all patched (default 8)")
     g.add_argument("--operation", choices=list(OPERATIONS), default="toggle", help="what to do to the sites")
-    g.add_argument("--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way")
+    g.add_argument("--mutation", default=None, metavar="M", help="break the protocol this way: " + _names(MUTATIONS))
     g.add_argument("--quantum", type=_positive, default=DEFAULT_QUANTUM, help="mean scheduling quantum")
     g.add_argument("--irqoff", type=_nonneg, default=0, help="interrupts-off sections of this many spins")
     from .image import NMI_ENTRIES
@@ -215,6 +223,7 @@ def cmd_replay(args: argparse.Namespace, out: Console) -> int:
         listing=args.out,
         limit=args.limit,
         timeline=args.timeline,
+        perfetto=args.perfetto,
     )
 
 
@@ -284,13 +293,16 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     """The default scenario: each protocol and NMI entry, a verdict table and a per-CPU timeline."""
     import json
 
-    from .demo import DEFAULT_ROWS, run_demo
+    from .demo import DEFAULT_ROWS, protocol_row, run_demo
     from .executors import executor
     from .report import plot_timeline
 
+    demo_rows = [*DEFAULT_ROWS, *(protocol_row(p) for p in args.protocol)]
+    if args.perfetto is not None and args.perfetto.exists() and not args.perfetto.is_dir():
+        raise ConfigError(f"--perfetto {args.perfetto} exists and is not a directory")
     t0 = time.perf_counter()
     out.print(
-        f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), 32 traced functions, "
+        f"[bold]textpoke[/bold]: {len(demo_rows)} runs of 4 CPUs (cpu0 patches), 32 traced functions, "
         "NMIs on cpu1-3; ftrace enabled then disabled on every site. seed "
         f"{args.seed}"
     )
@@ -300,7 +312,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             status.update(f"done: {row.label}")
 
         with executor(args.jobs) as ex:
-            rows = run_demo(args.seed, ex, tick)
+            rows = run_demo(args.seed, ex, tick, demo_rows, args.perfetto)
     table = Table(title="verdicts and costs (cycles)")
     for col in ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested"):
         table.add_column(col, justify="left" if col in ("scenario", "verdict") else "right")
@@ -332,13 +344,15 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             "phases": r.phases,
             "violations": [v for v in r.violations if r.window[0] <= v[1] <= r.window[1]],
         }
-        for r, (_, _, draw) in zip(rows, DEFAULT_ROWS, strict=True)
+        for r, (_, _, draw) in zip(rows, demo_rows, strict=True)
         if draw
     ]
     path = plot_timeline(panels, args.out / "timeline.png", "enabling ftrace on 32 sites while the workloads run")
     out.print(f"timeline of the enable operation: {path}")
     out.print("hashes: " + " ".join(f"{r.trace_hash[:12]}" for r in rows) + f"  ({time.perf_counter() - t0:.1f} s)")
     out.print("replay any row with: textpoke replay SEED --protocol P --nmi ENTRY --sites 32 --nmi-rate 300")
+    if args.perfetto is not None:
+        out.print(f"Perfetto traces, one per row: {args.perfetto}/")
     if args.json:
         data = [
             {
@@ -382,13 +396,12 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
     from .costs import load_costs
     from .executors import executor
     from .latency import LatencyConfig, measure
-    from .protocols import PROTOCOLS
+    from .plugins import resolve_protocol
     from .report import markdown_table, plot_latency
 
     costs = load_costs(args.config, args.cost)
     for p in args.protocols:
-        if p not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
+        resolve_protocol(p)
     for c in args.cpus:
         if not 2 <= c <= 128:
             raise ConfigError(f"CPU counts must be between 2 and 128, got {c}")
@@ -549,6 +562,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("textpoke-out"), help="where to write the timeline")
     run.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: all cores)")
     run.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    run.add_argument(
+        "--protocol",
+        action="append",
+        default=[],
+        metavar="P",
+        help="also run this protocol (built in, entry point or module:function) with nested-safe NMIs (repeatable)",
+    )
+    run.add_argument("--perfetto", type=Path, default=None, help="write one Perfetto trace per row in this directory")
     run.set_defaults(func=cmd_run)
     mach = sub.add_parser("machine", help="boot the machine and run its workloads, no patching")
     machine_args(mach)
@@ -572,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     pat.add_argument("--site", action="append", required=True, help="address or symbol (repeatable)")
     pat.add_argument("--new", action="append", type=_hex_bytes, required=True, help="new bytes, hex")
     pat.add_argument("--old", action="append", type=_hex_bytes, default=None, help="expected old bytes")
-    pat.add_argument("--protocol", choices=list(PROTOCOLS), default="bp")
+    pat.add_argument("--protocol", default="bp", metavar="P", help=_protocol_help(PROTOCOLS, "bp"))
     pat.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate")
     pat.add_argument("--cpus", type=_positive, default=4)
     pat.add_argument("--seed", type=_nonneg, default=0)
@@ -604,8 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .protocols import MUTATIONS
 
     ex = sub.add_parser("explore", help="every interleaving of a small configuration, and shortest counterexamples")
-    ex.add_argument("--protocol", choices=list(PROTOCOLS), default="bp")
-    ex.add_argument("--mutation", choices=list(MUTATIONS), default=None)
+    ex.add_argument("--protocol", default="bp", metavar="P", help=_protocol_help(PROTOCOLS, "bp"))
+    ex.add_argument("--mutation", default=None, metavar="M", help="break the protocol this way: " + _names(MUTATIONS))
     ex.add_argument("--cpus", type=_positive, default=2, help="workload CPUs (1 to 3)")
     ex.add_argument("--sites", type=_positive, default=1, help="sites (1 or 2)")
     ex.add_argument("--max-states", type=_positive, default=200_000, help="the bound")
@@ -633,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--jsonl", type=Path, default=None, help="write the full trace as JSON Lines here")
     rep.add_argument("--out", type=Path, default=None, help="write the full annotated listing here")
     rep.add_argument("--timeline", type=Path, default=None, help="draw the per-CPU timeline of each operation here")
+    rep.add_argument("--perfetto", type=Path, default=None, help="write a Perfetto trace (JSON, ui.perfetto.dev) here")
     rep.set_defaults(func=cmd_replay)
     return p
 

@@ -26,9 +26,8 @@ from cpus.disasm import describe, insn_length
 
 from . import bpdesc
 from .image import FTRACE_NOP, STOP_STATE, KernelImage, Percpu, call_bytes
+from .plugins import resolve_protocol
 from .protocols import (
-    INT3_PROTOCOLS,
-    PROTOCOLS,
     PatchRequest,
     Poke,
     Publish,
@@ -39,10 +38,12 @@ from .protocols import (
     Withdraw,
     build,
 )
+from .stepcheck import nmi_unsafe
 
 __all__ = ["NMI_UNSAFE_PROTOCOLS", "NmiReachableWarning", "PatchError", "PatchReport", "Patcher", "SyncRecord"]
 
-#: protocols during which an NMI can execute a site while it is being written
+#: the built-in protocols during which an NMI can execute a site while it is being written; the
+#: patcher decides from any protocol's steps (`textpoke.stepcheck.nmi_unsafe`)
 NMI_UNSAFE_PROTOCOLS = frozenset({"stop-machine", "naive-bytes", "naive-atomic"})
 
 
@@ -142,8 +143,10 @@ class Patcher:
     # Validation
     # ------------------------------------------------------------------------------------------
     def validate(self, requests: Sequence[PatchRequest], protocol: str) -> tuple[PatchRequest, ...]:
-        if protocol not in PROTOCOLS:
-            raise PatchError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        try:
+            resolve_protocol(protocol)
+        except ValueError as err:
+            raise PatchError(str(err)) from None
         if not requests:
             raise PatchError("nothing to patch: no sites given")
         sites = self.m.coherence.sites
@@ -171,8 +174,6 @@ class Patcher:
                 )
             if insn_length(r.new) != len(r.new):
                 raise PatchError(f"{where}: {r.new.hex(' ')} is not one {len(r.new)}-byte instruction")
-            if protocol in INT3_PROTOCOLS:
-                _decode_for_int3(r)
         return tuple(requests)
 
     def _warn_nmi_reachable(self, reqs: Sequence[PatchRequest], protocol: str) -> None:
@@ -242,12 +243,16 @@ class Patcher:
         if self._busy:
             raise PatchError("an operation is already in progress (text_mutex is held)")
         reqs = self.validate(requests, protocol)
-        if protocol in NMI_UNSAFE_PROTOCOLS:
-            self._warn_nmi_reachable(reqs, protocol)
         try:
             steps = build(protocol, reqs, mutation)
         except ValueError as err:
             raise PatchError(str(err)) from None
+        for step in steps:  # the #BP handler must be able to emulate every instruction it stands in for
+            if isinstance(step, Publish):
+                for r in step.requests:
+                    _decode_for_int3(r)
+        if nmi_unsafe(steps, reqs):
+            self._warn_nmi_reachable(reqs, protocol)
         report = PatchReport(protocol, mutation, reqs, steps=steps)
         op = Operation(reqs, protocol, self.skip_mode)
         self._busy = True

@@ -8,6 +8,7 @@ the run's seed and trace hash. The same scenario and seed give the same verdict 
 
 from __future__ import annotations
 
+import shlex
 import struct
 import warnings
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from cpus.config import DEFAULT_QUANTUM, MAX_CPUS
 from .image import BP_ENTRIES, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
 from .oracle import SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
-from .protocols import MUTATIONS, PROTOCOLS
+from .plugins import resolve_mutation, resolve_protocol
 
 __all__ = ["OPERATIONS", "Outcome", "Scenario", "replay_command", "run_scenario"]
 
@@ -56,8 +57,7 @@ class Scenario:
     patch_sites: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        resolve_protocol(self.protocol)  # a built-in, an entry point or module:function (ConfigError if none)
         if self.int3 not in BP_ENTRIES:
             raise ConfigError(f"unknown int3 mode {self.int3!r}; choose from {', '.join(BP_ENTRIES)}")
         if self.operation not in OPERATIONS:
@@ -71,8 +71,8 @@ class Scenario:
                 raise ConfigError(f"unknown NMI aim {self.nmi_aim!r}; choose from {', '.join(AIMS)}")
             if self.nmi == "none" or aim_symbol(self) is None:
                 raise ConfigError(f"NMI aim {self.nmi_aim!r} needs an NMI entry that has that window")
-        if self.mutation is not None and self.mutation not in MUTATIONS:
-            raise ConfigError(f"unknown mutation {self.mutation!r}; choose from {', '.join(MUTATIONS)}")
+        if self.mutation is not None:
+            resolve_mutation(self.mutation)
         if not 2 <= self.cpus <= MAX_CPUS:
             raise ConfigError(f"cpus must be between 2 and {MAX_CPUS} (one patcher, one workload at least)")
         if not 2 <= self.sites <= 256:
@@ -226,10 +226,10 @@ def run_scenario(
 
 def replay_command(sc: Scenario, seed: int) -> str:
     """The `textpoke replay` command line that reruns this scenario and seed."""
-    parts = ["textpoke replay", str(seed), f"--protocol {sc.protocol}", f"--int3 {sc.int3}"]
+    parts = ["textpoke replay", str(seed), f"--protocol {shlex.quote(sc.protocol)}", f"--int3 {sc.int3}"]
     parts += [f"--cpus {sc.cpus}", f"--sites {sc.sites}", f"--operation {sc.operation}"]
     if sc.mutation:
-        parts.append(f"--mutation {sc.mutation}")
+        parts.append(f"--mutation {shlex.quote(sc.mutation)}")
     if sc.nmi != "none":
         parts.append(f"--nmi {sc.nmi} --nmi-rate {sc.nmi_rate}")
         if sc.nmi_aim:
