@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, TextpokeError
@@ -666,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args, out)
     except (ConfigError, TextpokeError) as err:
-        Console(stderr=True).print(f"[red]textpoke: error:[/red] {err}")
+        # one line, however long, and the message printed as it is (a step's repr may hold brackets)
+        Console(stderr=True, soft_wrap=True).print(f"[red]textpoke: error:[/red] {escape(str(err))}")
         return 2
 
 

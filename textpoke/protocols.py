@@ -21,6 +21,10 @@ text_poke_bp, as Linux does it (arch/x86/kernel/alternative.c), for one site or 
     step 3: Poke the new first byte of every site            Sync("first")
     Withdraw
 
+Protocols from outside the package are functions of the same shape, registered by entry point or
+named as ``module:function`` (`textpoke.plugins`); their steps are checked before anything runs
+(`textpoke.stepcheck`, which also lists the known Poke phases and Sync labels).
+
 Linux rewrites and syncs the tail whenever the instruction is longer than one byte, even when the
 tail does not change; this project skips the tail step for such sites, as its design asks (a
 call -> call retarget keeps its opcode but not its tail, so it still has all three steps).
@@ -32,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "INT3",
     "INT3_PROTOCOLS",
     "MUTATIONS",
     "PROTOCOLS",
