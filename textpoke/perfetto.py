@@ -9,7 +9,8 @@ reports, the same material as the annotated listing of `textpoke replay`:
   per CPU, last in first out, as the hardware stacks them), so a nested NMI is drawn inside the NMI
   it interrupted. A crash ends every open slice and starts a ``crashed`` slice;
 * the patcher's CPU shows each operation as a slice with its steps (publish, write int3, sync int3,
-  ...; `PatchReport.phases`) inside;
+  ...; `PatchReport.phases`) inside; a step that took no cycles (a withdraw with no handler in
+  flight) is an instant;
 * instants: text writes, snoops (a write reaching a CPU's decoded copy), serializations, what a CPU
   executed at a site during an operation, NMI arrivals and their hardware outcome, IPIs sent and
   arriving, and every violation with its class, site, bytes and detail as arguments;
@@ -202,10 +203,13 @@ class _Builder:
             self.slices.append(op)
             last = r.start
             for s, e, name in r.phases:
+                last = e
+                if e == s:  # a step that took no cycles: an instant (a zero-length slice at the
+                    self.instant(self.patcher, s, name, cycles=0)  # operation's edge nests ambiguously)
+                    continue
                 ph = self._slice(self.patcher, s, name)
                 ph.end = e
                 self.slices.append(ph)
-                last = e
             if r.hung:
                 hung = self._slice(self.patcher, last, f"hung: waiting for {r.hung}")
                 hung.end = op.end
