@@ -107,6 +107,15 @@ def test_names_that_do_not_resolve(plugins_on_path):
             Scenario(protocol=name)
 
 
+def test_a_scenario_checks_a_users_steps_before_any_run(plugins_on_path):
+    """The steps of every operation (enable, retarget, disable) for the scenario's own sites."""
+    with pytest.raises(ProtocolError, match=r"step 10 of 29, Sync\('everything'\)"):
+        Scenario(protocol="bad_protocols:unknown_label")
+    with pytest.raises(ProtocolError, match="mutation 'bad_protocols:keeps_descriptors'"):
+        Scenario(protocol="bp", mutation="bad_protocols:keeps_descriptors", operation="retarget")
+    assert Scenario(protocol="twosync:two_sync", operation="retarget").protocol == "twosync:two_sync"
+
+
 def test_mutations_from_outside_are_checked_too(plugins_on_path):
     reqs = requests()
     steps = build("bp-batch", reqs, "twosync:one_sync")

@@ -18,10 +18,11 @@ from typing import Any
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
 from cpus.config import DEFAULT_QUANTUM, MAX_CPUS
 
-from .image import BP_ENTRIES, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
+from .image import BP_ENTRIES, FTRACE_NOP, NMI_ENTRIES, KernelConfig, Percpu, build_kernel, call_bytes
 from .oracle import SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .plugins import resolve_mutation, resolve_protocol
+from .protocols import PatchRequest, build
 
 __all__ = ["OPERATIONS", "Outcome", "Scenario", "replay_command", "run_scenario"]
 
@@ -57,7 +58,7 @@ class Scenario:
     patch_sites: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        resolve_protocol(self.protocol)  # a built-in, an entry point or module:function (ConfigError if none)
+        protocol = resolve_protocol(self.protocol)  # a built-in, an entry point or module:function
         if self.int3 not in BP_ENTRIES:
             raise ConfigError(f"unknown int3 mode {self.int3!r}; choose from {', '.join(BP_ENTRIES)}")
         if self.operation not in OPERATIONS:
@@ -71,8 +72,7 @@ class Scenario:
                 raise ConfigError(f"unknown NMI aim {self.nmi_aim!r}; choose from {', '.join(AIMS)}")
             if self.nmi == "none" or aim_symbol(self) is None:
                 raise ConfigError(f"NMI aim {self.nmi_aim!r} needs an NMI entry that has that window")
-        if self.mutation is not None:
-            resolve_mutation(self.mutation)
+        mutation = resolve_mutation(self.mutation) if self.mutation is not None else None
         if not 2 <= self.cpus <= MAX_CPUS:
             raise ConfigError(f"cpus must be between 2 and {MAX_CPUS} (one patcher, one workload at least)")
         if not 2 <= self.sites <= 256:
@@ -81,6 +81,8 @@ class Scenario:
             not self.patch_sites or any(not 0 <= i < self.sites for i in self.patch_sites)
         ):
             raise ConfigError(f"patch_sites must name traced functions 0..{self.sites - 1}")
+        if not protocol.builtin or (mutation is not None and not mutation.builtin):
+            check_operations(self)  # a user's steps are checked before any run starts
 
     def label(self) -> str:
         parts = [
@@ -198,11 +200,7 @@ def run_scenario(
     patcher.listeners.append(oracle)
     patcher.listeners.extend(e for e in extra_instruments if hasattr(e, "on_op_start"))
 
-    targets = (
-        sorted(kernel.sites.values())
-        if sc.patch_sites is None
-        else sorted(kernel.site_of(i) for i in set(sc.patch_sites))
-    )
+    targets = _targets(sc, kernel)
     m.run(sc.warmup)
     with warnings.catch_warnings():
         # the oracle judges what NMIs do to the sites; the patcher's warning would only repeat it
@@ -222,6 +220,28 @@ def run_scenario(
         "nmi_handler_runs": oracle.nmi_counts["handler_runs"],
     }
     return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
+
+
+def check_operations(sc: Scenario) -> None:
+    """Build the steps of every operation `sc` performs, for the requests it will make, so that a
+    protocol or mutation from outside the package is refused (`ProtocolError`) before any run."""
+    kernel = _kernel(sc)
+    sites = _targets(sc, kernel)
+    tracers = {
+        "enable": kernel.symbols["ftrace_caller"],
+        "retarget": kernel.symbols["ftrace_caller_alt"],
+    }
+    now = dict.fromkeys(sites, FTRACE_NOP)
+    for op in OPERATIONS[sc.operation]:
+        new = {s: FTRACE_NOP if op == "disable" else call_bytes(s, tracers[op]) for s in sites}
+        build(sc.protocol, [PatchRequest(s, now[s], new[s]) for s in sites], sc.mutation)
+        now = new
+
+
+def _targets(sc: Scenario, kernel) -> list[int]:
+    if sc.patch_sites is None:
+        return sorted(kernel.sites.values())
+    return sorted(kernel.site_of(i) for i in set(sc.patch_sites))
 
 
 def replay_command(sc: Scenario, seed: int) -> str:
