@@ -214,6 +214,8 @@ def cmd_replay(args: argparse.Namespace, out: Console) -> int:
     """Rerun one seed and print its annotated trace."""
     from .replay import replay
 
+    if args.perfetto is not None and args.perfetto.is_dir():
+        raise ConfigError(f"--perfetto {args.perfetto} is a directory; give a file name (e.g. trace.json)")
     sc = make_scenario(args)
     return replay(
         sc,

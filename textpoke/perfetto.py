@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cpus import ConfigError
 from cpus.delivery import Vector
 from cpus.disasm import describe
 
@@ -302,8 +303,11 @@ def build_trace(
 def write_trace(path: Path, trace: dict[str, Any]) -> Path:
     """Write `trace` to `path` whole (a temporary file in the same directory, renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise ConfigError(f"cannot write the Perfetto trace {path}: {err}") from None
     try:
         umask = os.umask(0)
         os.umask(umask)
