@@ -73,11 +73,25 @@ _jobs = bounded(1, 512)
 
 
 def _protocol_name(text: str) -> str:
-    """The one place a `--protocol` name is checked: a registered protocol."""
-    from .protocols import PROTOCOLS
+    """The one place a `--protocol` name is checked: built in, an installed entry point, or
+    package.module:function (resolved now, so a bad name fails before any work)."""
+    from .plugins import resolve_protocol
 
-    if text not in PROTOCOLS:
-        raise argparse.ArgumentTypeError(f"unknown protocol {text!r}; choose from {', '.join(PROTOCOLS)}")
+    try:
+        resolve_protocol(text)
+    except (ValueError, TextpokeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _mutation_name(text: str) -> str:
+    """A `--mutation` name: built in, an installed entry point, or package.module:function."""
+    from .plugins import resolve_mutation
+
+    try:
+        resolve_mutation(text)
+    except (ValueError, TextpokeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
 
@@ -160,6 +174,14 @@ def cmd_machine(args: argparse.Namespace, out: Console) -> int:
     return 1 if m.crashes else 0
 
 
+def _names(builtins) -> str:
+    return ", ".join(builtins) + ", an installed entry point, or package.module:function"
+
+
+def _protocol_help(builtins, default: str) -> str:
+    return f"patch protocol: {_names(builtins)} (default {default})"
+
+
 def scenario_args(sp: argparse.ArgumentParser) -> None:
     from .image import BP_ENTRIES
     from .protocols import MUTATIONS, PROTOCOLS
@@ -167,7 +189,7 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
 
     g = sp.add_argument_group("scenario")
     g.add_argument(
-        "--protocol", type=_protocol_name, default="bp-batch", help=f"patch protocol: {', '.join(PROTOCOLS)}"
+        "--protocol", type=_protocol_name, default="bp-batch", metavar="P", help=_protocol_help(PROTOCOLS, "bp-batch")
     )
     g.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate", help="#BP handler mode")
     g.add_argument(
@@ -178,7 +200,11 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--operation", choices=list(OPERATIONS), default="toggle", help="what to do to the sites")
     g.add_argument(
-        "--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way (bp, bp-batch)"
+        "--mutation",
+        type=_mutation_name,
+        default=None,
+        metavar="M",
+        help="break the protocol this way: " + _names(MUTATIONS),
     )
     g.add_argument("--quantum", type=_quantum, default=DEFAULT_QUANTUM, help="mean scheduling quantum (instructions)")
     g.add_argument(
@@ -396,6 +422,8 @@ def cmd_replay(args: argparse.Namespace, out: Console) -> int:
     """Rerun one seed and print its annotated trace."""
     from .replay import replay
 
+    if args.perfetto is not None and args.perfetto.is_dir():
+        raise ConfigError(f"--perfetto {args.perfetto} is a directory; give a file name (e.g. trace.json)")
     sc = make_scenario(args)
     return replay(
         sc,
@@ -406,6 +434,7 @@ def cmd_replay(args: argparse.Namespace, out: Console) -> int:
         listing=args.out,
         limit=args.limit,
         timeline=args.timeline,
+        perfetto=args.perfetto,
     )
 
 
@@ -484,16 +513,19 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     """The default scenario: each protocol and NMI entry, a verdict table and a per-CPU timeline."""
     import json
 
-    from .demo import DEFAULT_ROWS, run_demo
+    from .demo import DEFAULT_ROWS, protocol_row, run_demo
     from .executors import executor
     from .report import plot_timeline
     from .scenario import replay_command
 
+    demo_rows = [*DEFAULT_ROWS, *(protocol_row(p) for p in args.protocol)]
+    if args.perfetto is not None and args.perfetto.exists() and not args.perfetto.is_dir():
+        raise ConfigError(f"--perfetto {args.perfetto} exists and is not a directory")
     t0 = time.perf_counter()
     objects = tuple(args.object)
     what = f"the functions of {', '.join(objects)}" if objects else "32 traced functions"
     out.print(
-        f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), {what}, "
+        f"[bold]textpoke[/bold]: {len(demo_rows)} runs of 4 CPUs (cpu0 patches), {what}, "
         "NMIs on every CPU; ftrace enabled then disabled on every site. seed "
         f"{args.seed}"
     )
@@ -503,7 +535,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             status.update(f"done: {escape(row.label)}")
 
         with executor(args.jobs) as ex:
-            rows = run_demo(args.seed, ex, tick, objects=objects, kernel=args.kernel)
+            rows = run_demo(args.seed, ex, tick, demo_rows, args.perfetto, objects=objects, kernel=args.kernel)
     cols = ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested")
     table_rows = []
     for r in rows:
@@ -537,7 +569,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             "phases": r.phases,
             "violations": [v for v in r.violations if r.window[0] <= v[1] <= r.window[1]],
         }
-        for r, (_, _, draw) in zip(rows, DEFAULT_ROWS, strict=True)
+        for r, (_, _, draw) in zip(rows, demo_rows, strict=True)
         if draw
     ]
     try:
@@ -551,6 +583,8 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         out.print("replay the rows that found a violation:")
         for r in failing:
             out.print(f"  {replay_command(r.scenario, r.seed)}", markup=False, highlight=False)
+    if args.perfetto is not None:
+        out.print(f"Perfetto traces, one per row: {args.perfetto}/", markup=False)
     if args.json:
         data = [
             {
@@ -909,6 +943,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", type=output_file("--json"), default=None, help="also write the rows as JSON here")
     _format_arg(run)
     _object_arg(run)
+    run.add_argument(
+        "--protocol",
+        action="append",
+        default=[],
+        metavar="P",
+        help="also run this protocol (built in, entry point or module:function) with nested-safe NMIs (repeatable)",
+    )
+    run.add_argument(
+        "--perfetto",
+        type=output_dir("--perfetto"),
+        default=None,
+        help="write one Perfetto trace per row in this directory",
+    )
     run.set_defaults(func=cmd_run)
     mach = sub.add_parser("machine", help="boot the machine and run its workloads, no patching")
     machine_args(mach)
@@ -929,6 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .image import BP_ENTRIES
     from .oracle import XMC_RULES
+    from .protocols import PROTOCOLS
 
     pat = sub.add_parser("patch", help="patch sites of a running machine and report the verdict")
     pat.add_argument("--site", action="append", required=True, help="address or symbol (repeatable)")
@@ -936,7 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
     pat.add_argument(
         "--old", action="append", type=_hex_bytes, default=None, help="expected old bytes, hex (one per --site)"
     )
-    pat.add_argument("--protocol", type=_protocol_name, default="bp", help="patch protocol (default bp)")
+    pat.add_argument("--protocol", type=_protocol_name, default="bp", metavar="P", help=_protocol_help(PROTOCOLS, "bp"))
     pat.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate", help="#BP handler mode")
     pat.add_argument("--cpus", type=bounded(2, MAX_CPUS), default=4, help="CPUs, the patcher included (default 4)")
     pat.add_argument("--seed", type=_seed, default=0, help="scheduling seed (default 0)")
@@ -1013,11 +1061,17 @@ def build_parser() -> argparse.ArgumentParser:
     lat.set_defaults(func=cmd_latency)
 
     from .explore import NESTED_FLAGS
-    from .protocols import MUTATIONS
+    from .protocols import MUTATIONS, PROTOCOLS
 
     ex = sub.add_parser("explore", help="every interleaving of a small configuration, and shortest counterexamples")
-    ex.add_argument("--protocol", type=_protocol_name, default=None, help="the protocol to explore (default bp)")
-    ex.add_argument("--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way")
+    ex.add_argument("--protocol", type=_protocol_name, default=None, metavar="P", help=_protocol_help(PROTOCOLS, "bp"))
+    ex.add_argument(
+        "--mutation",
+        type=_mutation_name,
+        default=None,
+        metavar="M",
+        help="break the protocol this way: " + _names(MUTATIONS),
+    )
     ex.add_argument("--cpus", type=bounded(1, 3), default=None, help="workload CPUs (1 to 3; default 2)")
     ex.add_argument("--sites", type=bounded(1, 2), default=None, help="sites (1 or 2; default 1)")
     ex.add_argument(
@@ -1087,6 +1141,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=output_image("--timeline"),
         default=None,
         help="draw the per-CPU timeline of each operation here (.png, .pdf or .svg)",
+    )
+    rep.add_argument(
+        "--perfetto",
+        type=output_file("--perfetto"),
+        default=None,
+        help="write a Perfetto trace (JSON, ui.perfetto.dev) here",
     )
     rep.set_defaults(func=cmd_replay)
     return p

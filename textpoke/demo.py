@@ -8,14 +8,17 @@ timeline shows the enable operation of three of them, CPU by CPU.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from .metrics import Interval, StallMeter
 from .scenario import Scenario, run_scenario
 
-__all__ = ["DEFAULT_ROWS", "DemoRow", "run_demo", "run_row"]
+__all__ = ["DEFAULT_ROWS", "DemoRow", "perfetto_name", "protocol_row", "run_demo", "run_row"]
 
 _COMMON: dict[str, Any] = {"cpus": 4, "sites": 32, "nmi_rate": 300, "operation": "toggle"}
 
@@ -29,6 +32,17 @@ DEFAULT_ROWS: tuple[tuple[str, Scenario, bool], ...] = (
     ("text_poke_bp, FRED, naive NMI entry", Scenario(protocol="bp-batch", nmi="naive", fred=True, **_COMMON), False),
     ("unsafe: atomic store, no sync", Scenario(protocol="naive-atomic", nmi="nested-safe", **_COMMON), False),
 )
+
+
+def protocol_row(protocol: str) -> tuple[str, Scenario, bool]:
+    """A row for `textpoke run --protocol P`: any protocol (a user's too) in the default scenario, with
+    the nested-safe NMI entry, its timeline drawn."""
+    return (f"{protocol} (nested-safe NMIs)", Scenario(protocol=protocol, nmi="nested-safe", **_COMMON), True)
+
+
+def perfetto_name(index: int, label: str) -> str:
+    """File name of row `index`'s Perfetto trace: its number and its label, in lowercase words."""
+    return f"{index:02d}-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") + ".json"
 
 
 @dataclass
@@ -51,15 +65,29 @@ class DemoRow:
     phases: list[tuple[int, int, str]] = field(default_factory=list)
     window: tuple[int, int] = (0, 0)
     violations: list[tuple[int, int, str]] = field(default_factory=list)
+    perfetto: Path | None = None
 
     @property
     def ok(self) -> bool:
         return not self.verdict
 
 
-def run_row(label: str, sc: Scenario, seed: int, record: bool) -> DemoRow:
+def run_row(label: str, sc: Scenario, seed: int, record: bool, perfetto: Path | None = None) -> DemoRow:
+    """One row; with `perfetto`, also write the run's Perfetto trace there."""
     meter = StallMeter(record=record)
-    out = run_scenario(sc, seed, extra_instruments=[meter])
+    instruments: list[object] = [meter]
+    if perfetto is not None:
+        from .replay import _Recorder
+
+        rec = _Recorder()
+        instruments.append(rec)
+    out = run_scenario(
+        sc, seed, keep_trace=perfetto is not None, keep_machine=perfetto is not None, extra_instruments=instruments
+    )
+    if perfetto is not None:
+        from .replay import write_perfetto
+
+        write_perfetto(perfetto, sc, seed, out, rec.events)
     v = out.verdict
     others = [c for c in range(sc.cpus) if c != 0]
     stalls = [meter.stall.get(c, 0) for c in others]
@@ -84,6 +112,7 @@ def run_row(label: str, sc: Scenario, seed: int, record: bool) -> DemoRow:
         phases=list(first.phases) if first and record else [],
         window=window,
         violations=[(x.cpu, x.time, x.kind) for x in v.violations],
+        perfetto=perfetto,
     )
 
 
@@ -91,12 +120,24 @@ def run_demo(
     seed: int = 0,
     executor: Executor | None = None,
     progress=None,
+    rows: Sequence[tuple[str, Scenario, bool]] = DEFAULT_ROWS,
+    perfetto_dir: Path | None = None,
     objects: tuple[str, ...] = (),
     kernel: str = "asm",
 ) -> list[DemoRow]:
-    """The default rows; with `objects`, on a kernel built from those ELF objects; with kernel "c",
-    on the built-in workload and traced functions compiled from C."""
-    jobs = [(label, replace(sc, objects=objects, kernel=kernel), seed, draw) for label, sc, draw in DEFAULT_ROWS]
+    """Run `rows` (label, scenario, draw); with `perfetto_dir`, one Perfetto trace per row there; with
+    `objects`, on a kernel built from those ELF objects; with kernel "c", on the built-in workload and
+    traced functions compiled from C."""
+    jobs = [
+        (
+            label,
+            replace(sc, objects=objects, kernel=kernel),
+            seed,
+            draw,
+            perfetto_dir / perfetto_name(i, label) if perfetto_dir else None,
+        )
+        for i, (label, sc, draw) in enumerate(rows, 1)
+    ]
     if executor is None:
         rows = []
         for j in jobs:

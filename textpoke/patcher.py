@@ -67,9 +67,8 @@ from .image import (
     Percpu,
     call_bytes,
 )
+from .plugins import resolve_protocol
 from .protocols import (
-    INT3_PROTOCOLS,
-    PROTOCOLS,
     ModCode,
     PatchRequest,
     Poke,
@@ -83,11 +82,13 @@ from .protocols import (
     ftrace_modify_all_code,
     mutate,
 )
+from .stepcheck import nmi_unsafe
 
 __all__ = ["NMI_UNSAFE_PROTOCOLS", "NmiReachableWarning", "PatchError", "PatchReport", "Patcher", "SyncRecord"]
 
-#: protocols during which an NMI can execute a site while it is being written
-NMI_UNSAFE_PROTOCOLS = frozenset({"stop-machine", "naive-bytes", "naive-atomic"})  # not stop-machine-ftrace
+#: the built-in protocols during which an NMI can execute a site while it is being written; the
+#: patcher decides from any protocol's steps (`textpoke.stepcheck.nmi_unsafe`)
+NMI_UNSAFE_PROTOCOLS = frozenset({"stop-machine", "naive-bytes", "naive-atomic"})
 
 
 class NmiReachableWarning(UserWarning):
@@ -223,8 +224,10 @@ class Patcher:
     # Validation
     # ------------------------------------------------------------------------------------------
     def validate(self, requests: Sequence[PatchRequest], protocol: str) -> tuple[PatchRequest, ...]:
-        if protocol not in PROTOCOLS:
-            raise PatchError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        try:
+            resolve_protocol(protocol)
+        except ValueError as err:
+            raise PatchError(str(err)) from None
         if not requests:
             raise PatchError("nothing to patch: no sites given")
         sites = self.m.coherence.sites
@@ -252,8 +255,6 @@ class Patcher:
                 )
             if insn_length(r.new) != len(r.new):
                 raise PatchError(f"{where}: {r.new.hex(' ')} is not one {len(r.new)}-byte instruction")
-            if protocol in INT3_PROTOCOLS:
-                _decode_for_int3(r)
         return tuple(requests)
 
     def _first_insn(self, site: int) -> str:
@@ -328,12 +329,16 @@ class Patcher:
         if self._busy:
             raise PatchError("an operation is already in progress (text_mutex is held)")
         reqs = self.validate(requests, protocol)
-        if protocol in NMI_UNSAFE_PROTOCOLS:
-            self._warn_nmi_reachable(reqs, protocol)
         try:
             steps = build(protocol, reqs, mutation)
         except ValueError as err:
             raise PatchError(str(err)) from None
+        for step in steps:  # the #BP handler must be able to emulate every instruction it stands in for
+            if isinstance(step, Publish):
+                for r in step.requests:
+                    _decode_for_int3(r)
+        if nmi_unsafe(steps, reqs):
+            self._warn_nmi_reachable(reqs, protocol)
         return self._run([(reqs, steps)], protocol, mutation)
 
     def ftrace_modify_all_code(

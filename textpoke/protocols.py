@@ -24,6 +24,10 @@ text_poke_bp, as Linux does it (arch/x86/kernel/alternative.c), for one site or 
     step 3: Poke the new first byte of every site            Sync("first")
     Withdraw
 
+Protocols from outside the package are functions of the same shape, registered by entry point or
+named as ``module:function`` (`textpoke.plugins`); their steps are checked before anything runs
+(`textpoke.stepcheck`, which also lists the known Poke phases and Sync labels).
+
 Linux rewrites and syncs the tail whenever the instruction is longer than one byte, even when the
 tail does not change; this project skips the tail step for such sites, as its design asks (a
 call -> call retarget keeps its opcode but not its tail, so it still has all three steps).
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "BP_MUTATIONS",
+    "INT3",
     "INT3_PROTOCOLS",
     "MUTATIONS",
     "PROTOCOLS",
@@ -237,7 +242,8 @@ PROTOCOLS: dict[str, Callable[[Sequence[PatchRequest]], tuple[Step, ...]]] = {
     "naive-bytes": naive_bytes,
     "naive-atomic": naive_atomic,
 }
-#: protocols that rely on the #BP handler (the sites' new instructions must be emulatable)
+#: the built-in protocols that rely on the #BP handler (they publish descriptors); the patcher decides
+#: from any protocol's steps (`textpoke.stepcheck.publishes`), so a user's protocol needs no list
 INT3_PROTOCOLS = frozenset({"bp", "bp-batch"})
 
 
@@ -313,18 +319,36 @@ MUTATIONS = BP_MUTATIONS | STOP_MACHINE_MUTATIONS
 
 
 def build(protocol: str, requests: Sequence[PatchRequest], mutation: str | None = None) -> tuple[Step, ...]:
-    try:
-        steps = PROTOCOLS[protocol](requests)
-    except KeyError:
-        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}") from None
-    return mutate(steps, mutation) if mutation else steps
+    """The steps of `protocol` (a built-in name, an installed entry point or ``module:function``, see
+    `textpoke.plugins`) for `requests`, optionally mutated. Steps that come from a function outside
+    the package are checked first (`textpoke.stepcheck`): a bad one raises `ProtocolError`."""
+    from .plugins import resolve_protocol
+
+    p = resolve_protocol(protocol)
+    reqs = tuple(requests)
+    if p.builtin:
+        steps = p.function(reqs)
+    else:
+        from .stepcheck import call_checked
+
+        steps = call_checked(f"protocol {protocol!r}", p.function, reqs, reqs)
+    return mutate(steps, mutation, reqs) if mutation else steps
 
 
-def mutate(steps: tuple[Step, ...], mutation: str) -> tuple[Step, ...]:
-    try:
-        return MUTATIONS[mutation](steps)
-    except KeyError:
-        raise ValueError(f"unknown mutation {mutation!r}; choose from {', '.join(MUTATIONS)}") from None
+def mutate(steps: tuple[Step, ...], mutation: str, requests: Sequence[PatchRequest] | None = None) -> tuple[Step, ...]:
+    """`steps` broken by `mutation` (a built-in name, an entry point or ``module:function``). A
+    mutation from outside the package has its result checked against `requests` (by default the
+    requests the steps publish or poke cannot be known, so give them)."""
+    from .plugins import resolve_mutation
+
+    m = resolve_mutation(mutation)
+    if m.builtin:
+        return m.function(steps)
+    if requests is None:
+        raise ValueError(f"mutation {mutation!r} comes from outside the package: give the requests to check it")
+    from .stepcheck import call_checked
+
+    return call_checked(f"mutation {mutation!r}", m.function, tuple(steps), requests)
 
 
 def describe_steps(steps: Sequence[Step], names: Callable[[int], str] = hex) -> list[str]:

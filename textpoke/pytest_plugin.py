@@ -11,7 +11,9 @@ textpoke_machine    factory: a booted machine with the safety oracle attached (m
 textpoke_patcher    factory: a Patcher for a machine from `textpoke_machine`
 textpoke_scenario   runner: keyword arguments of `textpoke.scenario.Scenario` plus `seed` (among them
                     `xmc_rule="linux"|"sdm"` and `nmi_cpus="all"|"workers"`); returns the Outcome
-                    (verdict, operation reports)
+                    (verdict, operation reports). `protocol` and `mutation` take a name (built in,
+                    entry point, or "module:function") or the function itself, if it is defined at
+                    the top level of an importable module
 assert_safe         fails with the verdict, the first violations, the replay command and the annotated
                     trace around the first violation when an outcome has any violation
 """
@@ -28,6 +30,7 @@ from cpus import Machine, MachineConfig
 from .image import KernelImage, build_kernel
 from .oracle import SafetyOracle
 from .patcher import Patcher
+from .plugins import name_of
 from .scenario import Outcome, Scenario, replay_command, run_scenario
 
 __all__ = ["replay_command"]
@@ -68,6 +71,9 @@ def textpoke_patcher(textpoke_kernel: KernelImage) -> Callable[[Machine], Patche
 @pytest.fixture
 def textpoke_scenario() -> Callable[..., Outcome]:
     def run(seed: int = 0, **kwargs: Any) -> Outcome:
+        for kind in ("protocol", "mutation"):
+            if callable(kwargs.get(kind)):
+                kwargs[kind] = name_of(kind, kwargs[kind])
         return run_scenario(Scenario(**kwargs), seed)
 
     return run

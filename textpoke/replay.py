@@ -24,7 +24,7 @@ from .cli_support import open_whole
 from .image import KernelImage
 from .scenario import Scenario, _kernel, run_scenario
 
-__all__ = ["Symbolizer", "annotated_listing", "replay"]
+__all__ = ["Symbolizer", "annotated_listing", "replay", "write_perfetto"]
 
 _VECTORS = {int(v): v.name for v in Vector}
 
@@ -189,6 +189,7 @@ def replay(
     listing: Path | None = None,
     limit: int = 400,
     timeline: Path | None = None,
+    perfetto: Path | None = None,
 ) -> int:
     from .metrics import StallMeter
 
@@ -239,8 +240,37 @@ def replay(
             )
         if panels:
             out.print(f"timeline: {plot_timeline(panels, timeline, f'{sc.label()}  seed {seed}')}")
+    if perfetto is not None:
+        out.print(f"perfetto trace: {write_perfetto(perfetto, sc, seed, outcome, rec.events)}")
     if jsonl:
         out.print(f"wrote {jsonl}")
     if listing:
         out.print(f"wrote {listing}")
     return 0
+
+
+def write_perfetto(path: Path, sc: Scenario, seed: int, outcome, events: list[tuple[int, dict[str, Any]]]) -> Path:
+    """Write the Perfetto trace of a run made with `keep_trace` and `keep_machine`, whose recorder
+    (`_Recorder`) collected `events`."""
+    from .perfetto import build_trace, write_trace
+    from .scenario import replay_command
+
+    m = outcome.machine
+    v = outcome.verdict
+    trace = build_trace(
+        m.trace.records,
+        [d for _, d in events],
+        outcome.reports,
+        sc.cpus,
+        Symbolizer(_kernel(sc)),
+        f"textpoke: {sc.label()} seed {seed}",
+        metadata={
+            "scenario": sc.label(),
+            "seed": seed,
+            "trace_hash": v.trace_hash,
+            "verdict": v.summary(),
+            "replay": replay_command(sc, seed),
+        },
+        patcher=m.config.patcher_cpu,
+    )
+    return write_trace(path, trace)

@@ -19,10 +19,11 @@ from typing import Any
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
 from cpus.config import DEFAULT_QUANTUM, MAX_CPUS, NMI_CPUS
 
-from .image import BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
+from .image import BP_ENTRIES, FTRACE_NOP, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel, call_bytes
 from .oracle import XMC_RULES, SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
-from .protocols import MUTATIONS, PROTOCOLS
+from .plugins import resolve_mutation, resolve_protocol
+from .protocols import PatchRequest, build
 
 __all__ = ["IPI_MODES", "OPERATIONS", "Outcome", "Scenario", "replay_command", "run_scenario"]
 
@@ -74,8 +75,7 @@ class Scenario:
     ipi: str = "shorthand"
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        protocol = resolve_protocol(self.protocol)  # a built-in, an entry point or module:function
         if self.int3 not in BP_ENTRIES:
             raise ConfigError(f"unknown int3 mode {self.int3!r}; choose from {', '.join(BP_ENTRIES)}")
         if self.operation not in OPERATIONS:
@@ -103,8 +103,7 @@ class Scenario:
             raise ConfigError(
                 f"unknown cross-modifying-code rule {self.xmc_rule!r}; choose from {', '.join(XMC_RULES)}"
             )
-        if self.mutation is not None and self.mutation not in MUTATIONS:
-            raise ConfigError(f"unknown mutation {self.mutation!r}; choose from {', '.join(MUTATIONS)}")
+        mutation = resolve_mutation(self.mutation) if self.mutation is not None else None
         if not 2 <= self.cpus <= MAX_CPUS:
             raise ConfigError(f"cpus must be between 2 and {MAX_CPUS} (one patcher, one workload at least)")
         if not 2 <= self.sites <= 256:
@@ -113,6 +112,8 @@ class Scenario:
             not self.patch_sites or any(not 0 <= i < self.sites for i in self.patch_sites)
         ):
             raise ConfigError(f"patch_sites must name traced functions 0..{self.sites - 1}")
+        if not protocol.builtin or (mutation is not None and not mutation.builtin):
+            check_operations(self)  # a user's steps are checked before any run starts
 
     def label(self) -> str:
         parts = [
@@ -251,11 +252,7 @@ def run_scenario(
     patcher.listeners.append(oracle)
     patcher.listeners.extend(e for e in extra_instruments if hasattr(e, "on_op_start"))
 
-    targets = (
-        sorted(kernel.sites.values())
-        if sc.patch_sites is None
-        else sorted(kernel.site_of(i) for i in set(sc.patch_sites))
-    )
+    targets = _targets(sc, kernel)
     m.run(sc.warmup)
     with warnings.catch_warnings():
         # the oracle judges what NMIs do to the sites; the patcher's warning would only repeat it
@@ -277,14 +274,36 @@ def run_scenario(
     return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
 
 
+def check_operations(sc: Scenario) -> None:
+    """Build the steps of every operation `sc` performs, for the requests it will make, so that a
+    protocol or mutation from outside the package is refused (`ProtocolError`) before any run."""
+    kernel = _kernel(sc)
+    sites = _targets(sc, kernel)
+    tracers = {
+        "enable": kernel.symbols["ftrace_caller"],
+        "retarget": kernel.symbols["ftrace_caller_alt"],
+    }
+    now = dict.fromkeys(sites, FTRACE_NOP)
+    for op in OPERATIONS[sc.operation]:
+        new = {s: FTRACE_NOP if op == "disable" else call_bytes(s, tracers[op]) for s in sites}
+        build(sc.protocol, [PatchRequest(s, now[s], new[s]) for s in sites], sc.mutation)
+        now = new
+
+
+def _targets(sc: Scenario, kernel) -> list[int]:
+    if sc.patch_sites is None:
+        return sorted(kernel.sites.values())
+    return sorted(kernel.site_of(i) for i in set(sc.patch_sites))
+
+
 def replay_command(sc: Scenario, seed: int) -> str:
     """The `textpoke replay` command line that reruns this scenario and seed."""
-    parts = ["textpoke replay", str(seed), f"--protocol {sc.protocol}", f"--int3 {sc.int3}"]
+    parts = ["textpoke replay", str(seed), f"--protocol {shlex.quote(sc.protocol)}", f"--int3 {sc.int3}"]
     parts += [f"--cpus {sc.cpus}"]
     parts += [f"--object {shlex.quote(o)}" for o in sc.objects] or [f"--sites {sc.sites}"]
     parts += [f"--operation {sc.operation}"]
     if sc.mutation:
-        parts.append(f"--mutation {sc.mutation}")
+        parts.append(f"--mutation {shlex.quote(sc.mutation)}")
     if sc.nmi != "none":
         parts.append(f"--nmi {sc.nmi} --nmi-rate {sc.nmi_rate}")
         if sc.nmi_aim:
