@@ -44,7 +44,9 @@ from unicorn.unicorn_py3.unicorn import (
     uclib,
 )
 
-__all__ = ["REGS", "Engine", "HostMemory", "RunStop", "engine_error_name"]
+from .layout import UNTIL
+
+__all__ = ["REGS", "Engine", "HostMemory", "RunStop", "counter_available", "engine_error_name"]
 
 #: Register name -> Unicorn id, for the registers the machine and the tools read.
 REGS: dict[str, int] = {
@@ -72,6 +74,49 @@ _RSP = x86.UC_X86_REG_RSP
 _RFLAGS = x86.UC_X86_REG_RFLAGS
 
 _TCG_BUFFER = 16 << 20
+_NO_CODE = 0x3000  # an unmapped address: starting there fetches nothing and translates nothing
+
+
+def _find_counter_offset() -> int | None:
+    """Where Unicorn keeps the instruction counter of the running `emu_start` (`emu_counter`, next
+    to `emu_count`) inside its engine structure, found by experiment on a scratch engine.
+
+    Unicorn counts the instructions of a counted run (`count > 0`) in this field but has no call
+    that reads it; the exact scheduler needs it to know, inside a hook, how many instructions of
+    the quantum have run. After a run of `count = n` that used up its count the field holds n + 1
+    and its neighbour n; three different n must agree on one offset, or there is none."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_set_tcg_buffer_size(1 << 20)
+    uc.mem_map(0x10000, 0x1000)
+    uc.mem_write(0x10000, b"\x48\xff\xc0" * 64)  # inc rax
+    base = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    found: set[int] | None = None
+    for n in (7, 13, 29):
+        uc.emu_start(0x10000, 0x1000, 0, n)
+        words = struct.unpack("<512Q", ctypes.string_at(base, 4096))
+        hits = {8 * i for i in range(511) if words[i] == n + 1 and words[i + 1] == n}
+        found = hits if found is None else found & hits
+    uc.emu_start(0x10000, 0x1000, 0, 3)  # and it counts from zero again on every start
+    if found is None or len(found) != 1:
+        return None
+    (off,) = found
+    if ctypes.c_uint64.from_address(base + off).value != 4:
+        return None
+    return off
+
+
+_COUNTER_OFFSET: list[int | None] = []
+
+
+def _counter_offset() -> int | None:
+    if not _COUNTER_OFFSET:
+        _COUNTER_OFFSET.append(_find_counter_offset())
+    return _COUNTER_OFFSET[0]
+
+
+def counter_available() -> bool:
+    """Whether this Unicorn build lets the machine read the running quantum's instruction count."""
+    return _counter_offset() is not None
 
 
 class HostMemory:
@@ -148,12 +193,40 @@ class Engine:
         self._u64_ref = ctypes.byref(self._u64)
         self._callbacks: dict[int, object] = {}
         self.hook_error: BaseException | None = None
+        self._counter: ctypes.c_uint64 | None = None
+        #: 1 while a code, interrupt or instruction hook runs (Unicorn has already counted the
+        #: instruction it stands at), 0 in block hooks (called before the block's first count)
+        self.hook_adjust = 0
+        self.insn_cost = 1  # cycles per instruction (the machine's cost model)
+
+    def start_counting(self) -> None:
+        """Make every later run count instructions exactly.
+
+        Unicorn puts its instruction-count check into blocks translated after the first run with
+        `count > 0`; blocks translated before (a watched site decoded at boot, say) would run
+        uncounted. A one-instruction start at an unmapped address installs the check and
+        translates nothing (it ends at once with a fetch fault, which is expected here)."""
+        uclib.uc_emu_start(self._uch, _NO_CODE, UNTIL, 0, 1)
+        off = _counter_offset()
+        if off is not None:
+            self._counter = ctypes.c_uint64.from_address(ctypes.cast(self._uch, ctypes.c_void_p).value + off)
+
+    def executed(self) -> int:
+        """Instructions of the running quantum completed before the one being hooked (exact only
+        after `start_counting`, on a build where `counter_available()`)."""
+        return self._counter.value - self.hook_adjust  # type: ignore[union-attr]
+
+    def counted(self) -> int:
+        """Unicorn's raw count for the last (or running) quantum: after a run that used up its
+        count n it is n + 1 (the check of the instruction it stopped at)."""
+        return self._counter.value  # type: ignore[union-attr]
 
     # -- hooks ----------------------------------------------------------------------------------
     # Callbacks go straight from ctypes to ours (the binding's generic wrappers cost several
     # microseconds a call). An exception in a callback stops the engine and is re-raised by run().
-    def _guard(self, fn: Callable[..., object]) -> Callable[..., object]:
+    def _guard(self, fn: Callable[..., object], adjust: int = 1) -> Callable[..., object]:
         def guarded(*args: object) -> object:
+            self.hook_adjust = adjust
             try:
                 return fn(*args)
             except BaseException as err:
@@ -197,7 +270,7 @@ class Engine:
         slicing Unicorn checks every code hook before every instruction, so the machine keeps code
         hooks to the few `iretq`/`popfq` sites. Caveat: when a quantum's count runs out right at
         a block start, the hook has fired but the block does not run (the machine discounts it)."""
-        inner = self._guard(callback)
+        inner = self._guard(callback, adjust=0)
         fptr = HOOK_CODE_CFUNC(lambda _h, addr, sz, _k: inner(addr, sz))
         return self._add(UC_HOOK_BLOCK, fptr, address, address + max(size, 1) - 1)
 
@@ -227,6 +300,7 @@ class Engine:
 
     def hook_cpuid(self, callback: CpuidHook) -> None:
         def trampoline(_uc: Uc, _user: object) -> bool:
+            self.hook_adjust = 1
             return callback()
 
         self.uc.hook_add(UC_HOOK_INSN, trampoline, None, 1, 0, x86.UC_X86_INS_CPUID)
@@ -250,22 +324,28 @@ class Engine:
         uclib.uc_reg_read(self._uch, _RIP, self._u64_ref)
         return self._u64.value
 
+    def _set(self, reg: int, value: int) -> None:
+        self._u64.value = value
+        status = uclib.uc_reg_write(self._uch, reg, self._u64_ref)
+        if status:
+            raise UcError(status)
+
     def set_rip(self, value: int) -> None:
-        self._reg_write(_RIP, value)
+        self._set(_RIP, value)
 
     def rsp(self) -> int:
         uclib.uc_reg_read(self._uch, _RSP, self._u64_ref)
         return self._u64.value
 
     def set_rsp(self, value: int) -> None:
-        self._reg_write(_RSP, value)
+        self._set(_RSP, value)
 
     def rflags(self) -> int:
         uclib.uc_reg_read(self._uch, _RFLAGS, self._u64_ref)
         return self._u64.value
 
     def set_rflags(self, value: int) -> None:
-        self._reg_write(_RFLAGS, value)
+        self._set(_RFLAGS, value)
 
     def cr2(self) -> int:
         return self._reg_read(x86.UC_X86_REG_CR2)

@@ -11,12 +11,25 @@ from dataclasses import dataclass, field
 from .coherence import SnoopModel
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_QUANTUM", "MAX_CPUS", "CostModel", "MachineConfig", "NmiSource"]
+__all__ = [
+    "DEFAULT_INTERLEAVE",
+    "DEFAULT_QUANTUM",
+    "INTERLEAVES",
+    "MAX_CPUS",
+    "CostModel",
+    "MachineConfig",
+    "NmiSource",
+]
 
 #: Each CPU is a Unicorn instance (about 3 MiB resident, 16 MiB of reserved code buffer).
 MAX_CPUS = 128
 #: mean scheduling quantum (instructions) outside patch steps; see README "Model and its limits"
 DEFAULT_QUANTUM = 1000
+#: how CPUs interleave (cpus/scheduler.py): "exact" runs each CPU coarsely up to its next interaction
+#: with an agent and orders every interaction exactly; "fine" is the older scheduler, which runs
+#: every CPU in quanta of 1..fine_quantum instructions while an agent asks for it
+INTERLEAVES = ("exact", "fine")
+DEFAULT_INTERLEAVE = "fine"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +99,7 @@ class MachineConfig:
     patcher_cpu: int = 0
     #: keep every trace record in memory (the hash is always computed)
     keep_trace: bool = False
+    interleave: str = DEFAULT_INTERLEAVE
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpus, int) or isinstance(self.cpus, bool):
@@ -100,6 +114,8 @@ class MachineConfig:
             raise ConfigError(f"fine_quantum must be a positive integer, got {self.fine_quantum!r}")
         if not isinstance(self.fine_window, int) or self.fine_window < 0:
             raise ConfigError(f"fine_window must be a non-negative integer, got {self.fine_window!r}")
+        if self.interleave not in INTERLEAVES:
+            raise ConfigError(f"interleave must be one of {', '.join(INTERLEAVES)}, got {self.interleave!r}")
         if not 0 <= self.patcher_cpu < self.cpus:
             raise ConfigError(f"patcher_cpu {self.patcher_cpu} is not a CPU of a {self.cpus}-CPU machine")
         s = self.snoop

@@ -53,6 +53,7 @@ from .delivery import (
 )
 from .disasm import describe, insn_length
 from .errors import AgentTimeout, ConfigError, SimulatorBug
+from .scheduler import NO_HORIZON, hold, run_exact, shared_code_hook
 from .trace import Trace
 
 __all__ = [
@@ -167,11 +168,13 @@ class Cpu:
         "events",
         "extra",
         "halted",
+        "held",
         "index",
         "nmi",
         "pending",
         "popf_hooks",
         "rip",
+        "running",
         "stats",
         "tentative",
     )
@@ -192,6 +195,8 @@ class Cpu:
         self.tentative: tuple[int, int, bytes] | None = None
         self.popf_hooks: list[int] = []
         self.halted = False
+        self.running = False  # inside a quantum of the exact scheduler: now() counts its instructions
+        self.held: int | None = None  # instructions run when the exact scheduler stopped the quantum
         self.stats = {
             "site_exec": 0,
             "instructions": 0,
@@ -216,6 +221,8 @@ class Cpu:
         return self.crash is None and not self.halted
 
     def now(self) -> int:
+        if self.running:
+            return self.clock + self.extra + self.engine.executed() * self.engine.insn_cost
         return self.clock + self.extra
 
 
@@ -264,6 +271,8 @@ class Machine:
         self._seq = 0
         self.fine = 0
         self.fine_until = 0
+        self.hz_max = NO_HORIZON  # the exact scheduler's horizon for the running CPU (scheduler.py)
+        self.quantum_rip = 0  # where the running quantum started (scheduler.py)
         self._pending_wait: dict[int, WaitUntil] = {}
         self._site_hooks: dict[int, list[int]] = {}  # watched site -> hook handle per CPU
         self._release: set[int] = set()  # sites to stop watching once no CPU holds them stale
@@ -298,6 +307,12 @@ class Machine:
         for off, value in self.image.percpu_init(i, lay).items():
             self.write(lay.percpu_va(i) + off, struct.pack("<Q", value & (2**64 - 1)))
         eng = cpu.engine
+        eng.start_counting()
+        eng.insn_cost = self.costs.instruction
+        if self.config.interleave == "exact":
+            shared = shared_code_hook(self, cpu)
+            for lo, _size in self.image.shared_code:
+                eng.hook_block_at(lo, 1, shared)
         for a in self.image.iret_sites:
             eng.hook_block_at(a, 1, self._iret_hook(cpu))
         for a in self.image.halt_sites:
@@ -456,6 +471,9 @@ class Machine:
             rng = random.Random(f"{self.config.seed}/aim/{label}/{c}")
 
             def on_insn(_a: int, _s: int, cpu: Cpu = cpu, rng: random.Random = rng) -> None:
+                if cpu.running and cpu.now() > self.hz_max:
+                    hold(cpu)  # the NMI it may raise is ordered against the agents
+                    return
                 if rng.random() < probability:
                     self.raise_nmi(cpu.index, label)
 
@@ -671,6 +689,9 @@ class Machine:
         def on_iretq(addr: int, _size: int) -> None:
             if cpu.tentative is not None:
                 self._confirm_fetch(cpu)
+            if cpu.running and cpu.now() > self.hz_max:
+                hold(cpu)  # a serializing instruction: ordered against the agents
+                return
             eng = cpu.engine
             rsp = eng.rsp()
             frame = self._stack_words(cpu, rsp, 5, "iretq", addr)
@@ -720,6 +741,9 @@ class Machine:
         def on_popfq(addr: int, _size: int) -> None:
             if not cpu.pending:
                 return  # nothing waits for IF: let Unicorn execute it
+            if cpu.running and cpu.now() > self.hz_max:
+                hold(cpu)  # it delivers an interrupt: ordered against the agents
+                return
             eng = cpu.engine
             rsp = eng.rsp()
             words = self._stack_words(cpu, rsp, 1, "popfq", addr)
@@ -747,6 +771,9 @@ class Machine:
         def on_site(addr: int, _block_size: int) -> None:
             if cpu.tentative is not None:
                 self._confirm_fetch(cpu)
+            if cpu.running and cpu.now() > self.hz_max:
+                hold(cpu)  # executing a watched site: ordered against the agents' text writes
+                return
             if addr not in sites:
                 self.trace.add((cpu.now(), cpu.index, "mid-site", addr))
                 return
@@ -829,6 +856,9 @@ class Machine:
         holds at a scheduling point)."""
         if cycles < 0:
             raise ConfigError("cycles must be >= 0")
+        if self.config.interleave == "exact":
+            run_exact(self, cycles, stop_when)
+            return
         live = [c for c in self.cpus if c.runnable]
         if not live:
             return

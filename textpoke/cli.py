@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, TextpokeError
-from cpus.config import DEFAULT_QUANTUM
+from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES
 
 from .image import KernelConfig, Percpu, build_kernel
 
@@ -90,6 +90,13 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way")
     g.add_argument("--quantum", type=_positive, default=DEFAULT_QUANTUM, help="mean scheduling quantum")
     g.add_argument("--irqoff", type=_nonneg, default=0, help="interrupts-off sections of this many spins")
+    g.add_argument(
+        "--interleave",
+        choices=list(INTERLEAVES),
+        default=DEFAULT_INTERLEAVE,
+        help="exact: CPUs run coarse up to their next interaction with the patcher, ordered exactly; "
+        "fine: the older scheduler (1..4-instruction quanta around patch steps)",
+    )
     from .image import NMI_ENTRIES
     from .scenario import AIMS
 
@@ -111,6 +118,7 @@ def make_scenario(args: argparse.Namespace):
         mutation=args.mutation,
         quantum=args.quantum,
         irqoff_len=args.irqoff,
+        interleave=args.interleave,
         nmi=args.nmi,
         nmi_rate=args.nmi_rate if args.nmi != "none" else 0,
         nmi_aim=args.nmi_aim,

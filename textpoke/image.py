@@ -224,7 +224,13 @@ class KernelImage:
             boot_regs=boot_regs,
             percpu_init=percpu_init,  # type: ignore[arg-type]
             symbols=dict(sym),
+            shared_code=tuple((sym[n], self.sizes[n]) for n in SHARED_CODE),
         )
+
+
+#: units that read or write what the patcher reads or writes: the sync IPI's acknowledgement, the
+#: descriptor lookup of the #BP handler (bp_desc and its reference count), the stopper's handshake
+SHARED_CODE = ("ipi_entry", "poke_int3_handler", "stopper_entry")
 
 
 # ------------------------------------------------------------------------------------------------

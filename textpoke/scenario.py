@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
-from cpus.config import DEFAULT_QUANTUM, MAX_CPUS
+from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS
 
 from .image import BP_ENTRIES, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
 from .oracle import SafetyOracle, Verdict
@@ -54,6 +54,8 @@ class Scenario:
     irqoff_len: int = 0  # > 0: workloads run interrupts-off sections of this many spins
     #: indices of the traced functions to patch (None: all of them)
     patch_sites: tuple[int, ...] | None = None
+    #: "exact" or "fine": how the CPUs interleave (cpus/scheduler.py)
+    interleave: str = DEFAULT_INTERLEAVE
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -71,6 +73,8 @@ class Scenario:
                 raise ConfigError(f"unknown NMI aim {self.nmi_aim!r}; choose from {', '.join(AIMS)}")
             if self.nmi == "none" or aim_symbol(self) is None:
                 raise ConfigError(f"NMI aim {self.nmi_aim!r} needs an NMI entry that has that window")
+        if self.interleave not in INTERLEAVES:
+            raise ConfigError(f"unknown interleave {self.interleave!r}; choose from {', '.join(INTERLEAVES)}")
         if self.mutation is not None and self.mutation not in MUTATIONS:
             raise ConfigError(f"unknown mutation {self.mutation!r}; choose from {', '.join(MUTATIONS)}")
         if not 2 <= self.cpus <= MAX_CPUS:
@@ -175,6 +179,7 @@ def run_scenario(
         nmi_sources=sources,
         snoop=snoop,
         keep_trace=keep_trace,
+        interleave=sc.interleave,
     )
     oracle = SafetyOracle(kernel, sc.cpus)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
@@ -240,6 +245,8 @@ def replay_command(sc: Scenario, seed: int) -> str:
         parts.append(f"--quantum {sc.quantum}")
     if sc.irqoff_len:
         parts.append(f"--irqoff {sc.irqoff_len}")
+    if sc.interleave != DEFAULT_INTERLEAVE:
+        parts.append(f"--interleave {sc.interleave}")
     return " ".join(parts)
 
 

@@ -1,0 +1,179 @@
+"""The exact scheduler: CPUs run coarse quanta of private work and meet the agents exactly.
+
+Theory of operation
+-------------------
+The fine scheduler (`Machine.run` with `interleave="fine"`) makes the interleaving of a CPU with the
+patcher exact to within a few instructions by running every CPU in quanta of 1..4 instructions while
+a patch is in flight: two thirds of a sweep's time go to the Python loop around those quanta. Most
+of those instructions are private work whose order against the patcher cannot change any outcome.
+This scheduler runs every CPU as far as it can go alone and orders exactly the few places where
+it meets an agent (a Python program occupying a CPU, such as the patcher):
+
+* **Interaction points.** The execution of a watched site (its bytes depend on the agent's text
+  writes); a serializing instruction (`iretq`; an event delivery, which the machine performs at
+  quantum boundaries or right after the interaction that raises it); an interrupt delivered by
+  `popfq`; an aimed NMI; and every block of the code that touches memory an agent reads or writes
+  (`BootImage.shared_code`: the sync acknowledgement, the #BP handler's descriptor lookup, the
+  stopper). An agent's own steps are its interactions.
+* **Exact time inside a quantum.** Every engine counts instructions exactly (`Engine.start_counting`
+  at boot) and a hook reads how many instructions of the running quantum have completed
+  (`Engine.executed`), so a CPU knows its time at every hook, not just at quantum boundaries.
+* **The rule.** A CPU may perform an interaction at time t only when every agent has reached t
+  (ties: the lower CPU index first, as in the fine scheduler's furthest-behind order). Otherwise the
+  hook stops the quantum right before the interaction (`hold`): the CPU waits there with its clock
+  at t until it is the furthest behind, and performs it then. Shared code is entered only at the
+  start of a quantum, and a quantum that starts in shared code is cut at the horizon, so no
+  instruction of it passes an agent.
+* **Lookahead.** Between interactions a CPU may run ahead of every agent by at most the IPI latency:
+  the earliest an agent's next action can reach another CPU as an event. A write's snoop reaching a
+  CPU that has run ahead is applied before its next site execution, which is all the snoop can
+  change.
+
+So every interaction happens in the order of its exact time, as if every CPU ran one instruction at
+a time, while the engine runs quanta of up to `2 * quantum - 1` instructions. Outside agents' work
+the scheduler runs coarse quanta exactly like the fine one.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import layout as L
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .machine import Cpu, Machine
+
+__all__ = ["NO_HORIZON", "hold", "run_exact", "shared_code_hook"]
+
+#: the horizon when no agent runs: nothing to order against
+NO_HORIZON = 1 << 62
+
+
+
+def hold(cpu: Cpu) -> None:
+    """Stop `cpu`'s quantum right before the instruction being hooked: it interacts beyond the
+    horizon, so it must wait until every agent has caught up."""
+    cpu.held = cpu.engine.executed()
+    cpu.engine.stop()
+
+
+def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
+    """Block hook on the entry of a unit of code touching agents' state: while an agent runs, a CPU
+    entering it mid-quantum stops there; the quantum that then starts in it is cut at the horizon
+    (`run_exact`), so none of its instructions passes an agent. Inside the unit nothing is hooked."""
+
+    def on_shared_entry(addr: int, _size: int) -> None:
+        if not cpu.running or m.hz_max == NO_HORIZON:
+            return
+        if cpu.engine.executed() == 0 and addr == m.quantum_rip:
+            return  # the quantum starts here: it is already cut at the horizon
+        hold(cpu)
+
+    return on_shared_entry
+
+
+def _in_shared_code(m: Machine, rip: int) -> bool:
+    return any(lo <= rip < lo + n for lo, n in m.image.shared_code)
+
+
+def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = None) -> None:
+    """`Machine.run` with the exact interleaving (see the module docstring); same contract."""
+    if cycles < 0:
+        raise ConfigError("cycles must be >= 0")
+    cpus = m.cpus
+    live = [c for c in cpus if c.runnable]
+    if not live:
+        return
+    end = min(c.clock for c in live) + cycles
+    heap = [(c.clock, c.index) for c in live]
+    heapq.heapify(heap)
+    rnd = m._sched_rng.random
+    q_span = 2 * m.config.quantum - 1
+    insn = m.costs.instruction
+    lookahead = m.costs.ipi_latency
+    trace_add = m.trace.add
+    shared = bool(m.image.shared_code)
+    agents = [c for c in cpus if c.agent is not None]
+    heappop, heapreplace = heapq.heappop, heapq.heapreplace
+    while heap:
+        clock, i = heap[0]
+        if clock >= end:
+            break
+        if m._release:
+            m._settle()
+        if stop_when is not None and stop_when():
+            break
+        cpu = cpus[i]
+        if cpu.agent is not None:
+            m._step_agent(cpu)
+            if cpu.agent is None:
+                agents = [c for c in cpus if c.agent is not None]
+            heapreplace(heap, (cpu.clock, i))
+            continue
+        if cpu.events and cpu.events[0][0] <= clock:
+            m._due(cpu)
+            if cpu.crash is not None:
+                heappop(heap)
+                continue
+        q = 1 + int(rnd() * q_span)
+        limit = end - clock
+        if cpu.events:
+            limit = min(limit, cpu.events[0][0] - clock)
+        hz = NO_HORIZON
+        if agents:
+            for a in agents:
+                if a is cpu:
+                    continue
+                h = a.clock if a.index > i else a.clock - 1
+                if h < hz:
+                    hz = h
+                limit = min(limit, a.clock + lookahead - clock)
+        q = max(1, min(q, (limit + insn - 1) // insn))
+        eng = cpu.engine
+        rip = cpu.rip
+        if rip is None:
+            rip = eng.rip()
+        if hz != NO_HORIZON and shared and _in_shared_code(m, rip):
+            room = (hz - clock - cpu.extra) // insn + 1
+            if room <= 0:
+                # events delivered at this boundary took it past the horizon: nothing runs now
+                cpu.clock = clock + cpu.extra
+                cpu.extra = 0
+                heapreplace(heap, (cpu.clock, i))
+                continue
+            q = min(q, room)
+        m.hz_max = hz
+        m.quantum_rip = rip
+        cpu.held = None
+        cpu.running = True
+        stop = eng.run(rip, L.UNTIL, q)
+        cpu.running = False
+        m.hz_max = NO_HORIZON
+        cpu.rip = after = eng.rip()
+        held = cpu.held
+        done = held if held is not None else min(eng.counted(), q)
+        if stop is not None and cpu.crash is None:
+            m._crash(cpu, f"guest fault: {stop.error}", after)
+        elif cpu.crash is None and after == rip and held is None:
+            reason = m._fetch_fault(rip)
+            if reason:
+                m._crash(cpu, reason, rip)
+        if cpu.tentative is not None:
+            if after == cpu.tentative[1]:
+                cpu.tentative = None  # the count ran out at the block start: not executed
+            else:
+                m._confirm_fetch(cpu)
+        cpu.clock = clock + done * insn + cpu.extra
+        cpu.extra = 0
+        cpu.stats["instructions"] += done
+        cpu.stats["quanta"] += 1
+        trace_add((clock, i, "run", rip, done))
+        if cpu.popf_hooks and not cpu.pending:
+            m._watch_popf(cpu, False)
+        if not cpu.runnable:
+            heappop(heap)
+        else:
+            heapreplace(heap, (cpu.clock, i))
