@@ -194,6 +194,7 @@ class Engine:
         self._callbacks: dict[int, object] = {}
         self.hook_error: BaseException | None = None
         self._counter: ctypes.c_uint64 | None = None
+        self._limit: ctypes.c_uint64 | None = None
         #: 1 while a code, interrupt or instruction hook runs (Unicorn has already counted the
         #: instruction it stands at), 0 in block hooks (called before the block's first count)
         self.hook_adjust = 0
@@ -209,17 +210,25 @@ class Engine:
         uclib.uc_emu_start(self._uch, _NO_CODE, UNTIL, 0, 1)
         off = _counter_offset()
         if off is not None:
-            self._counter = ctypes.c_uint64.from_address(ctypes.cast(self._uch, ctypes.c_void_p).value + off)
+            base = ctypes.cast(self._uch, ctypes.c_void_p).value
+            self._counter = ctypes.c_uint64.from_address(base + off)
+            self._limit = ctypes.c_uint64.from_address(base + off + 8)
 
     def executed(self) -> int:
         """Instructions of the running quantum completed before the one being hooked (exact only
         after `start_counting`, on a build where `counter_available()`)."""
         return self._counter.value - self.hook_adjust  # type: ignore[union-attr]
 
-    def counted(self) -> int:
-        """Unicorn's raw count for the last (or running) quantum: after a run that used up its
-        count n it is n + 1 (the check of the instruction it stopped at)."""
-        return self._counter.value  # type: ignore[union-attr]
+    def cut(self, count: int) -> None:
+        """End the running quantum after `count` instructions in all (if that is sooner): Unicorn
+        checks its count before every instruction, against the field next to its counter."""
+        if count < self._limit.value:  # type: ignore[union-attr]
+            self._limit.value = count  # type: ignore[union-attr]
+
+    def completed(self) -> int:
+        """Instructions the last quantum completed, when it ended by its count or stopped in a
+        block hook (the counter is one past the count when the count ran out)."""
+        return min(self._counter.value, self._limit.value)  # type: ignore[union-attr]
 
     # -- hooks ----------------------------------------------------------------------------------
     # Callbacks go straight from ctypes to ours (the binding's generic wrappers cost several

@@ -32,6 +32,7 @@ import random
 import struct
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol
 
 from . import layout as L
@@ -77,6 +78,7 @@ _EV_CALL = 3
 IST_NMI = 2  # Linux: IST_INDEX_NMI = ESTACK_NMI + 1
 _GDT = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 _CANONICAL_HI = 0xFFFF800000000000
+_decode_gate = lru_cache(maxsize=256)(decode_gate)  # a descriptor's bytes decide its gate
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +245,7 @@ class Machine:
         self.mem_data = HostMemory(L.DATA_PA, lay.data_size)
         self.mem_percpu = HostMemory(L.PERCPU_PA, lay.percpu_size)
         self._mems = (self.mem_percpu, self.mem_data, self.mem_text, self.mem_pt)
+        self._phys_cache: dict[tuple[int, int], tuple[HostMemory, int] | None] = {}
         self.mem_pt.write(L.PT_PA, lay.page_tables)
         self.mem_text.write(L.TEXT_PA, image.text)
         self.write(L.GDT_VA, _GDT)
@@ -338,13 +341,21 @@ class Machine:
     # Memory
     # ----------------------------------------------------------------------------------------
     def _phys(self, va: int, n: int) -> tuple[HostMemory, int] | None:
+        key = (va, n)
+        loc = self._phys_cache.get(key, False)
+        if loc is not False:
+            return loc  # type: ignore[return-value]
         pa = self.layout.pa(va, n)
-        if pa is None:
-            return None
-        for m in self._mems:
-            if m.contains(pa, n):
-                return m, pa
-        return None
+        loc = None
+        if pa is not None:
+            for m in self._mems:
+                if m.contains(pa, n):
+                    loc = (m, pa)
+                    break
+        if len(self._phys_cache) > 4096:
+            self._phys_cache.clear()
+        self._phys_cache[key] = loc  # the memory map never changes while the machine lives
+        return loc
 
     def read(self, va: int, n: int) -> bytes:
         """Read kernel memory (a data read: text reads see the latest bytes)."""
@@ -554,7 +565,8 @@ class Machine:
     # Event delivery (the hardware part)
     # ----------------------------------------------------------------------------------------
     def _gate(self, vector: int) -> Gate | None:
-        return decode_gate(self.read(L.IDT_VA + 16 * vector, 16))
+        m, pa = self._phys(L.IDT_VA + 16 * vector, 16)  # type: ignore[misc]
+        return _decode_gate(m.read(pa, 16))
 
     def _deliver(self, cpu: Cpu, vector: int, ret_rip: int) -> bool:
         """Deliver `vector` to `cpu` with `ret_rip` as the saved RIP; False if the CPU died."""
@@ -621,7 +633,7 @@ class Machine:
         self._deliver(cpu, vector, ret_rip)
 
     def _serialize(self, cpu: Cpu) -> None:
-        dropped = self.coherence.serialize(cpu.index)
+        dropped = self.coherence.serialize(cpu.index) if self.coherence.stale_sites[cpu.index] else 0
         if dropped:
             cpu.stats["serialize_drops"] += dropped
             self.trace.add((cpu.now(), cpu.index, "serialize", dropped))

@@ -21,9 +21,8 @@ it meets an agent (a Python program occupying a CPU, such as the patcher):
 * **The rule.** A CPU may perform an interaction at time t only when every agent has reached t
   (ties: the lower CPU index first, as in the fine scheduler's furthest-behind order). Otherwise the
   hook stops the quantum right before the interaction (`hold`): the CPU waits there with its clock
-  at t until it is the furthest behind, and performs it then. Shared code is entered only at the
-  start of a quantum, and a quantum that starts in shared code is cut at the horizon, so no
-  instruction of it passes an agent.
+  at t until it is the furthest behind, and performs it then. A quantum that enters or starts in
+  shared code is cut at the horizon, so no instruction of it passes an agent.
 * **Lookahead.** Between interactions a CPU may run ahead of every agent by at most the IPI latency:
   the earliest an agent's next action can reach another CPU as an event. A write's snoop reaching a
   CPU that has run ahead is applied before its next site execution, which is all the snoop can
@@ -52,7 +51,6 @@ __all__ = ["NO_HORIZON", "hold", "run_exact", "shared_code_hook"]
 NO_HORIZON = 1 << 62
 
 
-
 def hold(cpu: Cpu) -> None:
     """Stop `cpu`'s quantum right before the instruction being hooked: it interacts beyond the
     horizon, so it must wait until every agent has caught up."""
@@ -61,16 +59,23 @@ def hold(cpu: Cpu) -> None:
 
 
 def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
-    """Block hook on the entry of a unit of code touching agents' state: while an agent runs, a CPU
-    entering it mid-quantum stops there; the quantum that then starts in it is cut at the horizon
-    (`run_exact`), so none of its instructions passes an agent. Inside the unit nothing is hooked."""
+    """Block hook on the entry of a unit of code touching agents' state: while an agent runs, the
+    quantum is cut so that it ends at the horizon (`Engine.cut`), and a quantum that starts inside
+    such a unit is cut there too (`run_exact`): none of its instructions passes an agent, and nothing
+    inside the unit needs a hook. A unit entered beyond the horizon is held."""
+    insn = m.costs.instruction
 
     def on_shared_entry(addr: int, _size: int) -> None:
-        if not cpu.running or m.hz_max == NO_HORIZON:
+        hz = m.hz_max
+        if not cpu.running or hz == NO_HORIZON:
             return
-        if cpu.engine.executed() == 0 and addr == m.quantum_rip:
-            return  # the quantum starts here: it is already cut at the horizon
-        hold(cpu)
+        eng = cpu.engine
+        done = eng.executed()
+        t = cpu.clock + cpu.extra + done * insn
+        if t > hz:
+            hold(cpu)
+        else:
+            eng.cut(done + (hz - t) // insn + 1)
 
     return on_shared_entry
 
@@ -154,7 +159,7 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         m.hz_max = NO_HORIZON
         cpu.rip = after = eng.rip()
         held = cpu.held
-        done = held if held is not None else min(eng.counted(), q)
+        done = held if held is not None else eng.completed()
         if stop is not None and cpu.crash is None:
             m._crash(cpu, f"guest fault: {stop.error}", after)
         elif cpu.crash is None and after == rip and held is None:
