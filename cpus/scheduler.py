@@ -28,6 +28,9 @@ it meets an agent (a Python program occupying a CPU, such as the patcher):
   CPU that has run ahead is applied before its next site execution, which is all the snoop can
   change.
 
+An interaction takes effect at its start: an event delivery or `iretq` serializes at the instruction
+boundary where it happens, and the cycles it costs follow (as in the fine scheduler).
+
 So every interaction happens in the order of its exact time, as if every CPU ran one instruction at
 a time, while the engine runs quanta of up to `2 * quantum - 1` instructions. Outside agents' work
 the scheduler runs coarse quanta exactly like the fine one.
