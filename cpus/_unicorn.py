@@ -246,6 +246,20 @@ class Engine:
 
         return guarded
 
+    def _code_cfunc(self, fn: CodeHook, adjust: int) -> object:
+        """One C-callable frame for a code or block hook (no wrapper between ctypes and `fn`)."""
+
+        def hook(_h: object, addr: int, size: int, _k: object) -> None:
+            self.hook_adjust = adjust
+            try:
+                fn(addr, size)
+            except BaseException as err:
+                if self.hook_error is None:
+                    self.hook_error = err
+                uclib.uc_emu_stop(self._uch)
+
+        return HOOK_CODE_CFUNC(hook)
+
     def _add(self, htype: int, fptr: object, begin: int, end: int) -> int:
         handle = uc_hook_h()
         status = uclib.uc_hook_add(
@@ -267,9 +281,7 @@ class Engine:
 
         A hook added after code was translated only sees blocks translated afterwards: callers drop
         the decoded range (`drop_decoded`) after adding one to a running machine."""
-        inner = self._guard(callback)
-        fptr = HOOK_CODE_CFUNC(lambda _h, addr, sz, _k: inner(addr, sz))
-        return self._add(UC_HOOK_CODE, fptr, address, address + max(size, 1) - 1)
+        return self._add(UC_HOOK_CODE, self._code_cfunc(callback, 1), address, address + max(size, 1) - 1)
 
     def hook_block_at(self, address: int, size: int, callback: CodeHook) -> int:
         """Call `callback(address, block_size)` when a translated block starting in
@@ -279,9 +291,7 @@ class Engine:
         slicing Unicorn checks every code hook before every instruction, so the machine keeps code
         hooks to the few `iretq`/`popfq` sites. Caveat: when a quantum's count runs out right at
         a block start, the hook has fired but the block does not run (the machine discounts it)."""
-        inner = self._guard(callback, adjust=0)
-        fptr = HOOK_CODE_CFUNC(lambda _h, addr, sz, _k: inner(addr, sz))
-        return self._add(UC_HOOK_BLOCK, fptr, address, address + max(size, 1) - 1)
+        return self._add(UC_HOOK_BLOCK, self._code_cfunc(callback, 0), address, address + max(size, 1) - 1)
 
     def hook_del(self, handle: int) -> None:
         status = uclib.uc_hook_del(self._uch, uc_hook_h(handle))
@@ -327,6 +337,14 @@ class Engine:
 
     def stop(self) -> None:
         uclib.uc_emu_stop(self._uch)
+
+    def close(self) -> None:
+        """Free the engine's native memory (code buffer, translated blocks) now rather than whenever
+        the garbage collector gets to its reference cycles; the engine is not usable afterwards."""
+        self._counter = self._limit = None
+        self.uc._Uc__finalizer()  # the binding's own release, which runs at most once
+        self._callbacks.clear()
+        self.uc._callbacks.clear()
 
     # -- registers ------------------------------------------------------------------------------
     def rip(self) -> int:

@@ -224,7 +224,8 @@ class Cpu:
 
     def now(self) -> int:
         if self.running:
-            return self.clock + self.extra + self.engine.executed() * self.engine.insn_cost
+            eng = self.engine
+            return self.clock + self.extra + (eng._counter.value - eng.hook_adjust) * eng.insn_cost
         return self.clock + self.extra
 
 
@@ -276,6 +277,7 @@ class Machine:
         self.fine_until = 0
         self.hz_max = NO_HORIZON  # the exact scheduler's horizon for the running CPU (scheduler.py)
         self.quantum_rip = 0  # where the running quantum started (scheduler.py)
+        self.closed = False
         self._pending_wait: dict[int, WaitUntil] = {}
         self._site_hooks: dict[int, list[int]] = {}  # watched site -> hook handle per CPU
         self._release: set[int] = set()  # sites to stop watching once no CPU holds them stale
@@ -868,6 +870,8 @@ class Machine:
         holds at a scheduling point)."""
         if cycles < 0:
             raise ConfigError("cycles must be >= 0")
+        if self.closed:
+            raise ConfigError("this machine was closed: make a new one")
         if self.config.interleave == "exact":
             run_exact(self, cycles, stop_when)
             return
@@ -951,6 +955,13 @@ class Machine:
             self.trace.add((c.clock, cpu, "agent-timeout", wait.label if wait else ""))
             raise AgentTimeout(cpu, start, limit, wait.label if wait else "")
         return c.agent_result
+
+    def close(self) -> None:
+        """Free every engine now (a sweep makes thousands of machines: memory stays flat). The
+        machine's memory, trace and statistics stay readable; it cannot run again."""
+        for cpu in self.cpus:
+            cpu.engine.close()
+        self.closed = True
 
     # ----------------------------------------------------------------------------------------
     # Results

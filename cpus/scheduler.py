@@ -83,10 +83,6 @@ def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
     return on_shared_entry
 
 
-def _in_shared_code(m: Machine, rip: int) -> bool:
-    return any(lo <= rip < lo + n for lo, n in m.image.shared_code)
-
-
 def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = None) -> None:
     """`Machine.run` with the exact interleaving (see the module docstring); same contract."""
     if cycles < 0:
@@ -103,7 +99,7 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
     insn = m.costs.instruction
     lookahead = m.costs.ipi_latency
     trace_add = m.trace.add
-    shared = bool(m.image.shared_code)
+    shared = [(lo, lo + n) for lo, n in m.image.shared_code]
     agents = [c for c in cpus if c.agent is not None]
     heappop, heapreplace = heapq.heappop, heapq.heapreplace
     while heap:
@@ -144,7 +140,7 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         rip = cpu.rip
         if rip is None:
             rip = eng.rip()
-        if hz != NO_HORIZON and shared and _in_shared_code(m, rip):
+        if hz != NO_HORIZON and shared and any(lo <= rip < hi for lo, hi in shared):
             room = (hz - clock - cpu.extra) // insn + 1
             if room <= 0:
                 # events delivered at this boundary took it past the horizon: nothing runs now

@@ -226,6 +226,8 @@ def run_scenario(
         "nmi_repeated": oracle.nmi_counts["repeated"],
         "nmi_handler_runs": oracle.nmi_counts["handler_runs"],
     }
+    if not keep_machine:
+        m.close()
     return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
 
 
