@@ -29,7 +29,7 @@ DEFAULT_QUANTUM = 1000
 #: with an agent and orders every interaction exactly; "fine" is the older scheduler, which runs
 #: every CPU in quanta of 1..fine_quantum instructions while an agent asks for it
 INTERLEAVES = ("exact", "fine")
-DEFAULT_INTERLEAVE = "fine"
+DEFAULT_INTERLEAVE = "exact"
 
 
 @dataclass(frozen=True, slots=True)
