@@ -97,3 +97,14 @@ def test_unknown_interleave_is_refused():
         MachineConfig(interleave="coarse")
     with pytest.raises(ConfigError, match="interleave"):
         Scenario(interleave="coarse")
+
+
+def test_a_closed_machine_refuses_to_run():
+    """run_scenario frees its machine's engines at once (memory stays flat over a sweep); a closed
+    machine says so instead of touching freed engines."""
+    out = run_scenario(dataclasses.replace(SC, protocol="naive-atomic"), 0, keep_machine=True)
+    m = out.machine
+    m.run(100)
+    m.close()
+    with pytest.raises(ConfigError, match="closed"):
+        m.run(100)
