@@ -63,9 +63,13 @@ def main() -> int:
                     "rate": k / args.seeds,
                     "ci95": wilson(k, args.seeds),
                     "classes": {c: n for c, n in r.seeds_with().items() if n},
+                    "caught_seeds": r.failing,
                     "seconds": time.perf_counter() - t0,
                 }
             f, e = row["fine"], row["exact"]
+            # paired: seeds only one scheduler caught (each seed runs the same scenario under both)
+            row["only_fine"] = sorted(set(f["caught_seeds"]) - set(e["caught_seeds"]))
+            row["only_exact"] = sorted(set(e["caught_seeds"]) - set(f["caught_seeds"]))
             row["holds"] = f["rate"] <= e["ci95"][1]
             held += row["holds"]
             rows.append(row)
