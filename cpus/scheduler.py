@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 The fine scheduler (`Machine.run` with `interleave="fine"`) makes the interleaving of a CPU with the
 patcher exact to within a few instructions by running every CPU in quanta of 1..4 instructions while
-a patch is in flight: two thirds of a sweep's time go to the Python loop around those quanta. Most
+a patch is in flight: most of a sweep's time goes to the Python loop around those quanta. Most
 of those instructions are private work whose order against the patcher cannot change any outcome.
 This scheduler runs every CPU as far as it can go alone and orders exactly the few places where
 it meets an agent (a Python program occupying a CPU, such as the patcher):
@@ -12,9 +12,9 @@ it meets an agent (a Python program occupying a CPU, such as the patcher):
 * **Interaction points.** The execution of a watched site (its bytes depend on the agent's text
   writes); a serializing instruction (`iretq`; an event delivery, which the machine performs at
   quantum boundaries or right after the interaction that raises it); an interrupt delivered by
-  `popfq`; an aimed NMI; and every block of the code that touches memory an agent reads or writes
-  (`BootImage.shared_code`: the sync acknowledgement, the #BP handler's descriptor lookup, the
-  stopper). An agent's own steps are its interactions.
+  `popfq`; an aimed NMI; and every instruction of the code that touches memory an agent reads or
+  writes (`BootImage.shared_code`: the sync acknowledgement, the #BP handler's descriptor lookup,
+  the stopper). An agent's own steps are its interactions.
 * **Exact time inside a quantum.** Every engine counts instructions exactly (`Engine.start_counting`
   at boot) and a hook reads how many instructions of the running quantum have completed
   (`Engine.executed`), so a CPU knows its time at every hook, not just at quantum boundaries.
@@ -34,6 +34,9 @@ boundary where it happens, and the cycles it costs follow (as in the fine schedu
 So every interaction happens in the order of its exact time, as if every CPU ran one instruction at
 a time, while the engine runs quanta of up to `2 * quantum - 1` instructions. Outside agents' work
 the scheduler runs coarse quanta exactly like the fine one.
+
+Limit: a CPU that crashes between interactions may do so up to one IPI latency ahead of an agent,
+which then sees it crashed (not runnable) that much early.
 """
 
 from __future__ import annotations
