@@ -86,6 +86,13 @@ def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
     return on_shared_entry
 
 
+def _inside(ranges: list[tuple[int, int]], addr: int) -> bool:
+    for lo, hi in ranges:  # noqa: SIM110 - a plain loop: no generator on the scheduler's hot path
+        if lo <= addr < hi:
+            return True
+    return False
+
+
 def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = None) -> None:
     """`Machine.run` with the exact interleaving (see the module docstring); same contract."""
     if cycles < 0:
@@ -127,23 +134,26 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
                 continue
         q = 1 + int(rnd() * q_span)
         limit = end - clock
-        if cpu.events:
-            limit = min(limit, cpu.events[0][0] - clock)
+        events = cpu.events
+        if events and events[0][0] - clock < limit:
+            limit = events[0][0] - clock
         hz = NO_HORIZON
-        if agents:
-            for a in agents:
-                if a is cpu:
-                    continue
-                h = a.clock if a.index > i else a.clock - 1
-                if h < hz:
-                    hz = h
-                limit = min(limit, a.clock + lookahead - clock)
-        q = max(1, min(q, (limit + insn - 1) // insn))
+        for a in agents:
+            if a is cpu:
+                continue
+            h = a.clock if a.index > i else a.clock - 1
+            if h < hz:
+                hz = h
+            if a.clock + lookahead - clock < limit:
+                limit = a.clock + lookahead - clock
+        room = (limit + insn - 1) // insn
+        if room < q:
+            q = room if room > 1 else 1
         eng = cpu.engine
         rip = cpu.rip
         if rip is None:
             rip = eng.rip()
-        if hz != NO_HORIZON and shared and any(lo <= rip < hi for lo, hi in shared):
+        if hz != NO_HORIZON and _inside(shared, rip):
             room = (hz - clock - cpu.extra) // insn + 1
             if room <= 0:
                 # events delivered at this boundary took it past the horizon: nothing runs now
@@ -151,7 +161,8 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
                 cpu.extra = 0
                 heapreplace(heap, (cpu.clock, i))
                 continue
-            q = min(q, room)
+            if room < q:
+                q = room
         m.hz_max = hz
         m.quantum_rip = rip
         cpu.held = None
@@ -175,8 +186,9 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
                 m._confirm_fetch(cpu)
         cpu.clock = clock + done * insn + cpu.extra
         cpu.extra = 0
-        cpu.stats["instructions"] += done
-        cpu.stats["quanta"] += 1
+        stats = cpu.stats
+        stats["instructions"] += done
+        stats["quanta"] += 1
         trace_add((clock, i, "run", rip, done))
         if cpu.popf_hooks and not cpu.pending:
             m._watch_popf(cpu, False)
