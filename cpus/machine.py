@@ -785,17 +785,18 @@ class Machine:
         def on_site(addr: int, _block_size: int) -> None:
             if cpu.tentative is not None:
                 self._confirm_fetch(cpu)
-            if cpu.running and cpu.now() > self.hz_max:
+            now = cpu.now()
+            if cpu.running and now > self.hz_max:
                 hold(cpu)  # executing a watched site: ordered against the agents' text writes
                 return
             if addr not in sites:
-                self.trace.add((cpu.now(), cpu.index, "mid-site", addr))
+                self.trace.add((now, cpu.index, "mid-site", addr))
                 return
             fresh = addr not in decoded
             code = fetch(cpu.index, addr)
             if fresh:
-                self.trace.add((cpu.now(), cpu.index, "decode", addr, code))
-            cpu.tentative = (cpu.now(), addr, code)
+                self.trace.add((now, cpu.index, "decode", addr, code))
+            cpu.tentative = (now, addr, code)
             if insn_length(code) is None:
                 self._crash(cpu, "exception #UD (invalid opcode)", addr)
 
