@@ -3,8 +3,8 @@
 In one run, on one core unless said otherwise:
 
 * seeds/s of the default safety scenario (`textpoke safety`: batched text_poke_bp, 4 CPUs, 8 sites,
-  enable and disable) with the fine scheduler and with the exact one, the same seeds in the same
-  process, each after one warm-up seed;
+  enable and disable) with the fine scheduler and with the exact one, in the same process, the two
+  sweeps interleaved seed by seed so that both see the same load, each after one warm-up seed;
 * the simulated instructions/s of those sweeps as a ratio to raw Unicorn: one bare instance (no
   hooks, no count slicing) running the same workload code warm (its second run over the same code:
   both sides are timed with their translation caches filled);
@@ -100,30 +100,49 @@ def coarse_ips(cpus: int, cycles: int, interleave: str) -> float:
     return (sum(c.stats["instructions"] for c in m.cpus) - before) / dt
 
 
-def one_core_sweep(sc: Scenario, seeds: range) -> dict:
-    """seeds/s and simulated instructions/s of `sc` over `seeds` in this process, after a warm-up seed."""
-    run_scenario(sc, seeds.start + 10_000)
-    instructions = 0
-    hashes = {}
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    for s in seeds:
-        out = run_scenario(sc, s)
-        instructions += sum(c["instructions"] for c in out.verdict.stats["cpu"])
-        hashes[s] = out.verdict.trace_hash
-    dt = time.perf_counter() - t0
-    cpu = time.process_time() - c0
-    return {
-        "seeds": len(seeds),
-        "seconds": dt,
-        "cpu_seconds": cpu,
-        # per core: CPU time of this process, so other load on a shared machine does not count
-        "seeds_per_s": len(seeds) / cpu,
-        "seeds_per_s_wall": len(seeds) / dt,
-        "sim_ips": instructions / cpu,
-        "instructions_per_seed": instructions / len(seeds),
-        "hashes": hashes,
-    }
+def one_core_sweeps(sc: Scenario, fine_seeds: int, exact_seeds: int) -> tuple[dict, dict]:
+    """seeds/s and simulated instructions/s of `sc` with the fine and the exact scheduler, in this
+    process, after a warm-up seed each. The two sweeps are interleaved (seed k of the fine one, then
+    its share of the exact one), so both see the same load on a shared machine."""
+    modes = {"fine": dataclasses.replace(sc, interleave="fine"), "exact": dataclasses.replace(sc, interleave="exact")}
+    acc = {m: {"seeds": 0, "seconds": 0.0, "cpu_seconds": 0.0, "instructions": 0} for m in modes}
+    for msc in modes.values():
+        run_scenario(msc, 10_000)
+
+    def one(mode: str, seed: int) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = run_scenario(modes[mode], seed)
+        a = acc[mode]
+        a["cpu_seconds"] += time.process_time() - c0
+        a["seconds"] += time.perf_counter() - t0
+        a["seeds"] += 1
+        a["instructions"] += sum(c["instructions"] for c in out.verdict.stats["cpu"])
+
+    exact_next = 0
+    for k in range(fine_seeds):
+        one("fine", k)
+        share = (k + 1) * exact_seeds // fine_seeds
+        while exact_next < share:
+            one("exact", exact_next)
+            exact_next += 1
+    while exact_next < exact_seeds:
+        one("exact", exact_next)
+        exact_next += 1
+    out = []
+    for a in acc.values():
+        out.append(
+            {
+                "seeds": a["seeds"],
+                "seconds": a["seconds"],
+                "cpu_seconds": a["cpu_seconds"],
+                # per core: CPU time of this process, so other load on a shared machine does not count
+                "seeds_per_s": a["seeds"] / a["cpu_seconds"],
+                "seeds_per_s_wall": a["seeds"] / a["seconds"],
+                "sim_ips": a["instructions"] / a["cpu_seconds"],
+                "instructions_per_seed": a["instructions"] / a["seeds"],
+            }
+        )
+    return out[0], out[1]
 
 
 def rss_mib() -> float:
@@ -146,8 +165,7 @@ def main() -> int:
     raw, n = raw_unicorn_ips(loops=40_000)
     print(f"raw Unicorn, one instance, no hooks, no slicing, warm: {raw / 1e6:.1f} M instr/s ({n} instructions)")
     sc = Scenario()
-    fine = one_core_sweep(dataclasses.replace(sc, interleave="fine"), range(args.fine_seeds))
-    exact = one_core_sweep(dataclasses.replace(sc, interleave="exact"), range(args.seeds))
+    fine, exact = one_core_sweeps(sc, args.fine_seeds, args.seeds)
     for name, r in (("fine", fine), ("exact", exact)):
         print(
             f"default safety sweep, {name:5}: {r['seeds_per_s']:6.2f} seeds/s on one core "
@@ -180,8 +198,8 @@ def main() -> int:
         "sweep_seeds_per_s_all_cores": pool_rate,
         "cores": jobs,
         "raw_ips": raw,
-        "fine": {k: v for k, v in fine.items() if k != "hashes"},
-        "exact": {k: v for k, v in exact.items() if k != "hashes"},
+        "fine": fine,
+        "exact": exact,
         "rows": rows,
         "rss_mib": rss_mib(),
     }
