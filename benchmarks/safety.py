@@ -54,6 +54,12 @@ ROWS: list[tuple[str, Scenario, str, set[str]]] = [
         {"missed-call"},
     ),
     ("retarget, emulate mode", Scenario(protocol="bp-batch", operation="retarget"), "safe", set()),
+    (
+        "text_poke_bp batched, judged by the SDM's rule",
+        Scenario(protocol="bp-batch", xmc_rule="sdm"),
+        "unsafe",
+        {"unsynced-modification"},
+    ),
     ("NMIs: naive entry", Scenario(protocol="bp-batch", nmi="naive", **NMI), "unsafe", {"nmi-corruption"}),
     ("NMIs: nested-safe entry", Scenario(protocol="bp-batch", nmi="nested-safe", **NMI), "safe", set()),
     (

@@ -5,15 +5,16 @@ Only `cpus._unicorn` imports Unicorn; `cpus` never imports `textpoke`.
 
 from .boot import BootImage
 from .coherence import SnoopModel
-from .config import MAX_CPUS, CostModel, MachineConfig, NmiSource
+from .config import MAX_CPUS, CostModel, MachineConfig, NmiSource, TimerSource
 from .delivery import Gate, NmiArrival, NmiState, Vector
-from .errors import AgentTimeout, ConfigError, SimulatorBug, TextpokeError
+from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug, TextpokeError
 from .machine import Agent, Cpu, Crash, Delay, Fine, Instrument, Machine, SendIpi, WaitUntil, WriteText
 from .trace import Trace, format_record
 
 __all__ = [
     "MAX_CPUS",
     "Agent",
+    "AgentStuck",
     "AgentTimeout",
     "BootImage",
     "ConfigError",
@@ -33,6 +34,7 @@ __all__ = [
     "SimulatorBug",
     "SnoopModel",
     "TextpokeError",
+    "TimerSource",
     "Trace",
     "Vector",
     "WaitUntil",

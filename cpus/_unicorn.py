@@ -12,7 +12,8 @@ Rules
 
 Measured recipes (UNICORN-NOTES.md) applied here: real paging with 2 MiB-free 4-level tables and the
 default TLB mode (fastest), a 16 MiB TCG buffer (the default reserves 1 GiB per instance), `until` at an
-unmapped address, every hook added before the first instruction is translated.
+unmapped address, every hook added before the first instruction is translated, and the count hook
+installed before any block is translated (`start_counting`).
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ from unicorn.unicorn_py3.unicorn import (
     uclib,
 )
 
-from .layout import UNTIL
-
 __all__ = ["REGS", "Engine", "HostMemory", "RunStop", "counter_available", "engine_error_name"]
 
 #: Register name -> Unicorn id, for the registers the machine and the tools read.
@@ -74,7 +73,6 @@ _RSP = x86.UC_X86_REG_RSP
 _RFLAGS = x86.UC_X86_REG_RFLAGS
 
 _TCG_BUFFER = 16 << 20
-_NO_CODE = 0x3000  # an unmapped address: starting there fetches nothing and translates nothing
 
 
 def _find_counter_offset() -> int | None:
@@ -160,6 +158,27 @@ def engine_error_name(errno: int) -> str:
 CodeHook = Callable[[int, int], None]  # (address, instruction size)
 IntrHook = Callable[[int], None]  # (interrupt number)
 CpuidHook = Callable[[], bool]
+#: `uint32_t (*)(uc_engine *, void *)`: Unicorn's callback type for cpuid, rdtsc and rdtscp hooks
+_INSN_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
+
+
+# Ctrl-C while Unicorn runs: Python runs a signal handler at the next bytecode it executes, which is
+# usually inside one of our hook callbacks, and an exception raised there would be printed by ctypes
+# and lost. A handler that calls `defer_interrupt()` instead has `Engine.run` raise the
+# KeyboardInterrupt once Unicorn has returned (at the end of the quantum).
+_emulating = False
+_interrupt_deferred = False
+
+
+def defer_interrupt() -> bool:
+    """For a SIGINT handler: True when an engine is running on this thread, in which case
+    `Engine.run` raises KeyboardInterrupt as soon as it returns; False when the caller should raise
+    it itself."""
+    global _interrupt_deferred
+    if _emulating:
+        _interrupt_deferred = True
+        return True
+    return False
 
 
 class Engine:
@@ -199,20 +218,6 @@ class Engine:
         #: instruction it stands at), 0 in block hooks (called before the block's first count)
         self.hook_adjust = 0
         self.insn_cost = 1  # cycles per instruction (the machine's cost model)
-
-    def start_counting(self) -> None:
-        """Make every later run count instructions exactly.
-
-        Unicorn puts its instruction-count check into blocks translated after the first run with
-        `count > 0`; blocks translated before (a watched site decoded at boot, say) would run
-        uncounted. A one-instruction start at an unmapped address installs the check and
-        translates nothing (it ends at once with a fetch fault, which is expected here)."""
-        uclib.uc_emu_start(self._uch, _NO_CODE, UNTIL, 0, 1)
-        off = _counter_offset()
-        if off is not None:
-            base = ctypes.cast(self._uch, ctypes.c_void_p).value
-            self._counter = ctypes.c_uint64.from_address(base + off)
-            self._limit = ctypes.c_uint64.from_address(base + off + 8)
 
     def executed(self) -> int:
         """Instructions of the running quantum completed before the one being hooked (exact only
@@ -324,10 +329,74 @@ class Engine:
 
         self.uc.hook_add(UC_HOOK_INSN, trampoline, None, 1, 0, x86.UC_X86_INS_CPUID)
 
+    def hook_tsc(self, read: Callable[[], int], aux: int) -> None:
+        """Make `rdtsc` and `rdtscp` return `read()` (and `rdtscp` also `aux` in ecx, as TSC_AUX).
+
+        Unicorn's own rdtsc reads host time, so two identical runs would see different values. The
+        Python binding only hooks in/out/syscall/cpuid; the library hooks rdtsc too, so this goes
+        through ctypes. Costs nothing until one of them executes."""
+
+        def make(with_aux: bool) -> object:
+            def on_rdtsc(_h: object, _k: object) -> int:
+                self.hook_adjust = 1  # Unicorn has counted the rdtsc already: `read` sees it as current
+                try:
+                    value = read() & (2**64 - 1)
+                    self._reg_write(x86.UC_X86_REG_RAX, value & 0xFFFFFFFF)
+                    self._reg_write(x86.UC_X86_REG_RDX, value >> 32)
+                    if with_aux:
+                        self._reg_write(x86.UC_X86_REG_RCX, aux & 0xFFFFFFFF)
+                except BaseException as err:
+                    if self.hook_error is None:
+                        self.hook_error = err
+                    uclib.uc_emu_stop(self._uch)
+                return 1  # skip Unicorn's own implementation
+
+            return _INSN_CFUNC(on_rdtsc)
+
+        for insn, with_aux in ((x86.UC_X86_INS_RDTSC, False), (x86.UC_X86_INS_RDTSCP, True)):
+            fptr = make(with_aux)
+            handle = uc_hook_h()
+            status = uclib.uc_hook_add(
+                self._uch,
+                ctypes.byref(handle),
+                UC_HOOK_INSN,
+                fptr,
+                ctypes.c_void_p(0),
+                ctypes.c_uint64(1),
+                ctypes.c_uint64(0),
+                ctypes.c_int(insn),
+            )
+            if status:
+                raise UcError(status)
+            self._callbacks[handle.value] = fptr
+
     # -- execution ------------------------------------------------------------------------------
+    def start_counting(self, at: int) -> None:
+        """Install Unicorn's instruction-count hook now, before any block is translated.
+
+        Unicorn adds that hook at the first `emu_start` with a count, and only blocks translated
+        afterwards carry it: a block translated earlier (a watched site, decoded ahead of time) would
+        run uncounted forever. A start at `at` that ends at `at` installs the hook and executes
+        nothing (RIP is left at `at`: the caller sets it afterwards)."""
+        status = uclib.uc_emu_start(self._uch, at, at, 0, 1)
+        if status:
+            raise UcError(status)
+        self.drop_decoded(at, at + 1)
+        off = _counter_offset()  # and where the running quantum's count can be read (`executed`)
+        if off is not None:
+            base = ctypes.cast(self._uch, ctypes.c_void_p).value
+            self._counter = ctypes.c_uint64.from_address(base + off)
+            self._limit = ctypes.c_uint64.from_address(base + off + 8)
+
     def run(self, rip: int, until: int, count: int) -> RunStop | None:
         """Execute up to `count` instructions from `rip`; a guest fault ends it early."""
+        global _emulating, _interrupt_deferred
+        _emulating = True
         status = uclib.uc_emu_start(self._uch, rip, until, 0, count)
+        _emulating = False
+        if _interrupt_deferred:
+            _interrupt_deferred = False
+            raise KeyboardInterrupt
         if self.hook_error is not None:
             err, self.hook_error = self.hook_error, None
             raise err

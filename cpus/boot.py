@@ -30,6 +30,9 @@ class BootImage:
     #: addresses of hlt instructions, each the start of a block: a CPU that reaches one stops
     #: (and is not woken: the machine uses hlt only to end bounded runs)
     halt_sites: tuple[int, ...] = ()
+    #: [start, end) of the idle loop the patcher CPU runs: an agent takes the CPU there and parks
+    #: there (the return address of NMIs taken between its steps); None: agents take no NMIs
+    idle_range: tuple[int, int] | None = None
     #: (cpu, seed) -> initial general registers, e.g. a per-CPU random state
     boot_regs: Callable[[int, int], dict[str, int]] = field(default=lambda cpu, seed: {})
     #: (cpu, layout) -> {offset in the per-CPU area: u64 value}

@@ -18,8 +18,9 @@ in the meantime. We model, for every *watched* site (a patchable site around its
   touched are refreshed in the copy from current memory; bytes of other writes whose snoops have not
   arrived keep their old values. So a CPU can see a later write before an earlier one (byte-granular
   visibility): exactly the hazard text_poke_bp's syncs exist for.
-* **Serializing** (`iretq`, event delivery, `cpuid`) drops every copy that misses a write: the next
-  execution decodes current memory.
+* **Serializing** (a serializing instruction: `iretq`, `cpuid`) drops every copy that misses a write:
+  the next execution decodes current memory. Event delivery is not serializing (the SDM does not list
+  it): a handler executes what its CPU had decoded.
 * A CPU holding no copy of a site sees memory as it is when it next executes the site -- possibly
   half written, if the writer stores the bytes one at a time.
 * The writer itself serializes after its write (text_poke ends with a serializing CR3 write).

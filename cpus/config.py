@@ -15,10 +15,14 @@ __all__ = [
     "DEFAULT_INTERLEAVE",
     "DEFAULT_QUANTUM",
     "INTERLEAVES",
+    "MAX_COST",
     "MAX_CPUS",
+    "MAX_INSTRUCTION_COST",
+    "NMI_CPUS",
     "CostModel",
     "MachineConfig",
     "NmiSource",
+    "TimerSource",
 ]
 
 #: Each CPU is a Unicorn instance (about 3 MiB resident, 16 MiB of reserved code buffer).
@@ -30,6 +34,13 @@ DEFAULT_QUANTUM = 1000
 #: every CPU in quanta of 1..fine_quantum instructions while an agent asks for it
 INTERLEAVES = ("exact", "fine")
 DEFAULT_INTERLEAVE = "exact"
+#: the largest cost of one event, in cycles (400 us at 2.5 GHz, a hundred times a real text_poke):
+#: beyond it a run is no longer a model of a machine, and a patch operation would take hours to simulate
+MAX_COST = 1_000_000
+#: the largest cost of one retired instruction
+MAX_INSTRUCTION_COST = 1_000
+#: which CPUs NMI sources reach by default: every one, or every one but the patcher
+NMI_CPUS = ("all", "workers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +61,14 @@ class CostModel:
     stopper_wakeup: int = 5000  # scheduling the stop_machine stopper thread on a woken CPU
 
     def __post_init__(self) -> None:
+        # every cost is at least one cycle: a free poll would make a spin-wait spin without time passing
         for name in self.__dataclass_fields__:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"cost model: {name} must be a non-negative integer, got {v!r}")
-        if self.instruction < 1:
-            raise ConfigError("cost model: instruction must be at least 1 cycle")
+            high = MAX_INSTRUCTION_COST if name == "instruction" else MAX_COST
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"cost {name} must be a whole number of cycles, got {v!r}")
+            if not 1 <= v <= high:
+                raise ConfigError(f"cost {name} must be between 1 and {high:,} cycles, got {v:,}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +82,7 @@ class NmiSource:
     name: str = "perf"
     period: int = 20_000
     jitter: float = 0.25
-    cpus: tuple[int, ...] | None = None  # None: every CPU but the patcher
+    cpus: tuple[int, ...] | None = None  # None: the machine's `nmi_cpus`
     start: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +92,38 @@ class NmiSource:
             raise ConfigError(f"NMI source {self.name!r}: jitter must be in [0, 1), got {self.jitter}")
         if self.start < 0:
             raise ConfigError(f"NMI source {self.name!r}: start must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSource:
+    """A periodic timer on a set of CPUs: the local APIC timer in periodic mode.
+
+    Each target CPU's timer raises the maskable interrupt `vector` every `period` cycles exactly (it
+    counts a crystal clock: no jitter), from a first expiry drawn from the run's seed in
+    [start, start + period). The interrupt waits while IF=0 like any other; an expiry while the
+    vector is still pending merges with it (the APIC has one request bit per vector).
+
+    `resolution` is a measuring aid, not hardware: while an expiry waits for IF=1, the machine ends
+    that CPU's quanta at least every `resolution` cycles, so the moment the interrupt is finally
+    taken (inside a quantum, at a `popfq` or an `iretq`) is stamped at most that many cycles early.
+    """
+
+    name: str = "apic-timer"
+    period: int = 10_000
+    cpus: tuple[int, ...] | None = None  # None: every CPU but the patcher
+    start: int = 0
+    vector: int = 0xEC  # LOCAL_TIMER_VECTOR
+    resolution: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("period", "resolution"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"timer {self.name!r}: {name} must be a positive integer of cycles, got {v!r}")
+        if not isinstance(self.start, int) or self.start < 0:
+            raise ConfigError(f"timer {self.name!r}: start must be >= 0")
+        if not 32 <= self.vector <= 255:
+            raise ConfigError(f"timer {self.name!r}: vector must be an external interrupt vector (32-255)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +140,12 @@ class MachineConfig:
     #: FRED-style NMI unblocking: only the return from the NMI's own frame unblocks NMIs
     fred: bool = False
     nmi_sources: tuple[NmiSource, ...] = ()
+    timer_sources: tuple[TimerSource, ...] = ()
     costs: CostModel = field(default_factory=CostModel)
     patcher_cpu: int = 0
+    #: which CPUs an NMI source without its own `cpus` reaches: "all" (the patcher is an ordinary
+    #: CPU and takes NMIs too) or "workers" (every CPU but the patcher)
+    nmi_cpus: str = "all"
     #: keep every trace record in memory (the hash is always computed)
     keep_trace: bool = False
     interleave: str = DEFAULT_INTERLEAVE
@@ -123,12 +172,21 @@ class MachineConfig:
             s.min_delay is not None and not 0 <= s.min_delay <= s.max_delay  # type: ignore[operator]
         ):
             raise ConfigError(f"snoop model needs 0 <= min_delay <= max_delay (or both None), got {s}")
+        if self.nmi_cpus not in NMI_CPUS:
+            raise ConfigError(f"nmi_cpus must be one of {', '.join(NMI_CPUS)}, got {self.nmi_cpus!r}")
         for src in self.nmi_sources:
             for c in src.cpus or ():
                 if not 0 <= c < self.cpus:
                     raise ConfigError(f"NMI source {src.name!r} targets CPU {c}, which does not exist")
+        for t in self.timer_sources:
+            for c in t.cpus or ():
+                if not 0 <= c < self.cpus:
+                    raise ConfigError(f"timer {t.name!r} targets CPU {c}, which does not exist")
 
-    def nmi_targets(self, src: NmiSource) -> tuple[int, ...]:
-        if src.cpus is not None:
+    def nmi_targets(self, src: NmiSource | TimerSource | None = None) -> tuple[int, ...]:
+        """The CPUs `src` reaches (with no source: the CPUs NMI sources reach by default)."""
+        if src is not None and src.cpus is not None:
             return src.cpus
-        return tuple(c for c in range(self.cpus) if c != self.patcher_cpu)
+        if self.nmi_cpus == "workers":
+            return tuple(c for c in range(self.cpus) if c != self.patcher_cpu)
+        return tuple(range(self.cpus))

@@ -54,6 +54,7 @@ class Vector(enum.IntEnum):
     DF = 8
     GP = 13
     PF = 14
+    TIMER = 0xEC  # LOCAL_TIMER_VECTOR: the local APIC timer
     IPI = 0xFC  # CALL_FUNCTION_VECTOR: on_each_cpu(), the sync of text_poke_bp
     STOP = 0xFD  # RESCHEDULE_VECTOR: wakes the stop_machine stopper on a CPU
 

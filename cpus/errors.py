@@ -6,7 +6,7 @@ These exceptions are for the people and programs driving the simulator.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "SimulatorBug", "TextpokeError"]
+__all__ = ["AgentStuck", "AgentTimeout", "ConfigError", "SimulatorBug", "TextpokeError"]
 
 
 class TextpokeError(Exception):
@@ -32,3 +32,14 @@ class AgentTimeout(TextpokeError):
         )
         self.cpu = cpu
         self.waiting_for = waiting_for
+
+
+class AgentStuck(TextpokeError):
+    """An agent's own CPU can no longer run it: the CPU crashed, or it never came back from an
+    interrupt handler to the idle loop the agent runs in. As in a kernel whose patching CPU died
+    or hung, the operation is lost; unlike `AgentTimeout`, no amount of cycles would finish it."""
+
+    def __init__(self, cpu: int, why: str) -> None:
+        super().__init__(f"the agent's cpu{cpu} {why}")
+        self.cpu = cpu
+        self.why = why

@@ -18,8 +18,18 @@ delivers what is due; during a quantum Unicorn calls back for the things only ha
 * `popfq` is watched so that an interrupt held back by IF=0 is delivered right when IF comes back;
 * the patchable sites are watched so the fetch-coherence model knows what each CPU executes there.
 
+Serializing: only what the SDM lists as serializing drops a CPU's stale decoded copies -- here
+`iretq` and `cpuid` (and an agent's own `Serialize`). Delivering an interrupt, exception or NMI does
+not serialize: a handler runs whatever its CPU had decoded until it executes one of those.
+
 Agents are Python programs that occupy a CPU instead of guest code (the patcher): generators that
-yield actions (`Delay`, `WriteText`, `SendIpi`, `WaitUntil`, `Fine`) costed on that CPU's clock.
+yield actions (`Delay`, `WriteText`, `SendIpi`, `WaitUntil`, `Fine`, `Serialize`) costed on that
+CPU's clock. An agent's CPU is still a CPU: the agent takes it over when it sits in its idle loop
+(the image's `idle_range`, where the agent then "parks"), and an NMI that arrives between two of the
+agent's steps (a WaitUntil poll is one step) is delivered there as anywhere else, with the parking
+spot as its return address; the CPU runs the NMI entry and handler in guest code -- nesting, int3s
+and latched NMIs included -- and the agent continues once the CPU is back in its idle loop, its
+clock having run on meanwhile.
 
 Time inside a quantum: events raised by the running CPU itself (int3, iretq) are stamped with the
 quantum's start time plus the cycles charged so far; external events are exact.
@@ -53,8 +63,9 @@ from .delivery import (
     frame_base,
 )
 from .disasm import describe, insn_length
-from .errors import AgentTimeout, ConfigError, SimulatorBug
+from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug
 from .scheduler import NO_HORIZON, hold, run_exact, shared_code_hook
+from .timer import start_timers
 from .trace import Trace
 
 __all__ = [
@@ -66,6 +77,7 @@ __all__ = [
     "Instrument",
     "Machine",
     "SendIpi",
+    "Serialize",
     "WaitUntil",
     "WriteText",
 ]
@@ -147,13 +159,18 @@ class WaitUntil:
 
 
 @dataclass(frozen=True, slots=True)
+class Serialize:
+    """The agent executes a serializing instruction (Linux's sync_core() on its own CPU)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Fine:
     """Enter (True) or leave (False) fine-grained scheduling around a patch step."""
 
     on: bool
 
 
-Action = Delay | WriteText | SendIpi | WaitUntil | Fine
+Action = Delay | WriteText | SendIpi | WaitUntil | Fine | Serialize
 Agent = Generator[Action, None, Any]
 
 
@@ -298,6 +315,7 @@ class Machine:
         for cpu in self.cpus:
             self._boot(cpu)
         self._start_nmi_sources()
+        start_timers(self)
 
     # ----------------------------------------------------------------------------------------
     # Boot
@@ -312,7 +330,8 @@ class Machine:
         for off, value in self.image.percpu_init(i, lay).items():
             self.write(lay.percpu_va(i) + off, struct.pack("<Q", value & (2**64 - 1)))
         eng = cpu.engine
-        eng.start_counting()
+        # before any hook or block: every block translated from now on counts its instructions
+        eng.start_counting(self.image.idle_entry)
         eng.insn_cost = self.costs.instruction
         if self.config.interleave == "exact":
             shared = shared_code_hook(self, cpu)
@@ -325,6 +344,7 @@ class Machine:
         eng.hook_interrupts(self._intr_hook(cpu))
         eng.hook_invalid_insn(lambda: self._crash(cpu, "exception #UD (invalid opcode)", cpu.engine.rip()))
         eng.hook_cpuid(self._cpuid_hook(cpu))
+        eng.hook_tsc(cpu.now, aux=i)  # a deterministic TSC: the CPU's cycle clock
         eng.set_rsp(lay.kstack_top(i))
         eng.set_rflags(0x202)
         for name, value in self.image.boot_regs(i, self.config.seed).items():
@@ -476,9 +496,7 @@ class Machine:
         """An NMI source aimed at one instruction: each time a CPU is about to execute `addr`, an NMI
         arrives right there with `probability` (seeded). For tests that must hit a window a few
         instructions wide; it costs a check on every instruction of those CPUs."""
-        targets = (
-            list(cpus) if cpus is not None else [c for c in range(self.config.cpus) if c != self.config.patcher_cpu]
-        )
+        targets = list(cpus) if cpus is not None else list(self.config.nmi_targets())
         for c in targets:
             cpu = self.cpus[c]
             rng = random.Random(f"{self.config.seed}/aim/{label}/{c}")
@@ -536,6 +554,22 @@ class Machine:
         if cpu.crash is None and cpu.pending and cpu.agent is None and cpu.engine.rflags() & RFLAGS_IF:
             self._deliver_pending_irq(cpu, cpu.engine.rip())
 
+    def raise_irq(self, cpu_index: int, vector: int, source: str = "irq") -> None:
+        """A maskable interrupt (a timer's) reaches `cpu_index`'s interrupt controller now; it stays
+        pending until IF=1. Call it from a `call_at` callback: the event loop then delivers it at
+        that very instruction boundary when IF is already 1."""
+        cpu = self.cpus[cpu_index]
+        merged = vector in cpu.pending
+        cpu.pending.add(vector)
+        if_on = self.irq_enabled(cpu_index)
+        self.trace.add((cpu.now(), cpu_index, "irq-arrive", vector, source, if_on, merged))
+        if not if_on and not cpu.popf_hooks and self.image.popf_sites:
+            self._watch_popf(cpu, True)
+
+    def irq_enabled(self, cpu_index: int) -> bool:
+        """IF of `cpu_index` now (between quanta, or from a hook of that CPU)."""
+        return bool(self.cpus[cpu_index].engine.rflags() & RFLAGS_IF)
+
     def set_rip(self, cpu_index: int, rip: int) -> None:
         """Point a CPU somewhere else (tests and fault injection)."""
         cpu = self.cpus[cpu_index]
@@ -549,11 +583,12 @@ class Machine:
         outcome = cpu.nmi.arrive()
         now = cpu.now()
         if outcome is NmiArrival.DELIVER:
-            if cpu.agent is not None:
-                # an agent is Python code and cannot take an NMI: it stays latched for later
+            if cpu.agent is not None and self.image.idle_range is None:
+                # no idle loop to park an agent's CPU in: the NMI stays latched until the agent ends
                 cpu.nmi.latched = True
                 outcome = NmiArrival.LATCH
             else:
+                # on an agent's CPU between two steps this is its parking spot in the idle loop
                 self._deliver(cpu, Vector.NMI, cpu.engine.rip())
         if outcome is NmiArrival.LATCH:
             cpu.stats["nmi_latched"] += 1
@@ -609,7 +644,7 @@ class Machine:
         self.trace.add((now, cpu.index, "deliver", vector, ret_rip, rsp, base))
         for f in self._obs["on_deliver"]:
             f(cpu.index, now, vector, frame)
-        self._serialize(cpu)
+        # not serializing: the SDM does not list event delivery among serializing operations
         return True
 
     def _watch_popf(self, cpu: Cpu, on: bool) -> None:
@@ -634,11 +669,12 @@ class Machine:
         cpu.stats["ipi_delivered"] += 1
         self._deliver(cpu, vector, ret_rip)
 
-    def _serialize(self, cpu: Cpu) -> None:
+    def _serialize(self, cpu: Cpu, cause: str) -> None:
+        """`cpu` executes a serializing instruction (`cause`: iretq, cpuid, or an agent's)."""
         dropped = self.coherence.serialize(cpu.index) if self.coherence.stale_sites[cpu.index] else 0
         if dropped:
             cpu.stats["serialize_drops"] += dropped
-            self.trace.add((cpu.now(), cpu.index, "serialize", dropped))
+            self.trace.add((cpu.now(), cpu.index, "serialize", dropped, cause))
         for f in self._obs["on_serialize"]:
             f(cpu.index, cpu.now())
 
@@ -732,7 +768,7 @@ class Machine:
             self.trace.add((now, cpu.index, "iret", rip, new_rsp, unblocked))
             for f in self._obs["on_iret"]:
                 f(cpu.index, now, frame, unblocked)
-            self._serialize(cpu)
+            self._serialize(cpu, "iretq")
             if cpu.nmi.take_latched():
                 self.trace.add((now, cpu.index, "nmi", "latched", "deliver"))
                 self._deliver(cpu, Vector.NMI, rip)
@@ -811,7 +847,7 @@ class Machine:
 
     def _cpuid_hook(self, cpu: Cpu) -> Callable[[], bool]:
         def on_cpuid() -> bool:
-            self._serialize(cpu)
+            self._serialize(cpu, "cpuid")
             return False  # let Unicorn execute cpuid itself
 
         return on_cpuid
@@ -819,8 +855,19 @@ class Machine:
     # ----------------------------------------------------------------------------------------
     # Agents
     # ----------------------------------------------------------------------------------------
+    def in_idle(self, cpu: int) -> bool:
+        """True when `cpu` is in its idle loop, inside no handler: where an agent parks. Without an
+        idle loop in the image, an agent's CPU counts as parked all the time."""
+        rng = self.image.idle_range
+        if rng is None:
+            return True
+        c = self.cpus[cpu]
+        rip = c.rip if c.rip is not None else c.engine.rip()
+        return rng[0] <= rip < rng[1]
+
     def start_agent(self, cpu: int, agent: Agent) -> None:
-        """Occupy `cpu` with a Python program (the patcher) until it returns."""
+        """Occupy `cpu` with a Python program (the patcher) until it returns. It starts once the CPU
+        is in its idle loop (a handler in progress there finishes first)."""
         c = self.cpus[cpu]
         if c.agent is not None:
             raise ConfigError(f"cpu{cpu} already runs an agent")
@@ -843,7 +890,9 @@ class Machine:
             cpu.agent_done = True
             cpu.agent_result = stop.value
             self.trace.add((cpu.clock, cpu.index, "agent-done"))
-            self._serialize(cpu)
+            # an agent ends serialized: the patcher's last step is its own sync_core() (the final
+            # sync runs do_sync_core on the sending CPU too; text_poke ends with a CR3 write)
+            self._serialize(cpu, "agent")
             return
         if isinstance(action, Delay):
             cpu.clock += action.cycles
@@ -860,6 +909,9 @@ class Machine:
                 cpu.clock += self.costs.poll
         elif isinstance(action, Fine):
             self.fine += 1 if action.on else -1
+        elif isinstance(action, Serialize):
+            self._serialize(cpu, "agent")
+            cpu.clock += self.costs.instruction
         else:
             raise SimulatorBug(f"agent on cpu{cpu.index} yielded {action!r}, which is not an action")
 
@@ -897,16 +949,19 @@ class Machine:
             if stop_when is not None and stop_when():
                 break
             cpu = cpus[i]
-            if cpu.agent is not None:
-                self._step_agent(cpu)
-                heapq.heapreplace(heap, (cpu.clock, i))
-                continue
             if cpu.events and cpu.events[0][0] <= clock:
                 self._due(cpu)
                 if cpu.crash is not None:
                     heapq.heappop(heap)
                     continue
-            q = 1 + int(rnd() * (q_fine if self.fine > 0 or clock < self.fine_until else q_span))
+            if cpu.agent is not None and self.in_idle(i):
+                # the agent runs between events: an NMI due now was delivered above, and then the
+                # CPU is in its handler, not parked
+                self._step_agent(cpu)
+                heapq.heapreplace(heap, (cpu.clock, i))
+                continue
+            fine = self.fine > 0 or clock < self.fine_until or cpu.agent is not None
+            q = 1 + int(rnd() * (q_fine if fine else q_span))
             limit = end - clock
             if cpu.events:
                 limit = min(limit, cpu.events[0][0] - clock)
@@ -948,11 +1003,18 @@ class Machine:
         self.start_agent(cpu, agent)
         c = self.cpus[cpu]
         start = c.clock
-        self.run(limit, stop_when=lambda: c.agent_done)
+        self.run(limit, stop_when=lambda: c.agent_done or c.crash is not None)
         if not c.agent_done:
             wait = self._pending_wait.pop(cpu, None)
             c.agent = None
             self.fine = 0
+            if c.crash is not None:
+                self.trace.add((c.clock, cpu, "agent-lost", "crashed"))
+                raise AgentStuck(cpu, f"crashed at t={c.crash.time} ({c.crash.reason})")
+            if not self.in_idle(cpu):
+                # its CPU is still inside an interrupt handler: the agent could not even run
+                self.trace.add((c.clock, cpu, "agent-lost", "in a handler"))
+                raise AgentStuck(cpu, f"has not returned from an interrupt handler (RIP {c.engine.rip():#x})")
             self.trace.add((c.clock, cpu, "agent-timeout", wait.label if wait else ""))
             raise AgentTimeout(cpu, start, limit, wait.label if wait else "")
         return c.agent_result

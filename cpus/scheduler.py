@@ -121,17 +121,19 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         if stop_when is not None and stop_when():
             break
         cpu = cpus[i]
-        if cpu.agent is not None:
-            m._step_agent(cpu)
-            if cpu.agent is None:
-                agents = [c for c in cpus if c.agent is not None]
-            heapreplace(heap, (cpu.clock, i))
-            continue
         if cpu.events and cpu.events[0][0] <= clock:
             m._due(cpu)
             if cpu.crash is not None:
                 heappop(heap)
                 continue
+        if cpu.agent is not None and m.in_idle(i):
+            # the agent runs between events: an NMI due now was delivered above, and then the CPU
+            # is in its handler, not parked (as in the fine scheduler)
+            m._step_agent(cpu)
+            if cpu.agent is None:
+                agents = [c for c in cpus if c.agent is not None]
+            heapreplace(heap, (cpu.clock, i))
+            continue
         q = 1 + int(rnd() * q_span)
         limit = end - clock
         events = cpu.events
@@ -146,6 +148,21 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
                 hz = h
             if a.clock + lookahead - clock < limit:
                 limit = a.clock + lookahead - clock
+        if hz >= end:
+            # nor past the end of this run: an agent may start where it ends (run_agent after a
+            # warmup), and an interaction performed beyond would precede the agent's first step
+            hz = end - 1
+        if cpu.agent is not None:
+            # an agent's CPU running guest code (an NMI handler it took while parked) still counts
+            # as an agent for the others' horizon: it may touch what they touch, so it never
+            # passes another CPU; the furthest-behind CPU runs next
+            for c in cpus:
+                if c is not cpu and c.runnable:
+                    t = c.clock if c.index > i else c.clock - 1
+                    if t - clock < limit:
+                        limit = t - clock
+            if limit < insn:
+                limit = insn
         room = (limit + insn - 1) // insn
         if room < q:
             q = room if room > 1 else 1

@@ -61,3 +61,11 @@ def test_unsafe_nmi_entries_have_a_counterexample(entry):
     r = explore_nmi(entry, nmis=3)
     expected = "lost-nmi" if entry == "latch-cmpxchg386" else "nmi-corruption"
     assert expected in r.violations, r.report()
+
+
+def test_under_the_sdm_rule_text_poke_bp_itself_has_a_counterexample():
+    """The SDM asks every executing CPU to serialize before it runs modified code, int3 included:
+    text_poke_bp relies on the first-byte exemption, and without it (xmc_rule="sdm") it is caught."""
+    r = explore("bp", None, 1, 1, xmc_rule="sdm")
+    assert set(r.violations) == {"unsynced-modification"}, r.report()
+    assert explore("bp", None, 1, 1, xmc_rule="linux").safe

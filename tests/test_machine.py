@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
 
-from cpus import ConfigError, MachineConfig, NmiSource, SnoopModel, Vector
+from cpus import ConfigError, Delay, MachineConfig, NmiSource, SnoopModel, Vector, WaitUntil
 from cpus.delivery import RFLAGS_IF
 from textpoke.bpdesc import OPCODE_JMP, PokeDescriptor, publish
-from textpoke.image import Percpu, call_bytes
+from textpoke.image import FTRACE_NOP, Percpu, call_bytes
+from textpoke.oracle import SafetyOracle
 
 
 def u64(x: int) -> bytes:
@@ -115,10 +117,13 @@ def test_second_nmi_is_latched_and_third_dropped(make_machine):
 
 
 def _arm_int3_on_nmi_sites(m, kernel):
+    """int3 on every site the NMI handler calls, seen by every CPU: the run goes past the last snoop
+    point (delivering the NMI will not serialize, so nothing else would make cpu1 see them)."""
     sites = [kernel.site_of(i) for i in range(kernel.config.nmi_funcs)]
     publish(m, [PokeDescriptor(s, s + 5, 5, OPCODE_JMP) for s in sites])
     for s in sites:
         m.write_text(s, b"\xcc")
+    m.run(m.config.snoop.max_delay + 1)
 
 
 @pytest.mark.parametrize("fred", [False, True])
@@ -269,3 +274,100 @@ def test_call_at_runs_at_the_exact_cycle(make_machine):
     m.call_at(1, 12_345, lambda mach, cpu: seen.append(cpu.clock))
     m.run(30_000)
     assert seen == [12_345]
+
+
+def test_an_nmi_handler_runs_what_its_cpu_decoded_delivery_does_not_serialize(make_machine, kernel):
+    """cpu0 changes the tail of every site the NMI handler calls; then an NMI is delivered to cpu1 and
+    its handler executes one of them with no serializing instruction in between: it runs its old
+    decoded copy, an unsynced-modification. (Delivery is not serializing; were it, the handler would
+    decode the new bytes and this would be no unsynced-modification.)"""
+    oracle = SafetyOracle(kernel, 2)
+    rec = Recorder()
+    no_snoop = SnoopModel(None, None)
+    m = make_machine(
+        cpus=2, seed=6, nmi_entry="nested-safe", snoop=no_snoop, instruments=[oracle, rec], keep_trace=True
+    )
+    oracle.attach(m)
+    m.watch(kernel.sites.values())
+    m.run(5_000)
+    for i in range(kernel.config.nmi_funcs):
+        site = kernel.site_of(i)
+        m.write_text(site + 1, call_bytes(site, kernel.symbols["ftrace_caller"])[1:])
+    m.raise_nmi(1)  # at cpu1's very next instruction boundary: its next sites are the handler's
+    m.run(3_000)
+    (nmi,) = [d for d in rec.delivered if d[0] == 1 and d[2] == Vector.NMI]
+    first = next(v for v in oracle.violations if v.cpu == 1)
+    assert first.kind == "unsynced-modification"
+    assert first.code == FTRACE_NOP  # the stale copy
+    iret = next(i for i in rec.irets if i[0] == 1)
+    assert nmi[1] <= first.time <= iret[1]  # inside the NMI handler
+    assert not [r for r in m.trace if r[2] == "serialize" and r[1] == 1 and r[0] < first.time]
+
+
+def test_the_sync_ipi_serializes_itself_before_it_acknowledges(make_machine, kernel):
+    """do_sync_core: the IPI handler executes cpuid (sync_core) before it bumps its counter; its
+    delivery alone drops nothing."""
+    m = make_machine(cpus=2, seed=4, snoop=SnoopModel(None, None), keep_trace=True)
+    m.watch(kernel.sites.values())
+    m.run(5_000)
+    site = kernel.site_of(5)
+    m.write_text(site, call_bytes(site, kernel.symbols["ftrace_caller"]))
+    assert m.coherence.stale_sites[1] == {site}
+    m.send_ipi(0, 1)
+    m.run(20_000)
+    assert m.percpu(1, Percpu.IPI_COUNT) == 1
+    mine = [r for r in m.trace if r[1] == 1 and r[2] in ("deliver", "serialize", "iret")]
+    kinds = [(r[2], r[-1] if r[2] == "serialize" else None) for r in mine]
+    assert kinds[:3] == [("deliver", None), ("serialize", "cpuid"), ("iret", None)]
+    assert not m.coherence.stale_sites[1]
+
+
+def test_a_fresh_machine_counts_exactly_what_it_executes(make_machine, kernel):
+    """cpu.stats["instructions"] equals an independent count (a code hook on the whole text, plus the
+    iretqs the machine executes from their block hooks) over a run with watched sites, int3s inside
+    NMI handlers and iretqs -- including the sites translated before the first quantum."""
+    m = make_machine(cpus=2, seed=3, nmi_entry="nested-safe", nmi_sources=(NmiSource(period=3000),))
+    seen = {0: 0, 1: 0}
+    for cpu in m.cpus:
+
+        def count(_a: int, _s: int, i: int = cpu.index) -> None:
+            seen[i] += 1
+
+        cpu.engine.hook_code_at(m.text_lo, m.text_hi - m.text_lo, count)
+        for a in kernel.iret_sites:
+            cpu.engine.hook_block_at(a, 1, count)
+    m.watch(kernel.sites.values())  # the sites' blocks are translated now, before anything runs
+    _arm_int3_on_nmi_sites(m, kernel)
+    m.run(60_000)
+    assert not m.crashes
+    s = m.cpus[1].stats
+    assert s["int3"] > 5 and s["iret"] > 5 and s["site_exec"] > 5
+    assert [c.stats["instructions"] for c in m.cpus] == [seen[0], seen[1]]
+
+
+def test_the_patcher_cpu_takes_nmis_between_agent_steps(make_machine, kernel):
+    """An agent's CPU is an ordinary CPU: an NMI arriving between two of its steps (a WaitUntil poll
+    is one) runs the NMI entry and handler in guest code, returns to the idle loop where the agent
+    is parked, and the agent goes on; its clock has run on meanwhile."""
+    rec = Recorder()
+    m = make_machine(
+        cpus=2, seed=8, nmi_entry="nested-safe", instruments=[rec], nmi_sources=(NmiSource(period=4000, cpus=(0,)),)
+    )
+    m.run(1_000)
+    idle = m.image.idle_range
+    polls = []
+
+    def agent():
+        yield Delay(5_000)
+        t = m.cpus[0].clock
+        yield WaitUntil(lambda: polls.append(m.cpus[0].clock) or m.cpus[0].clock >= t + 20_000, "20k cycles")
+        return "done"
+
+    t0 = m.cpus[0].clock
+    assert m.run_agent(0, agent()) == "done"
+    nmis = [d for d in rec.delivered if d[0] == 0 and d[2] == Vector.NMI and d[1] >= t0]
+    assert len(nmis) >= 4
+    assert all(idle[0] <= d[3][0] < idle[1] for d in nmis)  # each returns to where the agent is parked
+    assert m.percpu(0, Percpu.NMI_COUNT) >= len(nmis)  # the handler ran
+    gaps = [b - a for a, b in itertools.pairwise(polls)]
+    assert min(gaps) == m.costs.poll and max(gaps) > m.costs.poll + m.costs.event_entry  # NMIs between polls

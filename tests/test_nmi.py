@@ -79,3 +79,24 @@ def test_stop_machine_does_not_stop_nmis():
     hit = [r for r in results if not r.ok]
     assert hit
     assert all(set(r.counts) <= {"unsynced-modification", "torn-fetch"} for r in hit)
+
+
+def test_the_patcher_takes_nmis_and_a_naive_entry_breaks_it_too():
+    """The patching CPU is an ordinary CPU: NMIs hit it while it patches, its handler runs into the
+    patcher's own int3s, and with the naive entry it is the patcher's CPU that breaks as well."""
+    results = [run_one(Scenario(protocol="bp-batch", nmi="naive", nmi_rate=RATE, cpus=2), s) for s in range(2)]
+    assert all(r.by_cpu.get(0) for r in results), [r.by_cpu for r in results]
+
+
+def test_nested_safe_entry_survives_nmis_on_the_patcher_cpu():
+    """With the nested-safe entry nothing breaks although the patcher's CPU takes NMIs whose handler
+    hits its own int3s and nests; with nmi_cpus="workers" the patcher takes none (the old model)."""
+    outs = [run_scenario(Scenario(protocol="bp-batch", nmi="nested-safe", nmi_rate=RATE, cpus=2), s) for s in range(2)]
+    assert all(o.verdict.ok for o in outs), [o.verdict.summary() for o in outs]
+    assert all(o.verdict.accounting["exact"] for o in outs)
+    patcher = [o.verdict.stats["cpu"][0] for o in outs]
+    assert all(c["nmi_delivered"] > 20 and c["int3"] > 20 for c in patcher), patcher
+    spared = run_scenario(
+        Scenario(protocol="bp-batch", nmi="nested-safe", nmi_rate=RATE, cpus=2, nmi_cpus="workers", sites=4), 0
+    )
+    assert spared.verdict.stats["cpu"][0]["nmi_raised"] == 0 and spared.verdict.stats["cpu"][1]["nmi_raised"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -89,7 +90,7 @@ def test_disable_and_retarget_need_enabled_sites(rig, kernel):
         (["patch", "--site", "fn_001", "--new", "b801000000"], "cannot emulate"),
         (["patch", "--site", "0xffffffff81000001", "--new", "e800000000"], "not an instruction boundary"),
         (["patch", "--site", "nosuch", "--new", "e800000000"], "no symbol"),
-        (["safety", "--cpus", "1", "--seeds", "1"], "cpus must be between 2"),
+        (["safety", "--cpus", "1", "--seeds", "1"], "argument --cpus: 1 is out of range: must be between 2"),
     ],
 )
 def test_cli_refuses_bad_input_with_the_message(argv, message):
@@ -222,3 +223,15 @@ def test_safety_cli_writes_the_promised_json(tmp_path):
     assert d["seeds"] == 3 and d["protocol"] == "naive-atomic" and d["nmi"] == "nested-safe"
     assert d["seeds_with_violation"] == len(d["failing_seeds"]) > 0
     assert set(d["trace_hashes"]) == {"0", "1", "2"}
+
+
+def test_under_the_sdm_rule_text_poke_bp_itself_is_flagged():
+    """The first-byte exemption is Linux's (an informal vendor assurance), not the SDM's: judged by the
+    SDM's rule, text_poke_bp executes modified sites before serializing; by Linux's rule it is safe.
+    Same seed, same run (same trace hash): only the judgement differs. (50 seeds each: README.)"""
+    sc = Scenario(protocol="bp-batch", sites=4, warmup=2000, settle=2000)
+    for seed in range(2):
+        linux = run_one(sc, seed)
+        sdm = run_one(replace(sc, xmc_rule="sdm"), seed)
+        assert linux.ok and set(sdm.counts) == {"unsynced-modification"}
+        assert linux.trace_hash == sdm.trace_hash

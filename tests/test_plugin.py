@@ -11,6 +11,11 @@ def test_batched_text_poke_bp_with_nested_safe_nmis_is_safe(textpoke_scenario, a
     assert outcome.verdict.accounting["exact"]
 
 
+def test_scenario_kwargs_take_the_xmc_rule_and_the_nmi_cpus(textpoke_scenario):
+    outcome = textpoke_scenario(protocol="bp-batch", sites=2, xmc_rule="sdm", nmi_cpus="workers", seed=1)
+    assert set(outcome.verdict.failed_classes) == {"unsynced-modification"}
+
+
 def test_machine_and_patcher_fixtures(textpoke_machine, textpoke_patcher, textpoke_kernel):
     m = textpoke_machine(cpus=3, seed=5)
     p = textpoke_patcher(m)

@@ -38,7 +38,7 @@ def build_callgraph(kernel: KernelImage, text: bytes | None = None) -> nx.DiGrap
     text = kernel.text if text is None else text
     units = sorted((kernel.symbols[n], n) for n in kernel.sizes)
     starts = [a for a, _ in units]
-    traced = {addr: name for name, addr in kernel.sites.items()}
+    site_set = set(kernel.sites.values())
 
     def owner(addr: int) -> str | None:
         i = bisect.bisect_right(starts, addr) - 1
@@ -49,8 +49,11 @@ def build_callgraph(kernel: KernelImage, text: bytes | None = None) -> nx.DiGrap
 
     g = nx.DiGraph()
     for start, name in units:
-        g.add_node(name, address=start, traced=start in traced)
-        code = text[start - TEXT_VA : start - TEXT_VA + kernel.sizes[name]]
+        size = kernel.sizes[name]
+        site = kernel.sites.get(name)
+        traced = site is not None and start <= site < start + size
+        g.add_node(name, address=site if traced else start, traced=traced)
+        code = text[start - TEXT_VA : start - TEXT_VA + size]
         for insn in _CS.disasm(code, start):
             if insn.mnemonic not in _BRANCHES or not insn.operands or insn.operands[0].type != 2:
                 continue
@@ -58,7 +61,7 @@ def build_callgraph(kernel: KernelImage, text: bytes | None = None) -> nx.DiGrap
             callee = owner(target)
             if callee is None or callee == name:
                 continue
-            if start in traced and insn.address == start and insn.mnemonic == "call":
+            if insn.address in site_set and insn.mnemonic == "call":
                 kind = "ftrace"  # the site itself, enabled in this text
             else:
                 kind = "call" if insn.mnemonic == "call" else "jump"

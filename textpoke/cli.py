@@ -1,25 +1,40 @@
 """The `textpoke` command line: thin argparse front-end over the library.
 
 Exit status: 0 when the command did its job (a sweep that found violations did its job: it reports
-them), 1 when `--strict` was given and a violation was found, 2 on bad input (with a message naming
-the problem; nothing was patched).
+them), 1 when `--strict` was given and a violation was found, 2 on bad input (one line naming the
+option and the problem, no traceback; nothing was patched and no output file written), 130 when
+stopped by Ctrl-C (one line; a sweep still writes its `--json` for the seeds that finished, marked
+incomplete).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, TextpokeError
-from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES
+from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS
 
-from .image import KernelConfig, Percpu, build_kernel
+from .cli_support import (
+    FORMATS,
+    OneLineParser,
+    bounded,
+    escape,
+    output_dir,
+    output_file,
+    output_image,
+    print_table,
+    stdout_console,
+    write_output,
+)
+from .image import KERNELS, MAX_TRACED, KernelConfig, Percpu, build_kernel
 
 __all__ = ["main"]
 
@@ -40,37 +55,106 @@ def _at_least(low: int, words: str):
 _positive = _at_least(1, "must be at least 1")
 _nonneg = _at_least(0, "must be >= 0")
 
+#: upper bounds of the numeric options: beyond them a run would not end in any useful time
+MAX_RUN_CYCLES = 1_000_000_000  # machine --cycles, patch --warmup (minutes of simulation)
+MAX_IRQOFF_SPINS = 1_000_000  # an interrupts-off section of 3 million cycles (1.2 ms)
+MAX_QUANTUM = 1_000_000
+MAX_SEED = 2**63 - 1
+MAX_SEEDS = 10**12
+MAX_NMI_RATE = 200_000
+MAX_EXPLORE_STATES = 10_000_000
+_cycles = bounded(1, MAX_RUN_CYCLES)
+_warmup = bounded(0, MAX_RUN_CYCLES)
+_seed = bounded(0, MAX_SEED)
+_seeds = bounded(1, MAX_SEEDS)
+_quantum = bounded(1, MAX_QUANTUM)
+_functions = bounded(2, MAX_TRACED)  # the NMI handler calls at least two of them
+_jobs = bounded(1, 512)
+
+
+def _protocol_name(text: str) -> str:
+    """The one place a `--protocol` name is checked: a registered protocol."""
+    from .protocols import PROTOCOLS
+
+    if text not in PROTOCOLS:
+        raise argparse.ArgumentTypeError(f"unknown protocol {text!r}; choose from {', '.join(PROTOCOLS)}")
+    return text
+
+
+def _stderr_line(text: str) -> None:
+    """One line on stderr, as it is (no markup, no wrapping)."""
+    Console(stderr=True).print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _console_for(args: argparse.Namespace) -> Console:
+    """Where a command's prose goes: stdout, or stderr when stdout carries `--format json|csv`."""
+    if getattr(args, "format", "table") != "table":
+        return Console(stderr=True)
+    return stdout_console()
+
+
+def _object_arg(sp: argparse.ArgumentParser) -> None:
+    """--object and --kernel: what code the kernel runs."""
+    sp.add_argument(
+        "--object",
+        action="append",
+        default=[],
+        metavar="FILE.o",
+        help="load this ELF object (compiled with the kernel's flags) as the traced code (repeatable)",
+    )
+    sp.add_argument(
+        "--kernel",
+        choices=list(KERNELS),
+        default="asm",
+        help="the built-in workload and traced functions: assembly (default) or C",
+    )
+
+
+def _kernel_config(args: argparse.Namespace, functions: int | None = None) -> KernelConfig:
+    """The kernel the command asked for: the user's objects, or the built-in traced functions."""
+    if args.object:
+        if args.kernel != "asm":
+            raise ConfigError("--object replaces the built-in workload and traced functions; drop --kernel")
+        return KernelConfig(objects=tuple(args.object))
+    n = functions if functions is not None else args.functions
+    # the NMI handler calls up to four of the traced functions
+    return KernelConfig(nr_traced=n, nmi_funcs=min(4, 1 << (n.bit_length() - 1)), kernel=args.kernel)
+
 
 def cmd_machine(args: argparse.Namespace, out: Console) -> int:
     """Boot the machine and run its workloads (no patching): a smoke test of the hardware model."""
-    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    kernel = build_kernel(_kernel_config(args))
     sources = (NmiSource("perf", period=args.nmi_period),) if args.nmi_period else ()
     cfg = MachineConfig(cpus=args.cpus, seed=args.seed, quantum=args.quantum, nmi_sources=sources)
     m = Machine(cfg, kernel.boot_image())
     t0 = time.perf_counter()
     m.run(args.cycles)
     dt = time.perf_counter() - t0
-    table = Table(title=f"{args.cpus} CPUs, {args.cycles} cycles, seed {args.seed}")
-    for col in ("cpu", "instructions", "loops", "traced calls", "NMIs", "latched", "dropped", "state"):
-        table.add_column(col, justify="right")
+    cols = ("cpu", "instructions", "loops", "traced calls", "NMIs", "latched", "dropped", "state")
+    rows = []
     total = 0
     for cpu in m.cpus:
         s = cpu.stats
         total += s["instructions"]
         calls = sum(m.percpu(cpu.index, Percpu.WL_COUNT + 8 * i) for i in range(kernel.config.nr_traced))
-        table.add_row(
-            str(cpu.index),
-            str(s["instructions"]),
-            str(m.percpu(cpu.index, Percpu.LOOPS)),
-            str(calls),
-            str(s["nmi_delivered"]),
-            str(s["nmi_latched"]),
-            str(s["nmi_dropped"]),
-            "crashed" if cpu.crash else ("patcher" if cpu.index == cfg.patcher_cpu else "workload"),
+        if kernel.user_code:
+            calls = "-"  # compiled code keeps no call counts
+        rows.append(
+            (
+                cpu.index,
+                s["instructions"],
+                m.percpu(cpu.index, Percpu.LOOPS),
+                calls,
+                s["nmi_delivered"],
+                s["nmi_latched"],
+                s["nmi_dropped"],
+                "crashed" if cpu.crash else ("patcher" if cpu.index == cfg.patcher_cpu else "workload"),
+            )
         )
-    out.print(table)
+    title = f"{args.cpus} CPUs, {args.cycles} cycles, seed {args.seed}"
+    print_table(out, args.format, title, cols, rows, right=cols)
     for c in m.crashes:
-        out.print(f"[red]{c}[/red]")
+        out.print(str(c), style="red", markup=False, highlight=False)
     out.print(f"trace hash {m.trace_hash}  ({m.trace.count} records)")
     out.print(f"{total / dt / 1e6:.1f} M simulated instructions/s ({dt:.2f} s)")
     return 1 if m.crashes else 0
@@ -82,14 +166,27 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     from .scenario import OPERATIONS
 
     g = sp.add_argument_group("scenario")
-    g.add_argument("--protocol", choices=list(PROTOCOLS), default="bp-batch", help="patch protocol")
+    g.add_argument(
+        "--protocol", type=_protocol_name, default="bp-batch", help=f"patch protocol: {', '.join(PROTOCOLS)}"
+    )
     g.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate", help="#BP handler mode")
-    g.add_argument("--cpus", type=_positive, default=4, help="CPUs, the patcher included (default 4)")
-    g.add_argument("--sites", type=_positive, default=8, help="traced functions, all patched (default 8)")
+    g.add_argument(
+        "--cpus", type=bounded(2, MAX_CPUS), default=4, help=f"CPUs, the patcher included (2 to {MAX_CPUS}; default 4)"
+    )
+    g.add_argument(
+        "--sites", type=bounded(2, MAX_TRACED), default=8, help="traced functions, all patched (2 to 256; default 8)"
+    )
     g.add_argument("--operation", choices=list(OPERATIONS), default="toggle", help="what to do to the sites")
-    g.add_argument("--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way")
-    g.add_argument("--quantum", type=_positive, default=DEFAULT_QUANTUM, help="mean scheduling quantum")
-    g.add_argument("--irqoff", type=_nonneg, default=0, help="interrupts-off sections of this many spins")
+    g.add_argument(
+        "--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way (bp, bp-batch)"
+    )
+    g.add_argument("--quantum", type=_quantum, default=DEFAULT_QUANTUM, help="mean scheduling quantum (instructions)")
+    g.add_argument(
+        "--irqoff",
+        type=bounded(0, MAX_IRQOFF_SPINS),
+        default=0,
+        help=f"workloads run interrupts-off sections of this many spins (0: none; at most {MAX_IRQOFF_SPINS:,})",
+    )
     g.add_argument(
         "--interleave",
         choices=list(INTERLEAVES),
@@ -97,18 +194,61 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
         help="exact: CPUs run coarse up to their next interaction with the patcher, ordered exactly; "
         "fine: the older scheduler (1..4-instruction quanta around patch steps)",
     )
+    from cpus.config import NMI_CPUS
+
     from .image import NMI_ENTRIES
+    from .oracle import XMC_RULES
     from .scenario import AIMS
 
     g.add_argument("--nmi", choices=["none", *NMI_ENTRIES], default="none", help="NMI entry (none: no NMIs)")
-    g.add_argument("--nmi-rate", type=_nonneg, default=50, help="perf NMIs per million cycles per CPU")
-    g.add_argument("--nmi-aim", choices=list(AIMS), default=None, help="also aim NMIs at this window")
-    g.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking")
+    g.add_argument(
+        "--nmi-rate",
+        type=bounded(0, MAX_NMI_RATE),
+        default=None,
+        help="perf NMIs per million cycles per CPU (with --nmi; default 50)",
+    )
+    g.add_argument("--nmi-aim", choices=list(AIMS), default=None, help="also aim NMIs at this window (with --nmi)")
+    g.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking (with an IDT --nmi entry)")
+    g.add_argument(
+        "--nmi-cpus",
+        choices=list(NMI_CPUS),
+        default="all",
+        help="CPUs the NMI sources reach: all (the patcher too, default) or workers",
+    )
+    g.add_argument(
+        "--xmc-rule",
+        choices=list(XMC_RULES),
+        default="linux",
+        help="cross-modifying-code rule the oracle judges by: linux (text_poke_bp's, default) or sdm",
+    )
+    _object_arg(g)  # type: ignore[arg-type]
+
+
+def check_scenario_options(args: argparse.Namespace) -> None:
+    """Refuse options that would be silently ignored or that contradict each other."""
+    from .protocols import PatchRequest, build
+
+    if args.mutation is not None:
+        req = (PatchRequest(0x1000, b"\x0f\x1f\x44\x00\x00", b"\xe8\x00\x00\x00\x00"),)
+        if build(args.protocol, req, args.mutation) == build(args.protocol, req):
+            raise ConfigError(f"--mutation {args.mutation} changes nothing in --protocol {args.protocol}")
+    if args.nmi == "none":
+        given = (
+            (args.nmi_rate is not None, "--nmi-rate"),
+            (args.fred, "--fred"),
+            (args.nmi_aim is not None, "--nmi-aim"),
+        )
+        for is_given, option in given:
+            if is_given:
+                raise ConfigError(f"{option} needs an NMI entry (--nmi ENTRY)")
+    elif args.fred and args.nmi.startswith("latch"):
+        raise ConfigError(f"--fred models x86_64 FRED hardware; --nmi {args.nmi} is an i386 entry")
 
 
 def make_scenario(args: argparse.Namespace):
     from .scenario import Scenario
 
+    check_scenario_options(args)
     return Scenario(
         protocol=args.protocol,
         int3=args.int3,
@@ -120,9 +260,13 @@ def make_scenario(args: argparse.Namespace):
         irqoff_len=args.irqoff,
         interleave=args.interleave,
         nmi=args.nmi,
-        nmi_rate=args.nmi_rate if args.nmi != "none" else 0,
+        nmi_rate=(50 if args.nmi_rate is None else args.nmi_rate) if args.nmi != "none" else 0,
         nmi_aim=args.nmi_aim,
         fred=args.fred,
+        objects=tuple(args.object),
+        kernel=args.kernel,
+        nmi_cpus=args.nmi_cpus,
+        xmc_rule=args.xmc_rule,
     )
 
 
@@ -130,6 +274,15 @@ def _replay_command(args: argparse.Namespace, seed: int) -> str:
     from .scenario import replay_command
 
     return replay_command(make_scenario(args), seed)
+
+
+def _check_pool_options(args: argparse.Namespace) -> None:
+    if getattr(args, "scheduler", None):
+        from .executors import check_scheduler
+
+        if args.jobs is not None:
+            raise ConfigError("--jobs and --scheduler exclude each other (the dask cluster has its own workers)")
+        check_scheduler(args.scheduler)
 
 
 def cmd_safety(args: argparse.Namespace, out: Console) -> int:
@@ -140,11 +293,13 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
 
     from .executors import executor
     from .oracle import CLASSES
-    from .sweep import sweep, wilson
+    from .sweep import SweepInterrupted, sweep, wilson
 
     sc = make_scenario(args)
+    _check_pool_options(args)
     seeds = range(args.seed_start, args.seed_start + args.seeds)
     t0 = time.perf_counter()
+    interrupted = False
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -155,7 +310,7 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
         transient=False,
         disable=args.quiet,
     ) as bar:
-        task = bar.add_task(sc.label(), total=len(seeds), bad=0)
+        task = bar.add_task(escape(sc.label()), total=len(seeds), bad=0)
         bad = 0
 
         def tick(r) -> None:
@@ -163,36 +318,65 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
             bad += 0 if r.ok else 1
             bar.update(task, advance=1, bad=bad)
 
-        with executor(args.jobs, args.scheduler) as ex:
-            result = sweep(sc, seeds, executor=ex, jobs=1, progress=tick)
+        try:
+            with executor(args.jobs, args.scheduler) as ex:
+                result = sweep(sc, seeds, executor=ex, jobs=1, progress=tick)
+        except SweepInterrupted as stop:
+            result, interrupted = stop.partial, True
     dt = time.perf_counter() - t0
     data = result.as_dict()
-    table = Table(title=f"{sc.label()}: {result.seeds} seeds from {args.seed_start}")
-    for col in ("class", "seeds", "rate", "95% CI", "events"):
-        table.add_column(col, justify="right" if col != "class" else "left")
-    for k in CLASSES:
-        n = data["violations"][k]
-        lo, hi = wilson(n, result.seeds)
-        style = "red" if n else "green"
-        table.add_row(
-            f"[{style}]{k}[/{style}]",
-            str(n),
-            f"{n / result.seeds:.1%}",
-            f"{lo:.1%} - {hi:.1%}",
-            str(data["violation_events"][k]),
+    if interrupted:
+        data["seconds"] = dt
+        if args.json:
+            write_output(args.json, json.dumps(data, indent=2) + "\n")
+        _stderr_line(
+            f"textpoke: interrupted: {result.seeds} of {len(seeds)} seeds done"
+            + (f", {len(result.failing)} with a violation; wrote {args.json} (marked incomplete)" if args.json else "")
         )
-    out.print(table)
+        return 130
+    n = max(result.seeds, 1)
+    rows: list[tuple] = []
+    for k in CLASSES:
+        c = data["violations"][k]
+        rows.append((k, c, c / n, *wilson(c, result.seeds), data["violation_events"][k]))
+    if result.incomplete:
+        k = len(result.incomplete)
+        rows.append(("incomplete (no verdict)", k, k / n, None, None, None))
+    styles = ["red" if r[1] else "green" for r in rows]
+    if result.incomplete:
+        styles[-1] = "yellow"
+    title = f"{sc.label()}: {result.seeds} seeds from {args.seed_start}"
+    if args.format == "table":
+        cols: tuple[str, ...] = ("class", "seeds", "rate", "95% CI", "events")
+        rows = [
+            (k, c, f"{r:.1%}", "-" if lo is None else f"{lo:.1%} - {hi:.1%}", "-" if e is None else e)
+            for k, c, r, lo, hi, e in rows
+        ]
+    else:
+        cols = ("class", "seeds", "rate", "ci95_low", "ci95_high", "events")
+    print_table(out, args.format, title, cols, rows, right=cols[1:], styles=styles)
     exact = data["accounting_exact_seeds"]
     out.print(
         f"seeds with a violation: {data['seeds_with_violation']} of {result.seeds}; "
         f"traced-call accounting exact in {exact} of {result.seeds}; "
-        f"{result.seeds / dt:.2f} seeds/s ({dt:.1f} s)"
+        f"{result.seeds / dt:.2f} seeds/s ({dt:.1f} s)",
+        markup=False,
     )
+    if data["violations_by_cpu"]:
+        per = ", ".join(f"cpu{c} {n}" for c, n in data["violations_by_cpu"].items())
+        out.print(f"violation events by CPU: {per}")
     if sc.nmi != "none":
         out.print(
             f"NMIs: {data['nmi_delivered']} delivered, {data['nmi_nested']} nested (in "
             f"{data['seeds_with_nested_nmi']} seeds), {data['nmi_repeated']} repeats, "
             f"{data['nmi_latched']} latched and {data['nmi_dropped']} dropped by hardware"
+        )
+    if result.incomplete:
+        first = result.incomplete[0]
+        out.print(
+            f"incomplete seeds (a patch operation ran out of its cycle budget while still making progress): "
+            f"{' '.join(map(str, result.incomplete[:40]))}; seed {first}: {data['incomplete_seeds'][str(first)]}",
+            markup=False,
         )
     if result.failing:
         out.print(
@@ -200,12 +384,12 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
         )
         first = result.failing[0]
         for k, line in data["first_violation"][str(first)].items():
-            out.print(f"  seed {first} {k}: {line}")
-        out.print(f"replay: {_replay_command(args, first)}")
+            out.print(f"  seed {first} {k}: {line}", markup=False, highlight=False)
+        out.print(f"replay: {_replay_command(args, first)}", markup=False, highlight=False)
     if args.json:
         data["seconds"] = dt
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
-        out.print(f"wrote {args.json}")
+        write_output(args.json, json.dumps(data, indent=2) + "\n")
+        out.print(f"wrote {args.json}", markup=False)
     return 1 if args.strict and result.failing else 0
 
 
@@ -240,12 +424,12 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
     from .protocols import PatchRequest
     from .scenario import drain
 
-    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    kernel = build_kernel(_kernel_config(args))
     if len(args.site) != len(args.new):
         raise PatchError(f"give one --new per --site ({len(args.site)} sites, {len(args.new)} replacements)")
     if args.old and len(args.old) != len(args.site):
         raise PatchError(f"give one --old per --site, or none ({len(args.site)} sites, {len(args.old)} --old)")
-    oracle = SafetyOracle(kernel, args.cpus)
+    oracle = SafetyOracle(kernel, args.cpus, xmc_rule=args.xmc_rule)
     cfg = MachineConfig(cpus=args.cpus, seed=args.seed)
     m = Machine(cfg, kernel.boot_image(args.int3), [oracle])
     m.watch(kernel.sites.values())
@@ -257,9 +441,14 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
             site = int(where, 0)
         except ValueError:
             if where not in kernel.symbols:
-                raise PatchError(f"no symbol {where!r} in the kernel (traced functions are fn_000 ...)") from None
-            site = kernel.symbols[where]
-        old = args.old[i] if args.old else (m.read(site, len(new)) if m.is_text(site, len(new)) else b"")
+                some = ", ".join(list(kernel.sites)[:4])
+                raise PatchError(f"--site: no symbol {where!r} in the kernel (traced functions: {some} ...)") from None
+            site = kernel.sites.get(where, kernel.symbols[where])
+        if not new:
+            raise PatchError(f"--new for --site {where}: give at least one byte")
+        if site < 0 or not m.is_text(site, len(new)):
+            raise PatchError(f"--site {where} is not inside the kernel text ({m.text_lo:#x} to {m.text_hi:#x})")
+        old = args.old[i] if args.old else m.read(site, len(new))
         try:
             requests.append(PatchRequest(site, old, new))
         except ValueError as err:
@@ -271,20 +460,24 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
         warnings.simplefilter("always")
         report = patcher.patch(requests, args.protocol)
     for w in caught:
-        Console(stderr=True).print(f"[yellow]textpoke: warning:[/yellow] {w.message}")
+        Console(stderr=True).print(f"[yellow]textpoke: warning:[/yellow] {escape(str(w.message))}", soft_wrap=True)
     m.run(args.warmup)
     drain(m)
     verdict = oracle.verdict(m, args.seed, True)
+    state = f" -- hung, waiting for {report.hung}" if report.hung else ""
+    state += f" -- incomplete: {report.incomplete}" if report.incomplete else ""
     out.print(
         f"patched {len(requests)} site(s) with {args.protocol}: {report.latency} cycles, "
-        f"{len(report.syncs)} syncs, {report.ipis} IPIs"
+        f"{len(report.syncs)} syncs, {report.ipis} IPIs{state}",
+        markup=False,
     )
     for r in requests:
         now = m.read(r.site, len(r.new))
         out.print(f"  {r.site:#x}: {r.old.hex(' ')} -> {now.hex(' ')}")
-    out.print(verdict.summary())
+    out.print(verdict.summary(), markup=False)
     for v in verdict.violations[:10]:
-        out.print(f"  {v.kind}: cpu{v.cpu} t={v.time} {v.code.hex(' ')} {v.disassembly} {v.detail}")
+        line = f"  {v.kind}: cpu{v.cpu} t={v.time} {v.code.hex(' ')} {v.disassembly} {v.detail}"
+        out.print(line, markup=False, highlight=False)
     return 1 if args.strict and not verdict.ok else 0
 
 
@@ -295,40 +488,45 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     from .demo import DEFAULT_ROWS, run_demo
     from .executors import executor
     from .report import plot_timeline
+    from .scenario import replay_command
 
     t0 = time.perf_counter()
+    objects = tuple(args.object)
+    what = f"the functions of {', '.join(objects)}" if objects else "32 traced functions"
     out.print(
-        f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), 32 traced functions, "
-        "NMIs on cpu1-3; ftrace enabled then disabled on every site. seed "
+        f"[bold]textpoke[/bold]: {len(DEFAULT_ROWS)} runs of 4 CPUs (cpu0 patches), {what}, "
+        "NMIs on every CPU; ftrace enabled then disabled on every site. seed "
         f"{args.seed}"
     )
     with out.status("running the scenarios...") as status:
 
         def tick(row) -> None:
-            status.update(f"done: {row.label}")
+            status.update(f"done: {escape(row.label)}")
 
         with executor(args.jobs) as ex:
-            rows = run_demo(args.seed, ex, tick)
-    table = Table(title="verdicts and costs (cycles)")
-    for col in ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested"):
-        table.add_column(col, justify="left" if col in ("scenario", "verdict") else "right")
+            rows = run_demo(args.seed, ex, tick, objects=objects, kernel=args.kernel)
+    cols = ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested")
+    table_rows = []
     for r in rows:
-        verdict = (
-            "[green]ok[/green]" if r.ok else "[red]" + ", ".join(f"{k} x{n}" for k, n in r.verdict.items()) + "[/red]"
+        verdict = "ok" if r.ok else ", ".join(f"{k} x{n}" for k, n in r.verdict.items())
+        lat: list = [("hung" if h else x) for x, h in zip(r.latencies, r.hung, strict=True)] + ["-", "-"]
+        table_rows.append(
+            (
+                r.label,
+                verdict,
+                lat[0],
+                lat[1],
+                "+".join(map(str, r.syncs)),
+                sum(r.ipis),
+                r.worst_stall,
+                r.int3_hits,
+                f"{r.nmi['nested']}/{r.nmi['delivered']}",
+            )
         )
-        lat = [("hung" if h else f"{x:,}") for x, h in zip(r.latencies, r.hung, strict=True)] + ["-", "-"]
-        table.add_row(
-            r.label,
-            verdict,
-            lat[0],
-            lat[1],
-            "+".join(map(str, r.syncs)),
-            str(sum(r.ipis)),
-            f"{r.worst_stall:,}",
-            str(r.int3_hits),
-            f"{r.nmi['nested']}/{r.nmi['delivered']}",
-        )
-    out.print(table)
+    styles = ["green" if r.ok else "red" for r in rows]
+    print_table(
+        out, args.format, "verdicts and costs (cycles)", cols, table_rows, right=cols[2:], styles=styles, style_col=1
+    )
     panels = [
         {
             "label": f"{r.label}: {'ok' if r.ok else ', '.join(r.verdict)}",
@@ -343,10 +541,17 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         for r, (_, _, draw) in zip(rows, DEFAULT_ROWS, strict=True)
         if draw
     ]
-    path = plot_timeline(panels, args.out / "timeline.png", "enabling ftrace on 32 sites while the workloads run")
-    out.print(f"timeline of the enable operation: {path}")
+    try:
+        path = plot_timeline(panels, args.out / "timeline.png", "enabling ftrace on 32 sites while the workloads run")
+    except OSError as err:
+        raise ConfigError(f"cannot write {args.out / 'timeline.png'}: {err.strerror or err}") from None
+    out.print(f"timeline of the enable operation: {path}", markup=False)
     out.print("hashes: " + " ".join(f"{r.trace_hash[:12]}" for r in rows) + f"  ({time.perf_counter() - t0:.1f} s)")
-    out.print("replay any row with: textpoke replay SEED --protocol P --nmi ENTRY --sites 32 --nmi-rate 300")
+    failing = [r for r in rows if not r.ok]
+    if failing:
+        out.print("replay the rows that found a violation:")
+        for r in failing:
+            out.print(f"  {replay_command(r.scenario, r.seed)}", markup=False, highlight=False)
     if args.json:
         data = [
             {
@@ -363,10 +568,11 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
                 "mean_stall": r.mean_stall,
                 "int3_hits": r.int3_hits,
                 "nmi": r.nmi,
+                "replay": replay_command(r.scenario, r.seed),
             }
             for r in rows
         ]
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        write_output(args.json, json.dumps(data, indent=2) + "\n")
     return 0
 
 
@@ -378,6 +584,8 @@ LATENCY_METRICS = (
     "ipis",
     "int3_hits",
 )
+#: the real-time columns: worst over CPUs and seeds, and lateness percentiles pooled over seeds
+RT_METRICS = ("max_interruption_cycles", "rt_lateness_p50", "rt_lateness_p99", "rt_lateness_max")
 
 
 def cmd_latency(args: argparse.Namespace, out: Console) -> int:
@@ -388,18 +596,14 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .costs import load_costs
-    from .executors import executor
-    from .latency import LatencyConfig, measure
-    from .protocols import PROTOCOLS
-    from .report import markdown_table, plot_latency
+    from .executors import executor, stream
+    from .latency import LatencyConfig, measure, rt_cpus_for, rt_summary
+    from .report import markdown_table, plot_latency, plot_rt
 
     costs = load_costs(args.config, args.cost)
+    _check_pool_options(args)
     for p in args.protocols:
-        if p not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
-    for c in args.cpus:
-        if not 2 <= c <= 128:
-            raise ConfigError(f"CPU counts must be between 2 and 128, got {c}")
+        _protocol_name(p)
     if args.irqoff_cpu and any(args.irqoff_cpu >= c for c in args.cpus):
         raise ConfigError(f"--irqoff-cpu {args.irqoff_cpu} does not exist on a {min(args.cpus)}-CPU machine")
     configs = [
@@ -412,6 +616,10 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             irqoff_cpu=args.irqoff_cpu,
             irqoff_len=args.irqoff_len,
             costs=costs,
+            rt_cpus=rt_cpus_for([1, -1] if args.rt_cpus is None else args.rt_cpus, c),
+            rt_period=args.rt_period,
+            objects=tuple(args.object),
+            kernel=args.kernel,
         )
         for p in args.protocols
         for c in args.cpus
@@ -419,7 +627,7 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
         for s in range(args.seed_start, args.seed_start + args.seeds)
     ]
     t0 = time.perf_counter()
-    results = []
+    done: list[tuple[int, object]] = []
     with Progress(
         TextColumn("[bold]latency[/bold]"),
         BarColumn(),
@@ -429,17 +637,28 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
         disable=args.quiet,
     ) as bar:
         task = bar.add_task("", total=len(configs))
-        with executor(args.jobs, args.scheduler) as ex:
-            if ex is None:
-                for cfg in configs:
-                    results.append(measure(cfg))
+        try:
+            with executor(args.jobs, args.scheduler) as ex:
+                for (i, _), row in stream(ex, measure, enumerate(configs), args=lambda item: (item[1],)):
+                    done.append((i, row))
                     bar.update(task, advance=1)
-            else:
-                futures = [ex.submit(measure, cfg) for cfg in configs]
-                for f in futures:
-                    results.append(f.result())
-                    bar.update(task, advance=1)
-    rows = [r.as_dict() for r in results]
+        except KeyboardInterrupt:
+            done.sort(key=lambda x: x[0])
+            if args.json:
+                partial = {
+                    "complete": False,
+                    "runs_requested": len(configs),
+                    "costs": asdict(costs),
+                    "rows": [{k: v for k, v in r.as_dict().items() if k != "phases"} for _, r in done],  # type: ignore[attr-defined]
+                }
+                write_output(args.json, json.dumps(partial, indent=2) + "\n")
+            _stderr_line(
+                f"textpoke: interrupted: {len(done)} of {len(configs)} runs done"
+                + (f"; wrote {args.json} (marked incomplete)" if args.json else "")
+            )
+            return 130
+    done.sort(key=lambda x: x[0])
+    rows = [r.as_dict() for _, r in done]  # type: ignore[attr-defined]
     # mean over seeds per configuration
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -451,36 +670,45 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             row[m] = sum(float(r[m]) for r in rs) / len(rs)
         waits = [r["waited_longest_for"] for r in rs if r["waited_longest_for"] is not None]
         row["waited_for"] = f"cpu{max(set(waits), key=waits.count)}" if waits else "-"
+        row.update(rt_summary(rs))
         summary.append(row)
-    cols = ["protocol", "cpus", "sites", "syncs", *LATENCY_METRICS, "waited_for"]
-    table = Table(title=f"one patch operation, mean of {args.seeds} seed(s); cycles")
-    for col in cols:
-        table.add_column(col.replace("_cycles", "").replace("_", " "), justify="left" if col == "protocol" else "right")
-    for r in summary:
-        table.add_row(*[f"{r[c]:,.0f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
-    out.print(table)
+    cols = ["protocol", "cpus", "sites", "syncs", *LATENCY_METRICS, *RT_METRICS, "waited_for"]
+    heads = [col.replace("_cycles", "").replace("_", " ") for col in cols]
+    title = (
+        f"one patch operation, mean of {args.seeds} seed(s) (max interruption: worst; RT lateness: "
+        "percentiles of all wake-ups); cycles"
+    )
+    table_rows = [[r[c] for c in cols] for r in summary]
+    print_table(out, args.format, title, heads, table_rows, right=heads[1:])
     stop = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "stop-machine"}
     bp = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "bp-batch"}
     for key in sorted(set(stop) & set(bp)):
         ratio = stop[key]["total_lost_cycles"] / max(bp[key]["total_lost_cycles"], 1)
+        worst = stop[key]["max_interruption_cycles"] / max(bp[key]["max_interruption_cycles"], 1)
         out.print(
-            f"  total cycles lost, stop_machine / text_poke_bp (batched), {key[0]} CPUs, {key[1]} sites: {ratio:.2f}"
+            f"  stop_machine / text_poke_bp (batched), {key[0]} CPUs, {key[1]} sites: total cycles lost {ratio:.2f}, "
+            f"worst interruption {worst:.1f}"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot = plot_latency(rows, LATENCY_METRICS, args.out / "latency.png", "one patch operation against CPU count")
-    out.print(f"plots: {plot}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot = plot_latency(rows, LATENCY_METRICS, args.out / "latency.png", "one patch operation against CPU count")
+        rt_plot = plot_rt(rows, args.out / "rt.png")
+    except OSError as err:
+        raise ConfigError(f"cannot write the plots in {args.out}: {err.strerror or err}") from None
+    out.print(f"plots: {plot}, {rt_plot}", markup=False)
     md = markdown_table(summary, cols)
     if args.markdown:
-        args.markdown.write_text(md + "\n")
-        out.print(f"wrote {args.markdown}")
+        write_output(args.markdown, md + "\n")
+        out.print(f"wrote {args.markdown}", markup=False)
     if args.json:
         data = {
             "costs": asdict(costs),
             "rows": [{k: v for k, v in r.items() if k != "phases"} for r in rows],
             "summary": summary,
+            "complete": True,
         }
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
-        out.print(f"wrote {args.json}")
+        write_output(args.json, json.dumps(data, indent=2) + "\n")
+        out.print(f"wrote {args.json}", markup=False)
     out.print(f"{len(configs)} runs in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -490,12 +718,30 @@ def cmd_explore(args: argparse.Namespace, out: Console) -> int:
     from .explore import explore, explore_nmi
 
     if args.nmi:
-        result = explore_nmi(args.nmi, nmis=args.nmis, fred=args.fred)
+        for option in ("protocol", "mutation", "cpus", "sites"):
+            if getattr(args, option) is not None:
+                raise ConfigError(f"--{option} is for protocols; --nmi explores an NMI entry on one CPU")
+        result = explore_nmi(args.nmi, nmis=args.nmis or 3, fred=args.fred, max_states=args.max_states)
     else:
-        if not 1 <= args.cpus <= 3 or not 1 <= args.sites <= 2:
+        if args.nmis is not None or args.fred:
+            raise ConfigError(f"{'--nmis' if args.nmis is not None else '--fred'} needs --nmi ENTRY")
+        cpus, sites = args.cpus or 2, args.sites or 1
+        if not 1 <= cpus <= 3 or not 1 <= sites <= 2:
             raise ConfigError("the explorer takes 1 to 3 workload CPUs (--cpus) and 1 or 2 sites (--sites)")
-        result = explore(args.protocol, args.mutation, args.cpus, args.sites, max_states=args.max_states)
+        protocol = args.protocol or "bp"
+        if args.mutation is not None:
+            from .protocols import PatchRequest, build
+
+            req = (PatchRequest(0x1000, b"\x0f\x1f\x44\x00\x00", b"\xe8\x00\x00\x00\x00"),)
+            if build(protocol, req, args.mutation) == build(protocol, req):
+                raise ConfigError(f"--mutation {args.mutation} changes nothing in --protocol {protocol}")
+        result = explore(protocol, args.mutation, cpus, sites, max_states=args.max_states, xmc_rule=args.xmc_rule)
     out.print(result.report(), markup=False, highlight=False)
+    if args.strict and result.safe and not result.complete:
+        _stderr_line(
+            f"textpoke: the search stopped at --max-states {args.max_states} before it was complete: nothing is proven"
+        )
+        return 1
     return 1 if args.strict and not result.safe else 0
 
 
@@ -504,24 +750,65 @@ def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
     from .callgraph import build_callgraph, reachable_sites
     from .image import BP_ENTRIES, NMI_CHOICES, NMI_ENTRIES
 
-    kernel = build_kernel(KernelConfig(nr_traced=args.functions))
+    kernel = build_kernel(_kernel_config(args))
     g = build_callgraph(kernel)
-    table = Table(title=f"traced sites reachable from each entry ({len(kernel.sites)} traced functions)")
-    table.add_column("entry")
-    table.add_column("reachable traced sites")
+    rows = []
     for name in NMI_CHOICES:
         sym = NMI_ENTRIES[name][0]
         sites = reachable_sites(g, sym)
-        table.add_row(f"NMI {name} ({sym})", ", ".join(f"{n} {a:#x}" for n, a in sites.items()) or "none")
+        rows.append((f"NMI {name} ({sym})", ", ".join(f"{n} {a:#x}" for n, a in sites.items()) or "none"))
     for mode, sym in BP_ENTRIES.items():
         sites = reachable_sites(g, sym)
-        table.add_row(f"#BP {mode} ({sym})", ", ".join(sites) or "none")
+        rows.append((f"#BP {mode} ({sym})", ", ".join(sites) or "none"))
     workload_only = sorted(set(kernel.sites) - set(reachable_sites(g, "nmi_handler")))
-    out.print(table)
-    out.print(f"called only by the workloads (through computed calls): {len(workload_only)} sites")
+    title = f"traced sites reachable from each entry ({len(kernel.sites)} traced functions)"
+    print_table(out, args.format, title, ("entry", "reachable traced sites"), rows)
+    if kernel.user_code:
+        _print_object_functions(out, kernel, g)
+    how = "direct calls from textpoke_workload" if kernel.user_code else "computed calls"
+    out.print(f"called only by the workloads ({how}): {len(workload_only)} sites")
     if args.dot:
         _write_dot(g, args.dot)
-        out.print(f"wrote {args.dot}")
+        out.print(f"wrote {args.dot}", markup=False)
+    return 0
+
+
+def _print_object_functions(out: Console, kernel, g) -> None:
+    """The functions loaded from the user's objects: where they are, their sites, who calls them
+    (always a table, on the console that carries the prose)."""
+    rows = []
+    for name in sorted(kernel.foreign, key=lambda n: kernel.symbols[n]):
+        site = kernel.sites.get(name)
+        callers = sorted(a for a, _b in g.in_edges(name)) if name in g else []
+        rows.append(
+            (
+                name,
+                f"{kernel.symbols[name]:#x}",
+                kernel.sizes[name],
+                f"{site:#x}" if site is not None else "none (notrace)",
+                ", ".join(callers) or "-",
+            )
+        )
+    cols = ("function", "address", "size", "ftrace site", "called by")
+    print_table(out, "table", f"functions of {', '.join(kernel.config.objects)}", cols, rows, right=("address", "size"))
+
+
+def cmd_cc(args: argparse.Namespace, out: Console) -> int:
+    """Compile C sources with the kernel's flags into objects `--object` accepts."""
+    from .cc import compile_objects, find_compiler, include_dir
+
+    cc = find_compiler(args.compiler)
+    if args.kernel:
+        if args.sources:
+            raise ConfigError("--kernel rebuilds the C kernel only; give no sources with it")
+        args.sources, args.out = [include_dir() / "kernel.c"], include_dir()
+    elif not args.sources:
+        raise ConfigError("give C sources to compile, or --kernel to rebuild the C kernel")
+    record = compile_objects(args.sources, args.out, cc)
+    out.print(f"{cc.name}, {cc.version}: {' '.join(cc.flags)}", markup=False, highlight=False)
+    for name, digest in record["objects"].items():
+        out.print(f"  {args.out / name}  sha256 {digest[:16]}")
+    out.print(f"wrote {args.out / 'BUILD.json'}")
     return 0
 
 
@@ -534,126 +821,239 @@ def _write_dot(g, path: Path) -> None:
         style = "dashed" if d.get("kind") == "jump" else "solid"
         lines.append(f'  "{a}" -> "{b}" [style={style}];')
     lines.append("}")
-    path.write_text("\n".join(lines) + "\n")
+    write_output(path, "\n".join(lines) + "\n")
+
+
+def _format_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="table (for people; never wrapped when stdout is not a terminal), or json or csv rows on stdout "
+        "with the other lines on stderr",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="textpoke",
         description="Live kernel text patching on emulated multi-CPU x86_64.",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
     def machine_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--cpus", type=_positive, default=4, help="number of CPUs (default 4)")
-        sp.add_argument("--seed", type=_nonneg, default=0, help="scheduling seed (default 0)")
-        sp.add_argument("--cycles", type=_positive, default=2_000_000, help="cycles to simulate")
-        sp.add_argument("--quantum", type=_positive, default=DEFAULT_QUANTUM, help="mean quantum")
-        sp.add_argument("--functions", type=_positive, default=32, help="traced functions in the kernel")
-        sp.add_argument("--nmi-period", type=_nonneg, default=20_000, help="cycles between NMIs per CPU (0: none)")
+        sp.add_argument(
+            "--cpus", type=bounded(1, MAX_CPUS), default=4, help=f"number of CPUs (1 to {MAX_CPUS}; default 4)"
+        )
+        sp.add_argument("--seed", type=_seed, default=0, help="scheduling seed (default 0)")
+        sp.add_argument(
+            "--cycles", type=_cycles, default=2_000_000, help=f"cycles to simulate (at most {MAX_RUN_CYCLES:,})"
+        )
+        sp.add_argument(
+            "--quantum", type=_quantum, default=DEFAULT_QUANTUM, help="mean scheduling quantum (instructions)"
+        )
+        sp.add_argument("--functions", type=_functions, default=32, help="traced functions in the kernel (2 to 256)")
+        sp.add_argument(
+            "--nmi-period",
+            type=bounded(0, MAX_RUN_CYCLES),
+            default=20_000,
+            help="cycles between NMIs per CPU (0: none)",
+        )
+        _format_arg(sp)
 
     run = sub.add_parser("run", help="the default scenario: every protocol and NMI entry, judged and timed")
-    run.add_argument("--seed", type=_nonneg, default=0, help="scenario seed (default 0)")
-    run.add_argument("--out", type=Path, default=Path("textpoke-out"), help="where to write the timeline")
-    run.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: all cores)")
-    run.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    run.add_argument("--seed", type=_seed, default=0, help="scenario seed (default 0)")
+    run.add_argument("--out", type=output_dir("--out"), default="textpoke-out", help="where to write the timeline")
+    run.add_argument("--jobs", type=_jobs, default=None, help="worker processes (default: all cores)")
+    run.add_argument("--json", type=output_file("--json"), default=None, help="also write the rows as JSON here")
+    _format_arg(run)
+    _object_arg(run)
     run.set_defaults(func=cmd_run)
     mach = sub.add_parser("machine", help="boot the machine and run its workloads, no patching")
     machine_args(mach)
+    _object_arg(mach)
     mach.set_defaults(func=cmd_machine)
 
     saf = sub.add_parser("safety", help="sweep seeds for a protocol and count the oracle's violations")
     scenario_args(saf)
-    saf.add_argument("--seeds", type=_positive, default=100, help="how many seeds (default 100)")
-    saf.add_argument("--seed-start", type=_nonneg, default=0, help="first seed (default 0)")
-    saf.add_argument("--jobs", type=_positive, default=None, help="worker processes (default: all cores)")
-    saf.add_argument("--scheduler", default=None, help="run on this dask.distributed scheduler")
-    saf.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    saf.add_argument("--seeds", type=_seeds, default=100, help="how many seeds (default 100)")
+    saf.add_argument("--seed-start", type=_seed, default=0, help="first seed (default 0)")
+    saf.add_argument("--jobs", type=_jobs, default=None, help="worker processes (default: all cores)")
+    saf.add_argument("--scheduler", default=None, help="run on this dask.distributed scheduler (tcp://HOST:PORT)")
+    saf.add_argument("--json", type=output_file("--json"), default=None, help="write the results as JSON here")
     saf.add_argument("--strict", action="store_true", help="exit 1 when any seed has a violation")
     saf.add_argument("--quiet", action="store_true", help="no progress bar")
+    _format_arg(saf)
     saf.set_defaults(func=cmd_safety)
 
     from .image import BP_ENTRIES
-    from .protocols import PROTOCOLS
+    from .oracle import XMC_RULES
 
     pat = sub.add_parser("patch", help="patch sites of a running machine and report the verdict")
     pat.add_argument("--site", action="append", required=True, help="address or symbol (repeatable)")
-    pat.add_argument("--new", action="append", type=_hex_bytes, required=True, help="new bytes, hex")
-    pat.add_argument("--old", action="append", type=_hex_bytes, default=None, help="expected old bytes")
-    pat.add_argument("--protocol", choices=list(PROTOCOLS), default="bp")
-    pat.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate")
-    pat.add_argument("--cpus", type=_positive, default=4)
-    pat.add_argument("--seed", type=_nonneg, default=0)
-    pat.add_argument("--functions", type=_positive, default=32)
-    pat.add_argument("--warmup", type=_nonneg, default=5_000)
+    pat.add_argument("--new", action="append", type=_hex_bytes, required=True, help="new bytes, hex (one per --site)")
+    pat.add_argument(
+        "--old", action="append", type=_hex_bytes, default=None, help="expected old bytes, hex (one per --site)"
+    )
+    pat.add_argument("--protocol", type=_protocol_name, default="bp", help="patch protocol (default bp)")
+    pat.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate", help="#BP handler mode")
+    pat.add_argument("--cpus", type=bounded(2, MAX_CPUS), default=4, help="CPUs, the patcher included (default 4)")
+    pat.add_argument("--seed", type=_seed, default=0, help="scheduling seed (default 0)")
+    pat.add_argument("--functions", type=_functions, default=32, help="traced functions in the kernel (2 to 256)")
+    pat.add_argument(
+        "--warmup",
+        type=_warmup,
+        default=5_000,
+        help="cycles the workloads run before the patch, and again after it (default 5000)",
+    )
+    pat.add_argument(
+        "--xmc-rule", choices=list(XMC_RULES), default="linux", help="cross-modifying-code rule (linux or sdm)"
+    )
     pat.add_argument("--strict", action="store_true", help="exit 1 when the oracle found a violation")
+    _object_arg(pat)
     pat.set_defaults(func=cmd_patch)
 
     lat = sub.add_parser("latency", help="stop_machine against text_poke_bp as CPUs and batches grow")
-    lat.add_argument("--protocols", nargs="+", default=["bp", "bp-batch", "stop-machine"])
-    lat.add_argument("--cpus", type=_positive, nargs="+", default=[2, 4, 8, 16, 32, 64])
-    lat.add_argument("--sites", type=_positive, nargs="+", default=[1, 8], help="sites per operation")
-    lat.add_argument("--seeds", type=_positive, default=3)
-    lat.add_argument("--seed-start", type=_nonneg, default=0)
+    lat.add_argument(
+        "--protocols",
+        nargs="+",
+        type=_protocol_name,
+        default=["bp", "bp-batch", "stop-machine"],
+        help="protocols to compare (default bp bp-batch stop-machine)",
+    )
+    lat.add_argument(
+        "--cpus", type=bounded(2, MAX_CPUS), nargs="+", default=[2, 4, 8, 16, 32, 64], help="CPU counts (2 to 128)"
+    )
+    lat.add_argument(
+        "--sites", type=bounded(1, MAX_TRACED), nargs="+", default=[1, 8], help="sites per operation (1 to 256)"
+    )
+    lat.add_argument("--seeds", type=bounded(1, 100_000), default=3, help="seeds per configuration (default 3)")
+    lat.add_argument("--seed-start", type=_seed, default=0, help="first seed (default 0)")
     lat.add_argument("--busy", action="store_true", help="every workload CPU runs interrupts-off sections")
-    lat.add_argument("--irqoff-cpu", type=_nonneg, default=0, help="this CPU runs long interrupts-off sections")
-    lat.add_argument("--irqoff-len", type=_positive, default=20_000, help="spins per interrupts-off section")
+    lat.add_argument(
+        "--irqoff-cpu", type=bounded(0, MAX_CPUS - 1), default=0, help="this CPU runs long interrupts-off sections"
+    )
+    lat.add_argument(
+        "--irqoff-len",
+        type=bounded(1, MAX_IRQOFF_SPINS),
+        default=20_000,
+        help=f"spins per interrupts-off section (at most {MAX_IRQOFF_SPINS:,})",
+    )
+    lat.add_argument(
+        "--rt-cpus",
+        type=int,
+        nargs="*",
+        default=None,
+        help="CPUs running the periodic RT task; negative counts from the last CPU (default: 1 -1; none: no task)",
+    )
+    lat.add_argument("--rt-period", type=_positive, default=10_000, help="the RT task's timer period in cycles")
     lat.add_argument("--cost", action="append", default=[], help="override a cost: NAME=CYCLES (repeatable)")
     lat.add_argument("--config", type=Path, default=None, help="TOML file with a [costs] table")
-    lat.add_argument("--jobs", type=_positive, default=None)
-    lat.add_argument("--scheduler", default=None, help="run on this dask.distributed scheduler")
-    lat.add_argument("--out", type=Path, default=Path("textpoke-out"), help="where to write the plots")
-    lat.add_argument("--json", type=Path, default=None)
-    lat.add_argument("--markdown", type=Path, default=None)
-    lat.add_argument("--quiet", action="store_true")
+    lat.add_argument("--jobs", type=_jobs, default=None, help="worker processes (default: all cores)")
+    lat.add_argument("--scheduler", default=None, help="run on this dask.distributed scheduler (tcp://HOST:PORT)")
+    lat.add_argument("--out", type=output_dir("--out"), default="textpoke-out", help="where to write the plots")
+    lat.add_argument("--json", type=output_file("--json"), default=None, help="write every run and the means as JSON")
+    lat.add_argument("--markdown", type=output_file("--markdown"), default=None, help="write the table as Markdown")
+    lat.add_argument("--quiet", action="store_true", help="no progress bar")
+    _format_arg(lat)
+    _object_arg(lat)
     lat.set_defaults(func=cmd_latency)
 
     from .explore import NESTED_FLAGS
     from .protocols import MUTATIONS
 
     ex = sub.add_parser("explore", help="every interleaving of a small configuration, and shortest counterexamples")
-    ex.add_argument("--protocol", choices=list(PROTOCOLS), default="bp")
-    ex.add_argument("--mutation", choices=list(MUTATIONS), default=None)
-    ex.add_argument("--cpus", type=_positive, default=2, help="workload CPUs (1 to 3)")
-    ex.add_argument("--sites", type=_positive, default=1, help="sites (1 or 2)")
-    ex.add_argument("--max-states", type=_positive, default=200_000, help="the bound")
+    ex.add_argument("--protocol", type=_protocol_name, default=None, help="the protocol to explore (default bp)")
+    ex.add_argument("--mutation", choices=list(MUTATIONS), default=None, help="break the protocol this way")
+    ex.add_argument("--cpus", type=bounded(1, 3), default=None, help="workload CPUs (1 to 3; default 2)")
+    ex.add_argument("--sites", type=bounded(1, 2), default=None, help="sites (1 or 2; default 1)")
+    ex.add_argument(
+        "--max-states",
+        type=bounded(1, MAX_EXPLORE_STATES),
+        default=200_000,
+        help="stop after this many states (default 200000)",
+    )
+    ex.add_argument(
+        "--xmc-rule", choices=list(XMC_RULES), default="linux", help="cross-modifying-code rule (linux or sdm)"
+    )
     ex.add_argument(
         "--nmi",
         choices=["naive", *NESTED_FLAGS, "latch-cmpxchg", "latch-cmpxchg386", "latch-dec"],
         default=None,
         help="explore this NMI entry instead of a protocol",
     )
-    ex.add_argument("--nmis", type=_positive, default=3, help="NMIs that may arrive (with --nmi)")
+    ex.add_argument("--nmis", type=bounded(1, 6), default=None, help="NMIs that may arrive (with --nmi; default 3)")
     ex.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking (with --nmi)")
-    ex.add_argument("--strict", action="store_true", help="exit 1 when an unsafe state is reachable")
+    ex.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when an unsafe state is reachable, or when the search stopped before it was complete",
+    )
     ex.set_defaults(func=cmd_explore)
 
     cg = sub.add_parser("callgraph", help="traced sites reachable from the NMI entries and the #BP handler")
-    cg.add_argument("--functions", type=_positive, default=32, help="traced functions in the kernel")
-    cg.add_argument("--dot", type=Path, default=None, help="write the call graph in Graphviz dot form")
+    cg.add_argument("--functions", type=_functions, default=32, help="traced functions in the kernel (2 to 256)")
+    cg.add_argument("--dot", type=output_file("--dot"), default=None, help="write the call graph in Graphviz dot form")
+    _format_arg(cg)
+    _object_arg(cg)
     cg.set_defaults(func=cmd_callgraph)
 
+    cc = sub.add_parser("cc", help="compile C sources with the kernel's flags into objects for --object")
+    cc.add_argument("sources", type=Path, nargs="*", help="C source files")
+    cc.add_argument("--kernel", action="store_true", help="rebuild the C kernel (textpoke/c/kernel.o)")
+    cc.add_argument("-o", "--out", type=Path, default=Path("."), help="directory for the objects and BUILD.json")
+    cc.add_argument("--compiler", choices=["gcc", "clang", "zig"], default=None, help="default: gcc, clang, zig")
+    cc.set_defaults(func=cmd_cc)
+
     rep = sub.add_parser("replay", help="rerun one seed and print its annotated trace")
-    rep.add_argument("seed", type=_nonneg)
+    rep.add_argument("seed", type=_seed, help="the seed to rerun")
     scenario_args(rep)
     rep.add_argument("--all", action="store_true", help="also list every scheduling quantum")
-    rep.add_argument("--limit", type=_nonneg, default=400, help="print at most this many lines (0: all)")
-    rep.add_argument("--jsonl", type=Path, default=None, help="write the full trace as JSON Lines here")
-    rep.add_argument("--out", type=Path, default=None, help="write the full annotated listing here")
-    rep.add_argument("--timeline", type=Path, default=None, help="draw the per-CPU timeline of each operation here")
+    rep.add_argument("--limit", type=bounded(0, 10**12), default=400, help="print at most this many lines (0: all)")
+    rep.add_argument(
+        "--jsonl", type=output_file("--jsonl"), default=None, help="write the full trace as JSON Lines here"
+    )
+    rep.add_argument("--out", type=output_file("--out"), default=None, help="write the full annotated listing here")
+    rep.add_argument(
+        "--timeline",
+        type=output_image("--timeline"),
+        default=None,
+        help="draw the per-CPU timeline of each operation here (.png, .pdf or .svg)",
+    )
     rep.set_defaults(func=cmd_replay)
     return p
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C: a KeyboardInterrupt, raised once the emulator is out of its callbacks."""
+    from cpus._unicorn import defer_interrupt
+
+    if not defer_interrupt():
+        raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    out = Console()
+    err_console = Console(stderr=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        return args.func(args, out)
+        return args.func(args, _console_for(args))
     except (ConfigError, TextpokeError) as err:
-        Console(stderr=True).print(f"[red]textpoke: error:[/red] {err}")
+        err_console.print(f"[red]textpoke: error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
+    except OSError as err:  # an output that became unwritable after the checks (disk full, ...)
+        where = f" {err.filename}" if err.filename else ""
+        err_console.print(f"textpoke: error:{where}: {err.strerror or err}", markup=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("textpoke: interrupted", markup=False, highlight=False, soft_wrap=True)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

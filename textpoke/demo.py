@@ -1,6 +1,6 @@
 """The main job: the embedded default scenario that `textpoke run` shows.
 
-Four CPUs (one patcher), 32 traced functions, NMIs at a high rate on the workload CPUs, and ftrace
+Four CPUs (one patcher), 32 traced functions, NMIs at a high rate on every CPU, and ftrace
 enabled then disabled on every site, once for each protocol and NMI entry that matters. Every row is a
 seeded scenario judged by the oracle; the table shows its verdict and what the patching cost, and the
 timeline shows the enable operation of three of them, CPU by CPU.
@@ -9,7 +9,7 @@ timeline shows the enable operation of three of them, CPU by CPU.
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .metrics import Interval, StallMeter
@@ -87,8 +87,16 @@ def run_row(label: str, sc: Scenario, seed: int, record: bool) -> DemoRow:
     )
 
 
-def run_demo(seed: int = 0, executor: Executor | None = None, progress=None) -> list[DemoRow]:
-    jobs = [(label, sc, seed, draw) for label, sc, draw in DEFAULT_ROWS]
+def run_demo(
+    seed: int = 0,
+    executor: Executor | None = None,
+    progress=None,
+    objects: tuple[str, ...] = (),
+    kernel: str = "asm",
+) -> list[DemoRow]:
+    """The default rows; with `objects`, on a kernel built from those ELF objects; with kernel "c",
+    on the built-in workload and traced functions compiled from C."""
+    jobs = [(label, replace(sc, objects=objects, kernel=kernel), seed, draw) for label, sc, draw in DEFAULT_ROWS]
     if executor is None:
         rows = []
         for j in jobs:

@@ -5,7 +5,10 @@ two workload CPUs, one or two sites) by enumerating every interleaving of:
 
 * the patcher's protocol steps -- the very step sequences of `textpoke.protocols`, mutations included;
 * each workload CPU executing a site (with what its decoded copy holds), trapping on an int3 and
-  returning from the handler, taking a sync IPI, entering and leaving the stop_machine stopper;
+  returning from the handler, taking a sync IPI, entering and leaving the stop_machine stopper --
+  where only serializing instructions drop stale copies: the #BP handler's `iretq`, the sync IPI
+  handler's `cpuid` (do_sync_core's sync_core, before it acknowledges) and the stopper's exit `cpuid`;
+  entering a handler (event delivery) does not serialize;
 * each text write reaching each CPU's decoded copy on its own (byte-granular snoops), as the
   machine's coherence model does.
 
@@ -52,7 +55,7 @@ RUN, TRAP, STOPPED = "run", "int3", "stopped"
 class Worker:
     mode: str
     copies: tuple  # per site: None, or (bytes, frozenset of step indices of writes not yet snooped)
-    dirty: frozenset  # sites whose tail changed since this CPU last serialized
+    dirty: frozenset  # sites modified (per the xmc rule) since this CPU last serialized
     ipi: bool  # a sync IPI is pending
     stop: bool  # a stopper IPI is pending
 
@@ -102,11 +105,14 @@ class ExploreResult:
 
 
 class _Model:
-    def __init__(self, steps: tuple[Step, ...], requests: tuple[PatchRequest, ...], ncpus: int) -> None:
+    def __init__(
+        self, steps: tuple[Step, ...], requests: tuple[PatchRequest, ...], ncpus: int, xmc_rule: str = "linux"
+    ) -> None:
         self.steps = steps
         self.reqs = requests
         self.sites = [r.site for r in requests]
         self.ncpus = ncpus
+        self.sdm = xmc_rule == "sdm"
 
     def site_name(self, i: int) -> str:
         return f"site{i}"
@@ -159,7 +165,7 @@ class _Model:
             new[step.offset : step.offset + len(step.data)] = step.data
             new_b = bytes(new)
             mem = (*s.mem[:k], new_b, *s.mem[k + 1 :])
-            tail_changed = new_b[1:] != old[1:]
+            tail_changed = new_b != old if self.sdm else new_b[1:] != old[1:]
             workers = []
             for w in s.workers:
                 copies = list(w.copies)
@@ -203,8 +209,8 @@ class _Model:
                 label = f"{cpu}: executes {self.site_name(k)}: {code.hex(' ')}"
                 verdict = self._judge(s, w2, k, code, done)
                 if verdict == "int3":
-                    trapped = self._serialize(Worker(TRAP, copies, w.dirty, w.ipi, w.stop))
-                    yield label + " -> int3 trap (serializing)", self._set(s, i, trapped)
+                    trapped = Worker(TRAP, copies, w.dirty, w.ipi, w.stop)
+                    yield label + " -> int3 trap", self._set(s, i, trapped)
                 elif verdict:
                     yield label, self._set(s, i, w2, violation=verdict)
                 elif c is None:
@@ -212,11 +218,11 @@ class _Model:
             if w.ipi:
                 w2 = self._serialize(Worker(RUN, w.copies, w.dirty, False, w.stop))
                 yield (
-                    f"{cpu}: takes the sync IPI (serializes) and acknowledges",
+                    f"{cpu}: takes the sync IPI, serializes (cpuid) and acknowledges",
                     self._set(s, i, w2, waiting=s.waiting - {i}),
                 )
             if w.stop:
-                w2 = self._serialize(Worker(STOPPED, w.copies, w.dirty, w.ipi, False))
+                w2 = Worker(STOPPED, w.copies, w.dirty, w.ipi, False)
                 yield f"{cpu}: enters the stopper and acknowledges", self._set(s, i, w2, waiting=s.waiting - {i})
         elif w.mode == TRAP:
             w2 = self._serialize(Worker(RUN, w.copies, w.dirty, w.ipi, w.stop))
@@ -241,6 +247,8 @@ class _Model:
     def _judge(self, s: State, w: Worker, k: int, code: bytes, done: bool) -> str | None:
         r = self.reqs[k]
         if code[0] == INT3:
+            if self.sdm and k in w.dirty:
+                return "unsynced-modification"
             return "int3" if s.published else "unhandled-int3"
         legal = (r.old, r.new)
         if code not in legal:
@@ -291,10 +299,14 @@ def explore(
     sites: int = 1,
     max_states: int = 200_000,
     keep_graph: bool = False,
+    xmc_rule: str = "linux",
 ) -> ExploreResult:
     """Explore every interleaving of `protocol` enabling ftrace on `sites` sites while `cpus`
-    workload CPUs execute them (plus the patcher). Breadth first, so the first path found to each
+    workload CPUs execute them (plus the patcher), judged by the cross-modifying-code rule
+    `xmc_rule` (the oracle's: "linux" or "sdm"). Breadth first, so the first path found to each
     violation class is a shortest one."""
+    if xmc_rule not in ("linux", "sdm"):
+        raise ValueError(f"unknown cross-modifying-code rule {xmc_rule!r}; choose linux or sdm")
     if not 1 <= cpus <= 3:
         raise ValueError("the explorer takes 1 to 3 workload CPUs")
     if not 1 <= sites <= 2:
@@ -306,7 +318,7 @@ def explore(
         rel = (target - (site + 5)).to_bytes(4, "little", signed=True)
         reqs.append(PatchRequest(site, FTRACE_NOP, b"\xe8" + rel))
     steps = build(protocol, reqs, mutation)
-    model = _Model(steps, tuple(sorted(reqs, key=lambda r: r.site)), cpus)
+    model = _Model(steps, tuple(sorted(reqs, key=lambda r: r.site)), cpus, xmc_rule)
     graph = nx.DiGraph() if keep_graph else None
     states, transitions, complete, violations = _search(model.initial(), model.successors, max_states, graph)
     return ExploreResult(protocol, mutation, cpus, sites, states, transitions, complete, violations, graph)
@@ -507,13 +519,15 @@ def _r(s: NmiState, **kw) -> NmiState:
     return NmiState(**d)
 
 
-def explore_nmi(entry: str = "nested-safe", nmis: int = 3, fred: bool = False) -> ExploreResult:
+def explore_nmi(
+    entry: str = "nested-safe", nmis: int = 3, fred: bool = False, max_states: int = 200_000
+) -> ExploreResult:
     """Every interleaving of up to `nmis` NMI arrivals with the steps of one CPU's NMI entry, where
     the handler may hit an int3 (a site being patched) whose iretq unblocks NMIs."""
     if entry not in ("naive", *NESTED_FLAGS, "latch-cmpxchg", "latch-cmpxchg386", "latch-dec"):
         raise ValueError(f"unknown NMI entry {entry!r}")
     start = NmiState("none", False, False, nmis, "-", "-", ("-", "-"), 0, False)
-    states, transitions, complete, violations = _search(start, lambda st: _nmi_successors(st, entry, fred))
+    states, transitions, complete, violations = _search(start, lambda st: _nmi_successors(st, entry, fred), max_states)
     label = entry + (" (FRED)" if fred else "")
     return ExploreResult(
         f"NMI entry {label}",

@@ -19,6 +19,7 @@ final addresses, which can only make encodings shorter; units are padded with in
 
 from __future__ import annotations
 
+import bisect
 import re
 import struct
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from cpus.delivery import Gate, Vector
 from cpus.errors import TextpokeError
 from cpus.layout import IMAGE_DATA_VA, TEXT_VA, Layout
 
+from .elfobj import ElfObject, Linked, ObjectError, link, read_object
+
 __all__ = [
     "BP_DESC",
     "BP_ENTRIES",
@@ -43,6 +46,7 @@ __all__ = [
     "ImageError",
     "KernelConfig",
     "KernelImage",
+    "ObjectError",
     "Percpu",
     "build_kernel",
 ]
@@ -52,6 +56,7 @@ FN_SHIFT = 6  # traced functions sit every 64 bytes
 MAX_TRACED = 256
 BP_DESC_MAX = 256  # TP_VEC_MAX: PAGE_SIZE / 16-byte entries in Linux; ours are 32 bytes each
 BP_ENTRY_SIZE = 32
+RT_RING_SIZE = 256  # samples the RT task keeps (a power of two)
 
 #: #BP entry variant -> symbol
 BP_ENTRIES = {
@@ -75,7 +80,20 @@ NMI_ENTRIES: dict[str, tuple[str, int]] = {
 #: the entries users choose from (the rest are mutations)
 NMI_CHOICES = ("naive", "nested-safe", "latch-cmpxchg", "latch-cmpxchg386", "latch-dec")
 
-_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "workload.S")
+_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "workload.S", "rt_task.S")
+#: kernels built with the user's objects: extra sources, and the template replaced by another
+_OBJECT_SOURCES = ("user_workload.S", "runtime.S")
+_OBJECT_TEMPLATE_SWAP = {"ftrace.S": "ftrace_table.S"}
+#: what the user's objects define and the kernel calls
+USER_WORKLOAD = "textpoke_workload"
+USER_NMI = "textpoke_nmi"
+USER_NMI_IRQ = "textpoke_nmi_irq"
+#: the kernel functions the user's objects may call
+RUNTIME = ("memcpy", "memset", "memmove")
+#: the built-in kernels: the assembly one, and the same workload and traced functions in C
+KERNELS = ("asm", "c")
+C_KERNEL_OBJECT = "kernel.o"  # in textpoke/c, built from kernel.c by `textpoke cc --kernel`
+C_NMI_HALF_MAX = 2
 #: template sources expanded once per variant: suffix -> flags
 _TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
     "ftrace.S": {"": frozenset({"MAIN"}), "_alt": frozenset({"ALT"})},
@@ -114,13 +132,20 @@ class Percpu:
     WORK_MASK = 0x50  # busy-work iterations per call: (lcg >> 48) & mask
     LOOP_LIMIT = 0x58  # 0: run forever; else hlt after this many workload iterations
     NMI_STATE = 0x70  # i386-style entry: NOT_RUNNING 0 / EXECUTING 1 / LATCHED 2
+    RANDOM = 0x78  # kernels with C code: this workload iteration's random number (textpoke_random)
     STOP_ACK = 0x60  # times this CPU entered the stop_machine stopper
     STOP_EXIT = 0x68  # times it left it
+    # the periodic RT task (rt_task.S), set up by textpoke.rt
+    RT_NEXT = 0x1E0  # expiry the task expects next (TSC cycles)
+    RT_PERIOD = 0x1E8  # its period
+    RT_COUNT = 0x1F0  # samples recorded so far
+    RT_OVERRUNS = 0x1F8  # ticks merged into a later one while the interrupt was held back
     SCRATCH = 0x200  # u64[64]: the workload's busy-work array
     WL_COUNT = 0x400  # u64[MAX_TRACED]: calls the workload made, per traced function
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
     FT_ALT_COUNT = 0x1400  # u64[MAX_TRACED]: calls ftrace_caller_alt saw
     NMI_CALLS = 0x1C00  # u64[MAX_TRACED]: calls the NMI handler made, per traced function
+    RT_RING = 0x3000  # (expected, woke) u64 pairs [RT_RING_SIZE]: the RT task's last samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +157,20 @@ class KernelConfig:
     nmi_funcs: int = 4
     #: busy work per workload call: up to `work_mask` loop iterations (a power of two minus 1)
     work_mask: int = 15
+    #: ELF objects (paths) whose functions replace the built-in traced functions and workload
+    objects: tuple[str, ...] = ()
+    #: the built-in workload and traced functions: "asm" (textpoke/asm) or "c" (textpoke/c/kernel.c)
+    kernel: str = "asm"
 
     def __post_init__(self) -> None:
+        if isinstance(self.objects, (str, bytes)) or not all(isinstance(o, str) for o in self.objects):
+            raise ImageError("objects must be a tuple of paths")
+        if self.kernel not in KERNELS:
+            raise ImageError(f"unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
+        if self.kernel == "c" and self.objects:
+            raise ImageError("the C kernel has its own workload and traced functions; --object replaces them: pick one")
+        if self.kernel == "c" and self.nmi_funcs > 2 * C_NMI_HALF_MAX:
+            raise ImageError(f"the C kernel's NMI handler calls at most {2 * C_NMI_HALF_MAX} functions")
         if not 1 <= self.nr_traced <= MAX_TRACED:
             raise ImageError(f"nr_traced must be between 1 and {MAX_TRACED}, got {self.nr_traced}")
         n = self.nmi_funcs
@@ -166,12 +203,31 @@ class KernelImage:
     halt_sites: tuple[int, ...] = ()
     boundaries: frozenset[int] = frozenset()  # every instruction start in the text
     constants: dict[str, int] = field(default_factory=dict)
+    #: the ftrace sites in index order (the index of the per-CPU call counters)
+    site_table: tuple[int, ...] = ()
+    #: units loaded from the user's objects (compiled code: checked more loosely than ours)
+    foreign: frozenset[str] = frozenset()
+    #: initial contents of the kernel data (zeros beyond)
+    data_init: bytes = b""
+    #: records parsed from the objects: jump labels and static call sites (see `textpoke.elfobj`)
+    jump_entries: tuple = ()
+    static_calls: tuple = ()
+    #: every global symbol of the objects (data too: read it with Machine.read after a run)
+    object_symbols: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def user_code(self) -> bool:
+        """Built from the user's objects: the workload does not count calls per traced function
+        (the C kernel's does, as the assembly one's)."""
+        return bool(self.config.objects)
 
     @property
     def traced_base(self) -> int:
         return self.symbols["fn_000"]
 
     def site_of(self, index: int) -> int:
+        if self.site_table:
+            return self.site_table[index]
         return self.traced_base + (index << FN_SHIFT)
 
     def function_at(self, site: int) -> str | None:
@@ -193,6 +249,7 @@ class KernelImage:
             int(Vector.NMI): Gate(sym[nmi_symbol], ist=nmi_ist),
             int(Vector.IPI): Gate(sym["ipi_entry"]),
             int(Vector.STOP): Gate(sym["stopper_entry"]),
+            int(Vector.TIMER): Gate(sym["rt_timer_entry"]),
         }
         cfg = self.config
 
@@ -213,10 +270,11 @@ class KernelImage:
 
         return BootImage(
             text=self.text,
-            data=bytes(self.data_size),
+            data=self.data_init.ljust(self.data_size, b"\0"),
             gates=gates,
             worker_entry=sym["workload_main"],
             idle_entry=sym["idle_main"],
+            idle_range=(sym["idle_main"], sym["idle_main"] + self.sizes["idle_main"]),
             watch=tuple((addr, len(FTRACE_NOP)) for addr in self.sites.values()),
             iret_sites=self.iret_sites,
             popf_sites=self.popf_sites,
@@ -239,6 +297,9 @@ SHARED_CODE = ("ipi_entry", "poke_int3_handler", "stopper_entry")
 STOP_STATE = IMAGE_DATA_VA  # u64: non-zero while stop_machine holds the other CPUs
 BP_DESC = IMAGE_DATA_VA + 0x40  # refs u64, nr_entries u64, entries[BP_DESC_MAX] of 32 bytes
 DATA_SIZE = 0x40 + 16 + BP_DESC_MAX * BP_ENTRY_SIZE
+#: kernels built with the user's objects: the sorted ftrace site table, then the objects' data
+SITE_TABLE = IMAGE_DATA_VA + (DATA_SIZE + 63) // 64 * 64
+USER_DATA = SITE_TABLE + MAX_TRACED * 8
 
 
 def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
@@ -251,6 +312,7 @@ def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
         TRACED_BASE=traced_base,
         TRACED_BASE_PLUS_5=traced_base + 5,
         NMI_FUNCS_HALF_MASK=cfg.nmi_funcs // 2 - 1,
+        RT_RING_MASK=RT_RING_SIZE - 1,
         IRQ_STACK_SIZE=0x4000,
         NMI_STACK_SIZE=0x1000,
         KERNEL_CS=0x10,
@@ -415,6 +477,39 @@ def _units(cfg: KernelConfig) -> tuple[list[Unit], list[Unit]]:
     return fixed, traced
 
 
+def _c_kernel_fixups(config: KernelConfig, linked: Linked) -> None:
+    """The C kernel's shape for `config`: its first nr_traced functions are the traced ones (site
+    index i is fn_i, so the workload's per-function counters line up with the site table), and its
+    two knobs in data get their values."""
+    want = [f"fn_{i:03d}" for i in range(config.nr_traced)]
+    missing = [n for n in want if n not in linked.sites]
+    if missing:
+        raise ImageError(f"the C kernel object has no ftrace site for {missing[0]}: rebuild it (textpoke cc --kernel)")
+    sites = {n: linked.sites[n] for n in want}
+    if sorted(sites.values()) != list(sites.values()):
+        raise ImageError("the C kernel's traced functions are not laid out in index order")
+    linked.sites = sites
+    data = bytearray(linked.data)
+    for name, value in (("textpoke_nr_traced", config.nr_traced), ("textpoke_nmi_half", config.nmi_funcs // 2)):
+        struct.pack_into("<Q", data, linked.symbols[name] - USER_DATA, value)
+    linked.data = bytes(data)
+
+
+def _object_units() -> list[Unit]:
+    """The asm units of a kernel built with the user's objects: the entries and the stopper as
+    always, the user workload loop instead of the built-in one, the table-driven trampolines, the
+    runtime. No built-in traced functions."""
+    fixed: list[Unit] = []
+    for src in (*_SOURCES, *_OBJECT_SOURCES):
+        fixed.extend(u for u in parse_units(_read_source(src), src) if (u.name, src) != ("workload_main", "workload.S"))
+    for src, variants in _TEMPLATES.items():
+        src = _OBJECT_TEMPLATE_SWAP.get(src, src)
+        text = _read_source(src)
+        for suffix, flags in variants.items():
+            fixed.extend(parse_units(expand_template(text, suffix, flags), f"{src}{{{suffix}}}"))
+    return fixed
+
+
 def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
@@ -429,19 +524,75 @@ def _inner_labels(unit: Unit, body: str, address: int) -> dict[str, int]:
     return dict(zip(unit.inner, struct.unpack(f"<{len(unit.inner)}Q", tail), strict=True))
 
 
-@lru_cache(maxsize=8)
 def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
-    """Assemble the kernel for `config` (cached per configuration)."""
+    """Assemble the kernel for `config` (cached per configuration, and per object contents)."""
+    return _dispatch(config, cached=True)
+
+
+def _build_fresh(config: KernelConfig = KernelConfig()) -> KernelImage:
+    """`build_kernel` without its cache: a new image each call (for tests that alter one)."""
+    return _dispatch(config, cached=False)
+
+
+build_kernel.__wrapped__ = _build_fresh  # type: ignore[attr-defined]  # as functools.lru_cache offers
+
+
+def _dispatch(config: KernelConfig, cached: bool) -> KernelImage:
+    with_objects = _build_with_objects if cached else _build_with_objects.__wrapped__
+    if config.kernel == "c":
+        blob = resources.files("textpoke.c").joinpath(C_KERNEL_OBJECT).read_bytes()
+        return with_objects(config, ((f"textpoke/c/{C_KERNEL_OBJECT}", blob),))
+    if not config.objects:
+        return _build_asm(config) if cached else _build_asm.__wrapped__(config)
+    blobs = []
+    for path in config.objects:
+        try:
+            with open(path, "rb") as f:
+                blobs.append((path, f.read()))
+        except OSError as err:
+            raise ObjectError(f"{path}: cannot read: {err.strerror or err}") from None
+    return with_objects(config, tuple(blobs))
+
+
+@lru_cache(maxsize=8)
+def _build_asm(config: KernelConfig) -> KernelImage:
     fixed, traced = _units(config)
+    return _build(config, fixed, traced, _macros(config), None)
+
+
+@lru_cache(maxsize=8)
+def _build_with_objects(config: KernelConfig, blobs: tuple[tuple[str, bytes], ...]) -> KernelImage:
+    objects = [read_object(b, name=p) for p, b in blobs]
+    defined = {
+        s.name for o in objects for s in o.symbols if s.shndx != "SHN_UNDEF" and s.bind != "STB_LOCAL" and s.name
+    }
+    if USER_WORKLOAD not in defined:
+        raise ObjectError(f"no object defines {USER_WORKLOAD}(), which every workload CPU calls in its loop")
+    fixed = _object_units()
+    nmi = [f"    call {USER_NMI}"] if USER_NMI in defined else []
+    nmi_irq = [f"    call {USER_NMI_IRQ}"] if USER_NMI_IRQ in defined else []
+    macros = MACROS | {"NMI_CALLBACKS_LOW": nmi, "NMI_CALLBACKS_HIGH": nmi_irq}
+    return _build(config, fixed, [], macros, objects)
+
+
+def _build(
+    config: KernelConfig,
+    fixed: list[Unit],
+    traced: list[Unit],
+    macros: dict[str, list[str]],
+    objects: list[ElfObject] | None,
+) -> KernelImage:
     units = fixed + traced
     names = [u.name for u in units] + [n for u in units for n in u.inner]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ImageError(f"symbols defined twice: {', '.join(sorted(dupes))}")
     far = TEXT_VA + 0x40000000
-    placeholder = dict.fromkeys(names, far)
+    user_globals = (USER_WORKLOAD, USER_NMI, USER_NMI_IRQ) if objects is not None else ()
+    placeholder = dict.fromkeys([*names, *user_globals], far)
     consts_far = _constants(config, far)
-    macros = _macros(config)
+    if objects is not None:
+        consts_far |= {"FTRACE_SITE_TABLE": SITE_TABLE, "NR_SITES": MAX_TRACED}
 
     def subst(u: Unit, values: dict[str, int]) -> str:
         return _substitute(u.body, values, u.name, u.inner, macros)
@@ -460,14 +611,28 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
         if size > 1 << FN_SHIFT:
             raise ImageError(f"{u.name} is {size} bytes; traced functions must fit in {1 << FN_SHIFT}")
         addr += 1 << FN_SHIFT
+    asm_end = addr
+    linked: Linked | None = None
+    if objects is not None:
+        runtime = {n: starts[n] for n in RUNTIME}
+        linked = link(objects, asm_end, USER_DATA, runtime, frozenset(names))
+        if config.kernel == "c":
+            _c_kernel_fixups(config, linked)
+        if len(linked.sites) > MAX_TRACED:
+            raise ObjectError(f"the objects have {len(linked.sites)} ftrace sites; at most {MAX_TRACED} are supported")
+        addr = asm_end + len(linked.text)
     end = _align(addr, 0x1000)
 
     # pass 2: inner labels to a fixed point (their units' encodings depend on other symbols), then
     # the final encodings
-    consts = _constants(config, starts["fn_000"])
+    consts = _constants(config, starts["fn_000"] if traced else 0)
+    user_values: dict[str, int] = {}
+    if linked is not None:
+        consts |= {"FTRACE_SITE_TABLE": SITE_TABLE, "NR_SITES": len(linked.sites)}
+        user_values = {n: linked.symbols[n] for n in user_globals if n in linked.symbols}
     inner: dict[str, int] = {n: far for u in units for n in u.inner}
     for _ in range(6):
-        values = starts | inner | consts
+        values = starts | inner | consts | user_values
         found = {}
         for u in units:
             found.update(_inner_labels(u, subst(u, values), starts[u.name]))
@@ -476,28 +641,53 @@ def build_kernel(config: KernelConfig = KernelConfig()) -> KernelImage:
         inner = found
     else:
         raise ImageError("inner label addresses do not settle")
-    values = starts | inner | consts
+    values = starts | inner | consts | user_values
     text = bytearray(b"\xcc" * (end - TEXT_VA))
     sizes: dict[str, int] = {}
     order = list(starts.items())
     for idx, (unit, (name, start)) in enumerate(zip(units, order, strict=True)):
         code = _assemble(unit, subst(unit, values), start)
-        limit = order[idx + 1][1] if idx + 1 < len(order) else end
+        limit = order[idx + 1][1] if idx + 1 < len(order) else (end if linked is None else asm_end)
         if start + len(code) > limit:
             raise ImageError(f"{name} grew between passes ({len(code)} bytes)")
         text[start - TEXT_VA : start - TEXT_VA + len(code)] = code
         sizes[name] = len(code)
 
+    symbols = starts | inner
+    sites = {u.name: starts[u.name] for u in traced}
+    data_size, data_init, extra = DATA_SIZE, b"", {}
+    if linked is not None:
+        text[asm_end - TEXT_VA : asm_end - TEXT_VA + len(linked.text)] = linked.text
+        symbols |= {n: a for n, (a, _size) in linked.functions.items()}
+        sizes |= {n: size for n, (_a, size) in linked.functions.items()}
+        sites = dict(linked.sites)
+        table = sorted(sites.values())
+        padded = [*table, *[0] * (MAX_TRACED - len(table))]
+        data_init = bytes(SITE_TABLE - IMAGE_DATA_VA) + struct.pack(f"<{MAX_TRACED}Q", *padded)
+        data_init += linked.data
+        data_size = len(data_init)
+        extra = {
+            "site_table": tuple(table),
+            "foreign": frozenset(linked.functions),
+            "data_init": data_init,
+            "jump_entries": linked.jump_entries,
+            "static_calls": linked.static_calls,
+            "object_symbols": dict(linked.symbols),
+        }
+    elif traced:
+        extra = {"site_table": tuple(starts[u.name] for u in traced)}
+
     image = KernelImage(
         config=config,
         text=bytes(text),
-        data_size=DATA_SIZE,
-        symbols=starts | inner,
+        data_size=data_size,
+        symbols=symbols,
         sizes=sizes,
-        sites={u.name: starts[u.name] for u in traced},
+        sites=sites,
         iret_sites=(),
         popf_sites=(),
         constants=consts,
+        **extra,
     )
     found_ = verify(image)
     image.iret_sites = found_.irets
@@ -525,16 +715,23 @@ def verify(image: KernelImage) -> Found:
     halts: list[int] = []
     boundaries: set[int] = set()
     starts = set(image.symbols.values())
+    spans = sorted((image.symbols[n], image.symbols[n] + size) for n, size in image.sizes.items())
     for name, size in image.sizes.items():
         start = image.symbols[name]
         code = image.text[start - TEXT_VA : start - TEXT_VA + size]
         pos = 0
         last = ""
+        foreign = name in image.foreign
         for insn in _CS.disasm(code, start):
             last = insn.mnemonic
             boundaries.add(insn.address)
             pos = insn.address - start + insn.size
             m = insn.mnemonic
+            if foreign:
+                _check_compiled(name, insn, spans)
+                if m == "popfq":
+                    popfs.append(insn.address)
+                continue
             if m == "iretq":
                 if bytes(insn.bytes) != b"\x48\xcf":
                     raise ImageError(f"{name}: iretq at {insn.address:#x} is not 48 cf")
@@ -560,17 +757,50 @@ def verify(image: KernelImage) -> Found:
                 inside = start <= target < start + image.sizes[name]
                 if not inside and target not in starts:
                     raise ImageError(f"{name}: {m} at {insn.address:#x} goes to {target:#x}, which is no symbol")
+        if pos != len(code) and foreign:
+            raise ObjectError(
+                f"{name}: capstone stops decoding at +{pos:#x} of {len(code)} bytes: "
+                f"{code[pos : pos + 8].hex(' ')} (data inside a function?)"
+            )
         if pos != len(code):
             raise ImageError(
                 f"{name}: capstone stops decoding at +{pos:#x} of {len(code)} bytes: {code[pos : pos + 8].hex(' ')}"
             )
-        if last not in ("jmp", "ret", "iretq", "ud2"):
+        if last not in ("jmp", "ret", "iretq", "ud2") and not foreign:
             raise ImageError(f"{name} ends with {last!r}: it could fall through into the next unit")
     for fn, site in image.sites.items():
         got = image.text[site - TEXT_VA : site - TEXT_VA + 5]
         if got != FTRACE_NOP:
             raise ImageError(f"{fn}: site at {site:#x} holds {got.hex(' ')}, not the ftrace nop")
     return Found(tuple(irets), tuple(popfs), tuple(halts), frozenset(boundaries))
+
+
+#: instructions compiled code may not contain: the machine needs each of these where it can see it
+_FORBIDDEN = {
+    "iretq": "returns from interrupts are the entry code's",
+    "iret": "returns from interrupts are the entry code's",
+    "hlt": "the machine uses hlt only to end bounded runs",
+    "sti": "the machine does not model the sti shadow; restore interrupts with popfq (local_irq_restore)",
+}
+_VECTOR_REGS = re.compile(r"\b([xyz]mm\d+|mm\d|k[0-7])\b")
+
+
+def _check_compiled(name: str, insn, spans: list[tuple[int, int]]) -> None:
+    """What compiled code must not do in this kernel (a loaded object's function)."""
+    m = insn.mnemonic
+    where = f"{name}: {m} at {insn.address:#x}"
+    if m in _FORBIDDEN:
+        raise ObjectError(f"{where}: {_FORBIDDEN[m]}")
+    if _VECTOR_REGS.search(insn.op_str):
+        raise ObjectError(
+            f"{where} uses SSE/AVX/MMX registers ({insn.op_str}); kernel code may not: "
+            "compile with -mgeneral-regs-only (gcc) or -mno-sse -mno-mmx -mno-avx (clang)"
+        )
+    if m in ("call", "jmp") and insn.operands and insn.operands[0].type == 2:
+        target = insn.operands[0].imm & (2**64 - 1)
+        i = bisect.bisect_right(spans, (target, 2**64)) - 1
+        if i < 0 or not spans[i][0] <= target < spans[i][1]:
+            raise ObjectError(f"{where} goes to {target:#x}, which is in no function")
 
 
 def call_bytes(site: int, target: int) -> bytes:

@@ -8,22 +8,32 @@ stall (per CPU)       cycles a CPU spent away from its workload because of the p
                       IPI's handler, in the stop_machine stopper, in int3 traps
 total_lost_cycles     the patcher's latency plus every other CPU's stall
 syncs, ipis, int3_hits, and who the patcher waited for longest
+
+and from a real-time task's point of view (`metrics.InterruptionMeter`, `textpoke.rt`):
+
+max_interruption_cycles  per CPU, the longest stretch during the operation in which that CPU could
+                         not run a newly woken task (in a handler, or interrupts off); the worst
+                         over the CPUs other than the patcher
+rt_lateness_*            wake-up lateness of the periodic RT task on `rt_cpus` for the timer
+                         expiries that fell inside the operation: p50, p99, max
 """
 
 from __future__ import annotations
 
 import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cpus import CostModel, Machine, MachineConfig, SnoopModel
+from cpus import ConfigError, CostModel, Machine, MachineConfig, SnoopModel
 
 from .image import KernelConfig, Percpu, build_kernel
-from .metrics import StallMeter
+from .metrics import InterruptionMeter, StallMeter
 from .patcher import NmiReachableWarning, Patcher
+from .rt import lateness_stats, overruns, read_samples, recorded, rt_timer, setup_rt_task
 
-__all__ = ["LatencyConfig", "LatencyRow", "measure"]
+__all__ = ["LatencyConfig", "LatencyRow", "measure", "rt_cpus_for", "rt_summary"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,20 @@ class LatencyConfig:
     costs: CostModel = field(default_factory=CostModel)
     quantum: int = 1000
     fine_quantum: int = 200
+    #: ELF objects to build the kernel from (their first `sites` sites are patched)
+    objects: tuple[str, ...] = ()
+    kernel: str = "asm"  # the built-in workload and traced functions: asm or c
+    #: CPUs running the periodic RT task (not the patcher: it runs the operation as Python code)
+    rt_cpus: tuple[int, ...] = ()
+    rt_period: int = 10_000
+
+    def __post_init__(self) -> None:
+        for c in self.rt_cpus:
+            if not 1 <= c < self.cpus:
+                raise ConfigError(
+                    f"RT task CPU {c}: choose among CPUs 1..{self.cpus - 1} (CPU 0 is the patcher, "
+                    "whose work is Python code that takes no interrupts)"
+                )
 
 
 @dataclass
@@ -64,6 +88,15 @@ class LatencyRow:
     sync_waits: list[int]
     rendezvous_cycles: int
     phases: list[tuple[int, int, str]]
+    #: the longest interruption of each CPU other than the patcher, and the worst of them
+    interruption_by_cpu: dict[int, int] = field(default_factory=dict)
+    max_interruption_cycles: int = 0
+    #: lateness of every RT task wake-up whose expiry fell inside the operation, and its summary
+    rt_lateness: list[int] = field(default_factory=list)
+    rt_lateness_p50: float | None = None
+    rt_lateness_p99: float | None = None
+    rt_lateness_max: float | None = None
+    rt_overruns: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,8 +106,13 @@ class LatencyRow:
 
 def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     nr = max(cfg.functions, cfg.sites)
-    kernel = build_kernel(KernelConfig(nr_traced=nr))
+    kernel = build_kernel(
+        KernelConfig(objects=cfg.objects) if cfg.objects else KernelConfig(nr_traced=nr, kernel=cfg.kernel)
+    )
+    if len(kernel.sites) < cfg.sites:
+        raise ConfigError(f"the objects have {len(kernel.sites)} ftrace sites; cannot patch {cfg.sites}")
     meter = meter or StallMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
+    interruptions = InterruptionMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
     mc = MachineConfig(
         cpus=cfg.cpus,
         seed=cfg.seed,
@@ -82,8 +120,11 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         fine_quantum=cfg.fine_quantum,
         costs=cfg.costs,
         snoop=SnoopModel(),
+        timer_sources=(rt_timer(cfg.rt_cpus, cfg.rt_period),) if cfg.rt_cpus else (),
     )
-    m = Machine(mc, kernel.boot_image("emulate"), [meter])
+    m = Machine(mc, kernel.boot_image("emulate"), [meter, interruptions])
+    interruptions.probe_irqoff(m)
+    rt_cpus = setup_rt_task(m) if cfg.rt_cpus else ()
     busy_cpus = [c for c in range(1, cfg.cpus)] if cfg.busy else []
     for c in busy_cpus:
         _irqoff(m, c, mask=3, length=max(cfg.irqoff_len // 10, 1))
@@ -94,11 +135,23 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     patcher = Patcher(m, kernel, timeout=2_000_000_000)
     m.run(cfg.warmup)
     meter.reset()
+    rt_before = {c: recorded(m, c) for c in rt_cpus}
+    rt_overruns = sum(overruns(m, c) for c in rt_cpus)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NmiReachableWarning)  # no NMIs in latency runs
         report = patcher.enable_ftrace(sites, protocol=cfg.protocol)
     m.run(2_000)  # let the last handlers return
+    drained = m.now()
     others = [c for c in range(cfg.cpus) if c != mc.patcher_cpu]
+    worst = {c: interruptions.longest(c, report.start, drained) for c in others}
+    # a tick that expired during the operation may be taken a little after it: read until drained
+    lateness = [
+        x.lateness
+        for c in rt_cpus
+        for x in read_samples(m, c, rt_before[c], strict=False)  # a very long operation keeps its last
+        if report.start <= x.expected <= report.end
+    ]
+    rt = lateness_stats(lateness)
     stalls = [meter.stall.get(c, 0) for c in others]
     last: dict[int, int] = {}
     for s in report.syncs:
@@ -124,6 +177,13 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         sync_waits=[s.wait for s in report.syncs],
         rendezvous_cycles=report.rendezvous,
         phases=report.phases,
+        interruption_by_cpu=worst,
+        max_interruption_cycles=max(worst.values(), default=0),
+        rt_lateness=lateness,
+        rt_lateness_p50=rt["p50"],
+        rt_lateness_p99=rt["p99"],
+        rt_lateness_max=rt["max"],
+        rt_overruns=sum(overruns(m, c) for c in rt_cpus) - rt_overruns,
     )
 
 
@@ -131,3 +191,29 @@ def _irqoff(m: Machine, cpu: int, mask: int, length: int) -> None:
     base = m.layout.percpu_va(cpu)
     m.write(base + Percpu.IRQOFF_MASK, struct.pack("<Q", mask))
     m.write(base + Percpu.IRQOFF_LEN, struct.pack("<Q", length))
+
+
+def rt_cpus_for(spec: Sequence[int], cpus: int) -> tuple[int, ...]:
+    """The RT task's CPUs on a `cpus`-CPU machine: negative entries count from the end (-1 is the
+    last CPU), so one list fits every CPU count of a sweep."""
+    out = set()
+    for c in spec:
+        real = cpus + c if c < 0 else c
+        if not 1 <= real < cpus:
+            raise ConfigError(f"RT task CPU {c} does not exist (or is the patcher) on a {cpus}-CPU machine")
+        out.add(real)
+    return tuple(sorted(out))
+
+
+def rt_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The real-time figures of one configuration over its seeds: the worst interruption over CPUs
+    and seeds (a worst case is not averaged), and lateness percentiles over every sample pooled."""
+    stats = lateness_stats([x for r in rows for x in r["rt_lateness"]])
+    return {
+        "max_interruption_cycles": max(r["max_interruption_cycles"] for r in rows),
+        "rt_samples": sum(len(r["rt_lateness"]) for r in rows),
+        "rt_lateness_p50": stats["p50"],
+        "rt_lateness_p99": stats["p99"],
+        "rt_lateness_max": stats["max"],
+        "rt_overruns": sum(r["rt_overruns"] for r in rows),
+    }

@@ -8,9 +8,10 @@ Classes
 -------
 torn-fetch              a CPU executed site bytes that are neither the old instruction, nor the new
                         one, nor an int3 followed by either tail
-unsynced-modification   a CPU executed a site (not an int3) whose bytes other than the first changed
-                        since its last serializing event (the SDM's cross-modifying-code hazard),
-                        even if the bytes decode cleanly
+unsynced-modification   a CPU executed a site whose bytes changed since it last executed a
+                        serializing instruction (iretq, cpuid; not an event delivery), even if the
+                        bytes decode cleanly. Which changes count depends on the cross-modifying-code
+                        rule (`xmc_rule`, below)
 crash                   any fault of a CPU
 unhandled-int3          an int3 the #BP handler could not attribute (the kernel would die)
 stale-after-completion  a CPU executed a transitional or old instruction after the operation returned
@@ -19,10 +20,23 @@ missed-call             a traced call that did not reach a tracer: counted when 
 extra-call              a tracer saw more calls than CPUs executed traced sites
 nmi-corruption, lost-nmi  the NMI classes (see `textpoke.nmi_oracle`)
 
+Cross-modifying-code rules
+--------------------------
+linux (default)  the rule text_poke_bp relies on: an int3 written over a site's first byte, and then
+                 the new first byte, may be executed without serializing (an informal vendor
+                 assurance, not in the SDM); so an int3 execution is never flagged, and a site counts
+                 as modified only when bytes other than the first changed.
+sdm              the SDM's cross-modifying-code algorithm: every executing CPU serializes before it
+                 runs modified code, with no exemption. Any change counts, and any execution of a
+                 modified site is flagged, int3 included. text_poke_bp itself breaks this rule.
+The CPU that wrote is exempt under both: text_poke ends with a serializing CR3 write.
+
 Accounting: every call of a traced function runs its site exactly once, so after a drained run the
 number of site executions per CPU and function equals the workload's plus the NMI handler's own
 counts of calls, and the calls each tracer counted equal the executions whose effective instruction
-was a call to it.
+was a call to it. In a kernel built from the user's objects the compiled code keeps no counts of its
+own, so only the second equation is checked: each tracer's per-CPU, per-site count against the site
+executions that called it.
 """
 
 from __future__ import annotations
@@ -32,12 +46,12 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cpus import Crash, Machine
+from cpus import ConfigError, Crash, Machine
 from cpus.disasm import describe
 
 from .image import FTRACE_NOP, KernelImage, Percpu
 
-__all__ = ["CLASSES", "COUNTED", "SafetyOracle", "Verdict", "Violation"]
+__all__ = ["CLASSES", "COUNTED", "XMC_RULES", "SafetyOracle", "Verdict", "Violation"]
 
 CLASSES = (
     "torn-fetch",
@@ -53,6 +67,8 @@ CLASSES = (
 #: classes that are counted, and are violations only where the scenario says the call must not drop
 COUNTED = ("missed-call", "extra-call")
 INT3 = 0xCC
+#: cross-modifying-code rules the oracle can judge by (see the module docstring)
+XMC_RULES = ("linux", "sdm")
 _MAX_KEPT = 50  # violations kept with details per class (all are counted)
 
 
@@ -94,6 +110,10 @@ class Verdict:
     counts: Counter = field(default_factory=Counter)
     accounting: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    #: why the run has no full verdict (a patch operation ran out of its cycle budget while still
+    #: making progress); what was seen before that is kept, nothing after it is judged
+    incomplete: str | None = None
+    by_cpu: Counter = field(default_factory=Counter)  # cpu -> violation events
 
     @property
     def failed_classes(self) -> list[str]:
@@ -104,6 +124,8 @@ class Verdict:
         return not self.counts
 
     def summary(self) -> str:
+        if self.incomplete and self.ok:
+            return f"seed {self.seed}: incomplete, {self.incomplete} (trace {self.trace_hash})"
         if self.ok:
             return f"seed {self.seed}: ok (trace {self.trace_hash})"
         parts = ", ".join(f"{k} x{self.counts[k]}" for k in self.failed_classes)
@@ -113,9 +135,12 @@ class Verdict:
 class SafetyOracle:
     """Instrument of the machine and listener of the patcher."""
 
-    def __init__(self, kernel: KernelImage, ncpus: int) -> None:
+    def __init__(self, kernel: KernelImage, ncpus: int, xmc_rule: str = "linux") -> None:
+        if xmc_rule not in XMC_RULES:
+            raise ConfigError(f"unknown cross-modifying-code rule {xmc_rule!r}; choose from {', '.join(XMC_RULES)}")
         self.kernel = kernel
         self.ncpus = ncpus
+        self.xmc_rule = xmc_rule
         self.tracers = {
             kernel.symbols["ftrace_caller"]: "ftrace_caller",
             kernel.symbols["ftrace_caller_alt"]: "ftrace_caller_alt",
@@ -130,6 +155,7 @@ class SafetyOracle:
         self.dirty: defaultdict[int, set[int]] = defaultdict(set)
         self.violations: list[Violation] = []
         self.counts: Counter = Counter()
+        self.by_cpu: Counter = Counter()  # cpu -> violation events
         self.fetches: Counter = Counter()  # (cpu, site) -> executions
         self.traced: Counter = Counter()  # (cpu, site, tracer) -> executions that call the tracer
         self.int3_hits: Counter = Counter()  # cpu -> site executions that trapped
@@ -143,6 +169,7 @@ class SafetyOracle:
         }
         self.machine: Machine | None = None
         self.nmi_counts: Counter = Counter()
+        self.incomplete: str | None = None  # set when an operation is abandoned before its end
 
     def attach(self, m: Machine) -> None:
         """Give the oracle the machine it judges (stack snapshots) and the handler probe."""
@@ -151,7 +178,10 @@ class SafetyOracle:
 
     # -- reporting ---------------------------------------------------------------------------------
     def _flag(self, kind: str, cpu: int, time: int, site: int | None, code: bytes, detail: str) -> None:
+        if self.incomplete is not None:
+            return  # an abandoned operation: what follows is not the protocol's doing
         self.counts[kind] += 1
+        self.by_cpu[cpu] += 1
         if sum(1 for v in self.violations if v.kind == kind) < _MAX_KEPT:
             where = site if site is not None else 0
             v = Violation(kind, cpu, time, site, code, describe(code, where) if code else "", detail)
@@ -176,6 +206,9 @@ class SafetyOracle:
     def on_op_hang(self, op, time: int, why: str) -> None:
         self._flag("crash", 0, time, None, b"", f"patch operation hung: {why}")
 
+    def on_op_incomplete(self, op, time: int, why: str) -> None:
+        self.incomplete = why
+
     # -- machine instrument ------------------------------------------------------------------------
     def on_text_write(self, cpu: int, time: int, addr: int, data: bytes) -> None:
         for site, cur in self.mem.items():
@@ -187,7 +220,8 @@ class SafetyOracle:
                     if 0 <= j < n:
                         new[j] = b
                 new_b = bytes(new)
-                if new_b[1:] != cur[1:]:
+                modified = (new_b != cur) if self.xmc_rule == "sdm" else (new_b[1:] != cur[1:])
+                if modified:
                     for c in range(self.ncpus):
                         if c != cpu:
                             self.dirty[c].add(site)
@@ -202,6 +236,15 @@ class SafetyOracle:
         self.fetches[(cpu, site)] += 1
         first = code[0]
         act = self.active.get(site)
+        if first == INT3 and self.xmc_rule == "sdm" and site in self.dirty.get(cpu, ()):
+            self._flag(
+                "unsynced-modification",
+                cpu,
+                time,
+                site,
+                code,
+                "executed (an int3) after its bytes changed without a serializing instruction since (SDM rule)",
+            )
         # what the execution does for the tracers
         if first == INT3:
             self.int3_hits[cpu] += 1
@@ -221,7 +264,7 @@ class SafetyOracle:
                     time,
                     site,
                     code,
-                    "executed after its tail changed without a serializing event since",
+                    "executed after its bytes changed without a serializing instruction since",
                 )
         # legality of the bytes
         if act is not None:
@@ -350,11 +393,14 @@ class SafetyOracle:
             if cpu.crash is not None:
                 continue
             calls = fetched = ft = ft_alt = exp_ft = exp_alt = 0
-            for i in range(k.config.nr_traced):
-                site = k.site_of(i)
-                wl = m.percpu(cpu.index, Percpu.WL_COUNT + 8 * i)
-                nm = m.percpu(cpu.index, Percpu.NMI_CALLS + 8 * i)
+            for i, site in enumerate(k.site_table):
                 f = self.fetches[(cpu.index, site)]
+                if k.user_code:
+                    # compiled code counts nothing itself: each execution of a site is one call
+                    wl, nm = f, 0
+                else:
+                    wl = m.percpu(cpu.index, Percpu.WL_COUNT + 8 * i)
+                    nm = m.percpu(cpu.index, Percpu.NMI_CALLS + 8 * i)
                 a = m.percpu(cpu.index, Percpu.FT_COUNT + 8 * i)
                 b = m.percpu(cpu.index, Percpu.FT_ALT_COUNT + 8 * i)
                 ea = self.traced[(cpu.index, site, "ftrace_caller")]
@@ -387,5 +433,9 @@ class SafetyOracle:
         return {"exact": exact, "per_cpu": rows}
 
     def verdict(self, m: Machine, seed: int, drained: bool) -> Verdict:
-        accounting = self.reconcile(m) if drained else {"exact": None, "per_cpu": []}
-        return Verdict(seed, m.trace_hash, list(self.violations), Counter(self.counts), accounting)
+        accounting = self.reconcile(m) if drained and self.incomplete is None else {"exact": None, "per_cpu": []}
+        verdict = Verdict(
+            seed, m.trace_hash, list(self.violations), Counter(self.counts), accounting, by_cpu=Counter(self.by_cpu)
+        )
+        verdict.incomplete = self.incomplete
+        return verdict

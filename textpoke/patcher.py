@@ -12,6 +12,16 @@ Rules
 2. The #BP descriptors are published before the first int3 and withdrawn only after the final sync
    (unless a mutation says otherwise); withdrawing waits until no handler holds a reference.
 3. Operations are serialized (Linux holds text_mutex): one at a time.
+4. Hung or merely slow. A wait (a sync, the stop_machine rendezvous and release, the withdrawal of
+   the descriptors) that sees no progress -- no further CPU acknowledging, no reference dropped --
+   for `stall` cycles is *hung*: a CPU can never answer (it died or spins with interrupts off), as a
+   kernel would hang; that is reported (`PatchReport.hung`) and judged by the oracle. `stall` is
+   derived from the cost model and the longest interrupts-off section a workload runs, so that one
+   CPU's slowest legitimate answer always fits in it. Separately, the whole operation has a cycle
+   budget that grows with its work (its steps, the CPUs, the costs); running out of it while the
+   waits are still making progress leaves the operation *incomplete* (`PatchReport.incomplete`):
+   no verdict either way, never a violation. The patching CPU is a CPU like any other: if it
+   crashes, or never comes back from an interrupt handler to run the agent, the operation is hung.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from cpus import AgentTimeout, Delay, Fine, Machine, SendIpi, TextpokeError, Vector, WaitUntil, WriteText
+from cpus import AgentStuck, AgentTimeout, Delay, Fine, Machine, SendIpi, TextpokeError, Vector, WaitUntil, WriteText
 from cpus.disasm import describe, insn_length
 
 from . import bpdesc
@@ -83,6 +93,8 @@ class PatchReport:
     release: int = 0  # cycles it waited for them to leave
     steps: tuple[Step, ...] = ()
     hung: str | None = None  # what the patcher was still waiting for when it was given up
+    #: why the operation was abandoned although it was making progress (its cycle budget ran out)
+    incomplete: str | None = None
     #: (start, end, what) for every step the patcher performed: its phases on a timeline
     phases: list[tuple[int, int, str]] = field(default_factory=list)
 
@@ -125,12 +137,36 @@ def _phase_name(step: Step) -> str:
     return type(step).__name__.lower()
 
 
+class _Hung(Exception):
+    """Raised inside the agent when a wait made no progress for `Patcher.stall` cycles."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.label = label
+
+
+#: cycles a wait may go without progress before it is hung, before the costs are added
+_STALL_BASE = 1_000_000
+#: the cycle budget of an operation is its stall window plus this many times its expected cost
+_BUDGET_FACTOR = 20
+
+
 class Patcher:
+    """Performs patch operations on a machine. `timeout`: the cycle budget of each operation (None:
+    derived from its work, see rule 4); `stall`: cycles without progress after which a wait is hung
+    (None: derived from the cost model and the workloads' interrupts-off sections)."""
+
     def __init__(
-        self, machine: Machine, kernel: KernelImage, skip_mode: bool = False, timeout: int = 3_000_000
+        self,
+        machine: Machine,
+        kernel: KernelImage,
+        skip_mode: bool = False,
+        timeout: int | None = None,
+        stall: int | None = None,
     ) -> None:
         self.m = machine
         self.timeout = timeout
+        self._stall = stall
         self.kernel = kernel
         self.cpu = machine.config.patcher_cpu
         self.skip_mode = skip_mode
@@ -157,7 +193,7 @@ class Patcher:
             if r.site not in self.kernel.boundaries:
                 raise PatchError(f"{where} is not an instruction boundary")
             if r.site not in sites:
-                raise PatchError(f"{where} ({describe(self.m.read(r.site, 5), r.site)}) is not a patchable site")
+                raise PatchError(f"{where} ({self._first_insn(r.site)}) is not a patchable site")
             if len(r.new) != sites[r.site]:
                 raise PatchError(f"{where}: replacement is {len(r.new)} bytes, the site is {sites[r.site]}")
             for lo, hi in seen:
@@ -174,6 +210,11 @@ class Patcher:
             if protocol in INT3_PROTOCOLS:
                 _decode_for_int3(r)
         return tuple(requests)
+
+    def _first_insn(self, site: int) -> str:
+        """The disassembly of the one instruction at `site` (text permitting: at most 15 bytes)."""
+        code = self.m.read(site, max(1, min(15, self.m.text_hi - site)))
+        return describe(code[: insn_length(code) or len(code)], site)
 
     def _warn_nmi_reachable(self, reqs: Sequence[PatchRequest], protocol: str) -> None:
         from .callgraph import build_callgraph, reachable_sites
@@ -251,27 +292,101 @@ class Patcher:
         report = PatchReport(protocol, mutation, reqs, steps=steps)
         op = Operation(reqs, protocol, self.skip_mode)
         self._busy = True
+        budget = self.timeout if self.timeout is not None else self.budget(steps)
         try:
             for li in self.listeners:
                 getattr(li, "on_op_start", lambda *_: None)(op, self.m.cpus[self.cpu].clock)
             try:
-                self.m.run_agent(self.cpu, self._agent(steps, report), limit=self.timeout)
-            except AgentTimeout as hang:
-                report.hung = hang.waiting_for or "?"
+                self.m.run_agent(self.cpu, self._agent(steps, report), limit=budget)
+            except AgentStuck as lost:
+                # the patching CPU itself died or hangs in a handler: the operation never ends
+                report.hung = lost.why
                 report.end = self._now()
                 for li in self.listeners:
-                    getattr(li, "on_op_hang", lambda *_: None)(op, report.end, str(hang))
-            else:
+                    getattr(li, "on_op_hang", lambda *_: None)(op, report.end, str(lost))
+            except AgentTimeout as timeout:
+                report.incomplete = f"{timeout} while still making progress"
+                report.end = self._now()
                 for li in self.listeners:
-                    getattr(li, "on_op_end", lambda *_: None)(op, report.end)
+                    getattr(li, "on_op_incomplete", lambda *_: None)(op, report.end, report.incomplete)
+            else:
+                if report.hung is not None:
+                    why = f"no progress for {self.stall:,} cycles (waiting for {report.hung})"
+                    for li in self.listeners:
+                        getattr(li, "on_op_hang", lambda *_: None)(op, report.end, why)
+                else:
+                    for li in self.listeners:
+                        getattr(li, "on_op_end", lambda *_: None)(op, report.end)
         finally:
             self._busy = False
         self.reports.append(report)
         return report
 
     # ------------------------------------------------------------------------------------------
+    # Limits (rule 4)
+    # ------------------------------------------------------------------------------------------
+    @property
+    def stall(self) -> int:
+        """Cycles a wait may go without progress before the operation is hung: room for one CPU's
+        slowest legitimate answer (the IPI on its way, the longest interrupts-off section of any
+        workload, the stopper's wakeup, the handler's entry and return), many times over."""
+        if self._stall is not None:
+            return self._stall
+        c = self.m.costs
+        ncpu = len(self.m.cpus)
+        irqoff = max(
+            self.m.percpu(i, Percpu.IRQOFF_LEN) if self.m.percpu(i, Percpu.IRQOFF_MASK) else 0 for i in range(ncpu)
+        )
+        answer = c.ipi_send * ncpu + c.ipi_latency + c.stopper_wakeup + 2 * (c.event_entry + c.iret + c.poll)
+        return _STALL_BASE + 10 * answer + 4 * irqoff * 3 * c.instruction
+
+    def budget(self, steps: Sequence[Step]) -> int:
+        """The cycle budget of an operation made of `steps`: its stall window plus many times what
+        the steps are expected to cost (every text write, every wait of every CPU)."""
+        c = self.m.costs
+        ncpu = len(self.m.cpus)
+        wait = c.ipi_send * ncpu + c.ipi_latency + c.stopper_wakeup + 4 * (c.event_entry + c.iret + c.poll)
+        wait += 4 * self.m.config.quantum * c.instruction
+        expected = 0
+        for step in steps:
+            if isinstance(step, Poke):
+                expected += c.text_write
+            elif isinstance(step, Publish):
+                expected += c.poll * (1 + len(step.requests))
+            else:
+                expected += wait
+        return self.stall + _BUDGET_FACTOR * expected
+
+    # ------------------------------------------------------------------------------------------
     # The agent: steps -> machine actions
     # ------------------------------------------------------------------------------------------
+    def _wait(self, done: Callable[[], bool], label: str, progress: Callable[[], object]):
+        """Spin until `done()`; raise `_Hung` when `progress()` has not changed for `stall` cycles.
+        While the wait goes on, the predicate answers exactly as `done()` does, so a run that does
+        not hang is the same run, cycle for cycle, whatever the limits."""
+        limit = self.stall
+        state = {"key": progress(), "since": self._now(), "hung": False}
+
+        def predicate() -> bool:
+            if done():
+                return True
+            now, key = self._now(), progress()
+            if key != state["key"]:
+                state["key"], state["since"] = key, now
+            elif now - state["since"] >= limit:
+                state["hung"] = True
+                return True
+            return False
+
+        yield WaitUntil(predicate, label)
+        if state["hung"]:
+            raise _Hung(label)
+
+    def _counter(self, offset: int, cpus: tuple[int, ...]) -> Callable[[], int]:
+        """The sum of a per-CPU counter over `cpus`: a wait's progress."""
+        m = self.m
+        return lambda: sum(m.percpu(c, offset) for c in cpus)
+
     def _targets(self) -> tuple[int, ...]:
         return tuple(c.index for c in self.m.cpus if c.index != self.cpu and c.runnable)
 
@@ -287,9 +402,17 @@ class Patcher:
         return done
 
     def _agent(self, steps: Sequence[Step], report: PatchReport):
-        m = self.m
         report.start = self._now()
         yield Fine(True)
+        try:
+            yield from self._steps(steps, report)
+        except _Hung as hang:
+            report.hung = hang.label
+        yield Fine(False)
+        report.end = self._now()
+
+    def _steps(self, steps: Sequence[Step], report: PatchReport):
+        m = self.m
         for step in steps:
             t_step = self._now()
             if isinstance(step, Publish):
@@ -306,7 +429,7 @@ class Patcher:
             elif isinstance(step, Withdraw):
                 if not bpdesc.drop_ref(m):
                     m.trace.add((self._now(), self.cpu, "refs-corrupt", "bp_desc refs already 0 at withdrawal"))
-                yield WaitUntil(lambda: bpdesc.read_refs(m) == 0, "bp_desc refs")
+                yield from self._wait(lambda: bpdesc.read_refs(m) == 0, "bp_desc refs", lambda: bpdesc.read_refs(m))
             elif isinstance(step, Rendezvous):
                 m.write(STOP_STATE, struct.pack("<Q", 1))
                 t0 = self._now()
@@ -316,13 +439,12 @@ class Patcher:
                 before = {c: m.percpu(c, Percpu.STOP_EXIT) for c in self._targets()}
                 m.write(STOP_STATE, struct.pack("<Q", 0))
                 t0 = self._now()
-                yield WaitUntil(self._wait_all(Percpu.STOP_EXIT, before, "release"), "release")
+                left = self._wait_all(Percpu.STOP_EXIT, before, "release")
+                yield from self._wait(left, "release", self._counter(Percpu.STOP_EXIT, tuple(before)))
                 report.release += self._now() - t0
             else:  # pragma: no cover - the Step union is closed
                 raise PatchError(f"unknown step {step!r}")
             report.phases.append((t_step, self._now(), _phase_name(step)))
-        yield Fine(False)
-        report.end = self._now()
 
     def _sync(self, label: str, offset: int, vector: int, report: PatchReport, record: bool = True):
         m = self.m
@@ -340,6 +462,6 @@ class Patcher:
                     acked[c] = now - t0
             return len(acked) == len(before)
 
-        yield WaitUntil(done, label)
+        yield from self._wait(done, label, lambda: len(acked))
         if record:
             report.syncs.append(SyncRecord(label, t0, self._now(), targets, tuple(acked.get(c, 0) for c in targets)))

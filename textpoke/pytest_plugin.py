@@ -9,8 +9,9 @@ Fixtures
 textpoke_kernel     the assembled kernel (session-wide)
 textpoke_machine    factory: a booted machine with the safety oracle attached (machine.oracle)
 textpoke_patcher    factory: a Patcher for a machine from `textpoke_machine`
-textpoke_scenario   runner: keyword arguments of `textpoke.scenario.Scenario` plus `seed`; returns the
-                    Outcome (verdict, operation reports)
+textpoke_scenario   runner: keyword arguments of `textpoke.scenario.Scenario` plus `seed` (among them
+                    `xmc_rule="linux"|"sdm"` and `nmi_cpus="all"|"workers"`); returns the Outcome
+                    (verdict, operation reports)
 assert_safe         fails with the verdict, the first violations, the replay command and the annotated
                     trace around the first violation when an outcome has any violation
 """

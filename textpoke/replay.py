@@ -3,7 +3,9 @@
 The run is repeated with every trace record kept (same seed, same trace hash), and the listing
 interleaves, in the order the machine processed them: text writes, what each CPU executed at the
 sites while an operation was in flight (with capstone disassembly), decoded copies refreshed by
-snoops, event deliveries and `iretq`s, IPIs, NMIs, crashes, and the oracle's violations.
+snoops, event deliveries and `iretq`s, IPIs, NMIs, crashes, and the oracle's violations. A CPU that
+drops stale decoded copies says which serializing instruction made it (`iretq`, `cpuid`, or the
+patcher's own sync_core); a delivery never does, since delivering an event does not serialize.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rich.console import Console
 from cpus.delivery import Vector
 from cpus.disasm import describe
 
+from .cli_support import open_whole
 from .image import KernelImage
 from .scenario import Scenario, _kernel, run_scenario
 
@@ -97,7 +100,7 @@ def _record_dict(rec: tuple) -> dict[str, Any]:
         "nmi": ("source", "outcome"),
         "decode": ("site", "code"),
         "snoop": ("site", "code"),
-        "serialize": ("dropped",),
+        "serialize": ("dropped", "cause"),
         "crash": ("reason", "rip", "code"),
         "watch": ("site",),
         "unwatch": ("site",),
@@ -137,6 +140,9 @@ def _fmt(d: dict[str, Any], sym: Symbolizer) -> str:
         code = d["code"]
         shown = f"{code.hex(' ')} ({describe(code, d['rip'])})" if code else "<unmapped>"
         return head + f"CRASH     {d['reason']} at {sym(d['rip'])}: {shown}"
+    if kind == "serialize":
+        n = d["dropped"]
+        return head + f"serialize {d.get('cause', '?')}: drops {n} stale decoded cop{'y' if n == 1 else 'ies'}"
     if kind == "run":
         return head + f"runs      {d['instructions']} instructions from {sym(d['rip'])}"
     if kind == "VIOLATION":
@@ -196,9 +202,8 @@ def replay(
     out.print(f"[bold]{sc.label()}  seed {seed}[/bold]")
     out.print(f"trace hash {v.trace_hash} ({m.trace.count} records)")
     lines = 0
-    fh = listing.open("w") if listing else None
-    jh = jsonl.open("w") if jsonl else None
-    try:
+    # each file appears whole when the listing is done, or not at all
+    with open_whole(listing) as fh, open_whole(jsonl) as jh:
         for d, line in annotated_listing(m.trace.records, rec.events, sym, show_runs):
             if jh:
                 jh.write(json.dumps(_jsonable(d)) + "\n")
@@ -208,11 +213,6 @@ def replay(
                 style = "red" if d["kind"] in ("VIOLATION", "crash") else None
                 out.print(line, style=style, markup=False, highlight=False)
             lines += 1
-    finally:
-        if fh:
-            fh.close()
-        if jh:
-            jh.close()
     if limit and lines > limit:
         out.print(f"... {lines - limit} more lines (--limit 0 shows all, --out FILE writes all)")
     for r in outcome.reports:

@@ -10,9 +10,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.patches import Patch
 
-__all__ = ["markdown_table", "plot_latency", "plot_timeline"]
+from .rt import lateness_stats
+
+__all__ = ["markdown_table", "plot_latency", "plot_rt", "plot_timeline"]
 
 COLORS = {
     "workload": "#d9e6f2",
@@ -131,6 +134,90 @@ def plot_latency(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: P
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_rt(rows: Sequence[dict[str, Any]], path: Path, title: str = "what a real-time task sees") -> Path:
+    """The real-time figures of `textpoke latency` rows (LatencyRow.as_dict): the worst interruption
+    and the RT task's lateness p99, each against the CPU count (a line per protocol and batch size)
+    and against the batch size (a line per protocol and CPU count), worst or pooled over seeds; and
+    a histogram of every lateness sample per protocol."""
+    styles = {"bp": "o-", "bp-batch": "s-", "stop-machine": "^-", "naive-atomic": "x--", "naive-bytes": "x:"}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+
+    def pooled(key: str, a: str, b: str) -> dict[tuple[str, int], dict[int, float]]:
+        """(protocol, a) -> {b: the worst (`max_interruption_cycles`) or the pooled p99 (lateness)}"""
+        cells: dict[tuple[str, int], dict[int, list]] = {}
+        for r in rows:
+            cells.setdefault((r["protocol"], r[a]), {}).setdefault(r[b], []).append(r)
+        out: dict[tuple[str, int], dict[int, float]] = {}
+        for k, by in cells.items():
+            for x, rs in by.items():
+                if key == "max_interruption_cycles":
+                    v = float(max(r[key] for r in rs))
+                else:
+                    p99 = lateness_stats([s for r in rs for s in r["rt_lateness"]])["p99"]
+                    if p99 is None:
+                        continue
+                    v = p99
+                out.setdefault(k, {})[x] = v
+        return out
+
+    panels = [
+        (axes[0][0], "max_interruption_cycles", "sites", "cpus", "worst interruption (cycles) vs CPUs"),
+        (axes[0][1], "max_interruption_cycles", "cpus", "sites", "worst interruption (cycles) vs sites per batch"),
+        (axes[1][0], "rt_lateness", "sites", "cpus", "RT task lateness p99 (cycles) vs CPUs"),
+        (axes[1][1], "rt_lateness", "cpus", "sites", "RT task lateness p99 (cycles) vs sites per batch"),
+    ]
+    for ax, key, line, x, name in panels:
+        for (protocol, v), by in sorted(pooled(key, line, x).items()):
+            xs = sorted(by)
+            label = f"{protocol}, {v} {'site(s)' if line == 'sites' else 'CPUs'}"
+            ax.plot(xs, [by[k] for k in xs], styles.get(protocol, "o-"), label=label, markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("CPUs" if x == "cpus" else "sites patched in one operation")
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    ax = axes[0][2]
+    by_protocol: dict[str, list[int]] = {}
+    for r in rows:
+        by_protocol.setdefault(r["protocol"], []).extend(r["rt_lateness"])
+    samples = [v for vs in by_protocol.values() for v in vs]
+    if samples:
+        low = max(min(samples), 1) / 1.2
+        bins = np.geomspace(low, max(max(samples), 2) * 1.2, 48)
+        for protocol, vs in sorted(by_protocol.items()):
+            if vs:
+                ax.hist([max(v, low) for v in vs], bins=bins, histtype="step", label=f"{protocol} ({len(vs)})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("lateness (cycles)")
+    ax.set_title("RT task wake-ups during the operation, every run", fontsize=10)
+    ax = axes[1][2]
+    worst = pooled("max_interruption_cycles", "cpus", "sites")
+    cpus = sorted({c for protocol, c in worst if protocol in ("stop-machine", "bp-batch")})
+    for c in cpus:
+        stop, bp = worst.get(("stop-machine", c), {}), worst.get(("bp-batch", c), {})
+        xs = sorted(set(stop) & set(bp))
+        if xs:
+            ax.plot(xs, [stop[x] / max(bp[x], 1) for x in xs], "o-", label=f"{c} CPUs", markersize=4)
+    if ax.lines:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sites patched in one operation")
+        ax.set_title("worst interruption, stop_machine / batched text_poke_bp", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    else:
+        ax.axis("off")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -8,17 +8,19 @@ the run's seed and trace hash. The same scenario and seed give the same verdict 
 
 from __future__ import annotations
 
+import shlex
 import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
-from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS
+from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS, NMI_CPUS
 
-from .image import BP_ENTRIES, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
-from .oracle import SafetyOracle, Verdict
+from .image import BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
+from .oracle import XMC_RULES, SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .protocols import MUTATIONS, PROTOCOLS
 
@@ -41,7 +43,7 @@ class Scenario:
     operation: str = "toggle"
     mutation: str | None = None
     nmi: str = "none"  # "none", or the NMI entry: naive, nested-safe, latch-cmpxchg, ...
-    #: perf-like NMIs per million cycles on each workload CPU (a watchdog adds one eighth of that)
+    #: perf-like NMIs per million cycles on each CPU `nmi_cpus` names (a watchdog adds one eighth of that)
     nmi_rate: int = 0
     #: aim extra NMIs at a window of the entry: "exit-window", "repeat" or "latch-window"
     nmi_aim: str | None = None
@@ -56,6 +58,15 @@ class Scenario:
     patch_sites: tuple[int, ...] | None = None
     #: "exact" or "fine": how the CPUs interleave (cpus/scheduler.py)
     interleave: str = DEFAULT_INTERLEAVE
+    #: ELF objects (paths) whose functions are the traced functions and whose textpoke_workload the
+    #: workload CPUs call (`sites` then does not apply: every site of the objects is patched)
+    objects: tuple[str, ...] = ()
+    #: the built-in workload and traced functions: "asm" or "c" (the same, compiled from C)
+    kernel: str = "asm"
+    #: which CPUs the NMI sources reach: "all" (the patcher too, as in Linux) or "workers"
+    nmi_cpus: str = "all"
+    #: the cross-modifying-code rule the oracle judges by: "linux" (text_poke_bp's) or "sdm"
+    xmc_rule: str = "linux"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -75,6 +86,16 @@ class Scenario:
                 raise ConfigError(f"NMI aim {self.nmi_aim!r} needs an NMI entry that has that window")
         if self.interleave not in INTERLEAVES:
             raise ConfigError(f"unknown interleave {self.interleave!r}; choose from {', '.join(INTERLEAVES)}")
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
+        if self.kernel != "asm" and self.objects:
+            raise ConfigError("objects replace the built-in workload and traced functions; the kernel must be asm")
+        if self.nmi_cpus not in NMI_CPUS:
+            raise ConfigError(f"unknown NMI CPU set {self.nmi_cpus!r}; choose from {', '.join(NMI_CPUS)}")
+        if self.xmc_rule not in XMC_RULES:
+            raise ConfigError(
+                f"unknown cross-modifying-code rule {self.xmc_rule!r}; choose from {', '.join(XMC_RULES)}"
+            )
         if self.mutation is not None and self.mutation not in MUTATIONS:
             raise ConfigError(f"unknown mutation {self.mutation!r}; choose from {', '.join(MUTATIONS)}")
         if not 2 <= self.cpus <= MAX_CPUS:
@@ -100,8 +121,16 @@ class Scenario:
             parts.append(f"nmi={self.nmi} rate={self.nmi_rate}")
             if self.nmi_aim:
                 parts.append(f"aim={self.nmi_aim}")
+            if self.nmi_cpus != "all":
+                parts.append(f"nmi-cpus={self.nmi_cpus}")
         if self.fred:
             parts.append("fred")
+        if self.objects:
+            parts[3] = "objects=" + ",".join(Path(o).name for o in self.objects)
+        if self.kernel != "asm":
+            parts.append(f"kernel={self.kernel}")
+        if self.xmc_rule != "linux":
+            parts.append(f"xmc={self.xmc_rule}")
         return " ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -123,6 +152,7 @@ class Outcome:
             "seed": v.seed,
             "trace_hash": v.trace_hash,
             "ok": v.ok,
+            "incomplete": v.incomplete,
             "violations": dict(v.counts),
             "accounting_exact": v.accounting.get("exact"),
             "operations": [
@@ -133,6 +163,7 @@ class Outcome:
                     "syncs": len(r.syncs),
                     "ipis": r.ipis,
                     "hung": r.hung,
+                    "incomplete": r.incomplete,
                 }
                 for r in self.reports
             ],
@@ -155,7 +186,13 @@ def aim_symbol(sc: Scenario) -> str | None:
 
 
 def _kernel(sc: Scenario):
-    return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=min(4, 1 << (sc.sites.bit_length() - 1))))
+    if sc.objects:
+        kernel = build_kernel(KernelConfig(objects=tuple(sc.objects)))
+        if not kernel.sites:
+            raise ConfigError("the objects have no ftrace sites: compile them with -pg -mfentry")
+        return kernel
+    nmi_funcs = min(4, 1 << (sc.sites.bit_length() - 1))
+    return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=nmi_funcs, kernel=sc.kernel))
 
 
 def run_scenario(
@@ -179,9 +216,10 @@ def run_scenario(
         nmi_sources=sources,
         snoop=snoop,
         keep_trace=keep_trace,
+        nmi_cpus=sc.nmi_cpus,
         interleave=sc.interleave,
     )
-    oracle = SafetyOracle(kernel, sc.cpus)
+    oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
     m = Machine(cfg, kernel.boot_image(sc.int3, nmi_entry), [oracle, *extra_instruments])
     oracle.attach(m)
@@ -198,8 +236,9 @@ def run_scenario(
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_MASK, struct.pack("<Q", 7))
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_LEN, struct.pack("<Q", sc.irqoff_len))
     m.watch(kernel.sites.values())
-    # a patch operation that has not returned after a million cycles is hung (a CPU never answers)
-    patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip", timeout=1_000_000)
+    # a wait without progress for the patcher's stall window is hung (a CPU never answers); an
+    # operation that runs out of its budget (scaled with its work) while progressing is incomplete
+    patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip")
     patcher.listeners.append(oracle)
     patcher.listeners.extend(e for e in extra_instruments if hasattr(e, "on_op_start"))
 
@@ -234,15 +273,23 @@ def run_scenario(
 def replay_command(sc: Scenario, seed: int) -> str:
     """The `textpoke replay` command line that reruns this scenario and seed."""
     parts = ["textpoke replay", str(seed), f"--protocol {sc.protocol}", f"--int3 {sc.int3}"]
-    parts += [f"--cpus {sc.cpus}", f"--sites {sc.sites}", f"--operation {sc.operation}"]
+    parts += [f"--cpus {sc.cpus}"]
+    parts += [f"--object {shlex.quote(o)}" for o in sc.objects] or [f"--sites {sc.sites}"]
+    parts += [f"--operation {sc.operation}"]
     if sc.mutation:
         parts.append(f"--mutation {sc.mutation}")
     if sc.nmi != "none":
         parts.append(f"--nmi {sc.nmi} --nmi-rate {sc.nmi_rate}")
         if sc.nmi_aim:
             parts.append(f"--nmi-aim {sc.nmi_aim}")
+        if sc.nmi_cpus != "all":
+            parts.append(f"--nmi-cpus {sc.nmi_cpus}")
     if sc.fred:
         parts.append("--fred")
+    if sc.kernel != "asm":
+        parts.append(f"--kernel {sc.kernel}")
+    if sc.xmc_rule != "linux":
+        parts.append(f"--xmc-rule {sc.xmc_rule}")
     if sc.quantum != Scenario().quantum:
         parts.append(f"--quantum {sc.quantum}")
     if sc.irqoff_len:
@@ -262,7 +309,7 @@ def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> 
         else:
             report = patcher.retarget(targets, **kw)
         m.run(sc.settle)
-        if report is None or report.hung:
+        if report is None or report.hung or report.incomplete:
             break
 
 
@@ -276,12 +323,17 @@ def _disable(patcher: Patcher, targets: list[int], kw: dict[str, Any]) -> PatchR
 
 
 def drain(m: Machine, limit: int = 400_000) -> bool:
-    """Let every workload finish its current iteration and stop (hlt): every call in flight completes.
-    True when all of them stopped within `limit` cycles."""
+    """Let every workload finish its current iteration and stop (hlt), and the patcher CPU finish any
+    handler it is in (it takes NMIs too): every call in flight completes. True when all of that
+    happened within `limit` cycles."""
     patcher = m.config.patcher_cpu
     workers = [c for c in m.cpus if c.index != patcher and c.runnable]
     for c in workers:
         loops = m.percpu(c.index, Percpu.LOOPS)
         m.write(m.layout.percpu_va(c.index) + Percpu.LOOP_LIMIT, struct.pack("<Q", loops + 1))
-    m.run(limit, stop_when=lambda: all(not c.runnable for c in workers))
-    return all(c.halted for c in workers)
+
+    def settled() -> bool:
+        return all(not c.runnable for c in workers) and (not m.cpus[patcher].runnable or m.in_idle(patcher))
+
+    m.run(limit, stop_when=settled)
+    return all(c.halted for c in workers) and (not m.cpus[patcher].alive or m.in_idle(patcher))

@@ -2,23 +2,33 @@
 
 Each seed is an independent, deterministic run, so a sweep maps `run_one` over seeds on any
 `concurrent.futures`-style executor (a local process pool by default) and sorts the results by seed:
-the result does not depend on the executor or on the order in which seeds finish.
+the result does not depend on the executor or on the order in which seeds finish. Seeds are streamed
+to the executor a few at a time, and a sweep stopped by Ctrl-C raises `SweepInterrupted` carrying the
+seeds that finished.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, as_completed
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from .executors import executor as make_executor
+from .executors import stream
 from .oracle import CLASSES
 from .scenario import Scenario, run_scenario
 
-__all__ = ["SeedResult", "SweepResult", "run_one", "sweep", "wilson"]
+__all__ = ["SeedResult", "SweepInterrupted", "SweepResult", "run_one", "sweep", "wilson"]
+
+#: a full garbage collection after this many runs in one process: a run leaves reference cycles
+#: (machine, CPUs, hooks) that hold Unicorn instances, and when Python's collector gets to them
+#: would otherwise decide how much memory a long sweep takes
+_COLLECT_EVERY = 5
+_runs = 0
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,10 @@ class SeedResult:
     nmi_latched: int
     nmi_dropped: int
     first: dict[str, str]  # class -> one-line description of its first violation
+    #: why the run is incomplete (a patch operation ran out of its cycle budget while still making
+    #: progress): neither safe nor unsafe, counted on its own; None for a complete run
+    incomplete: str | None = None
+    by_cpu: dict[int, int] = field(default_factory=dict)  # cpu -> violation events
 
     @property
     def ok(self) -> bool:
@@ -45,7 +59,11 @@ class SeedResult:
 
 def run_one(sc: Scenario, seed: int) -> SeedResult:
     """One seed, reduced to what a sweep keeps (picklable, small)."""
+    global _runs
     out = run_scenario(sc, seed)
+    _runs += 1
+    if _runs % _COLLECT_EVERY == 0:
+        gc.collect()
     v = out.verdict
     first: dict[str, str] = {}
     for viol in v.violations:
@@ -69,6 +87,8 @@ def run_one(sc: Scenario, seed: int) -> SeedResult:
         nmi_latched=v.stats.get("nmi_latched", 0),
         nmi_dropped=v.stats.get("nmi_dropped", 0),
         first=first,
+        incomplete=v.incomplete,
+        by_cpu=dict(v.by_cpu),
     )
 
 
@@ -92,15 +112,32 @@ class SweepResult:
     def seeds(self) -> int:
         return len(self.results)
 
+    #: False when the sweep was stopped before every seed ran (Ctrl-C)
+    complete: bool = True
+    #: how many seeds were asked for
+    requested: int | None = None
+
     @property
     def failing(self) -> list[int]:
         return [r.seed for r in self.results if not r.ok]
+
+    @property
+    def incomplete(self) -> list[int]:
+        """Seeds whose run hit a cycle budget while still making progress (no verdict either way)."""
+        return [r.seed for r in self.results if r.incomplete]
 
     def seeds_with(self) -> Counter:
         """class -> number of seeds in which it occurred."""
         c: Counter = Counter()
         for r in self.results:
             c.update(r.counts.keys())
+        return c
+
+    def events_by_cpu(self) -> Counter:
+        """cpu -> violation events on that CPU, over every seed."""
+        c: Counter = Counter()
+        for r in self.results:
+            c.update(r.by_cpu)
         return c
 
     def events(self) -> Counter:
@@ -125,11 +162,16 @@ class SweepResult:
             "sites": sc.sites,
             "mutation": sc.mutation,
             "seeds": n,
+            "complete": self.complete,
+            "seeds_requested": n if self.requested is None else self.requested,
             "seed_list": [r.seed for r in self.results],
             "seeds_with_violation": len(self.failing),
+            "seeds_incomplete": len(self.incomplete),
+            "incomplete_seeds": {str(r.seed): r.incomplete for r in self.results if r.incomplete},
             "violations": {k: per_class.get(k, 0) for k in CLASSES},
             "violation_events": {k: self.events().get(k, 0) for k in CLASSES},
             "violation_rate_ci95": {k: wilson(per_class.get(k, 0), n) for k in CLASSES},
+            "violations_by_cpu": {str(c): k for c, k in sorted(self.events_by_cpu().items())},
             "failing_seeds": self.failing,
             "accounting_exact_seeds": sum(1 for r in self.results if r.accounting_exact),
             "trace_hashes": {str(r.seed): r.trace_hash for r in self.results},
@@ -149,6 +191,14 @@ def _mean(xs: list[int]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: `partial` holds the seeds that finished (sorted, `complete` False)."""
+
+    def __init__(self, partial: SweepResult) -> None:
+        super().__init__(f"interrupted after {partial.seeds} seeds")
+        self.partial = partial
+
+
 def sweep(
     sc: Scenario,
     seeds: Iterable[int],
@@ -157,25 +207,26 @@ def sweep(
     progress: Callable[[SeedResult], None] | None = None,
 ) -> SweepResult:
     """Run `sc` for every seed on `executor`; with none, on `textpoke.executors.executor(jobs)`: a
-    process pool of `jobs` workers (default: all cores), or this process when that is one."""
+    process pool of `jobs` workers (default: all cores), or this process when that is one. Seeds are
+    read lazily (a range of any size is fine). Ctrl-C raises `SweepInterrupted` with what finished."""
     if executor is None:
         with make_executor(jobs) as ex:
-            return _sweep(sc, list(seeds), ex, progress)
-    return _sweep(sc, list(seeds), executor, progress)
+            return _sweep(sc, seeds, ex, progress)
+    return _sweep(sc, seeds, executor, progress)
 
 
 def _sweep(
-    sc: Scenario, seeds: list[int], ex: Executor | None, progress: Callable[[SeedResult], None] | None
+    sc: Scenario, seeds: Iterable[int], ex: Executor | None, progress: Callable[[SeedResult], None] | None
 ) -> SweepResult:
-    out = SweepResult(sc)
-    results = (
-        (run_one(sc, s) for s in seeds)
-        if ex is None
-        else (f.result() for f in as_completed([ex.submit(run_one, sc, s) for s in seeds]))
-    )
-    for r in results:
-        out.results.append(r)
-        if progress:
-            progress(r)
+    out = SweepResult(sc, requested=len(seeds) if hasattr(seeds, "__len__") else None)  # type: ignore[arg-type]
+    try:
+        for _, r in stream(ex, run_one, seeds, args=lambda s: (sc, s)):
+            out.results.append(r)
+            if progress:
+                progress(r)
+    except KeyboardInterrupt:
+        out.complete = False
+        out.results.sort(key=lambda r: r.seed)
+        raise SweepInterrupted(out) from None
     out.results.sort(key=lambda r: r.seed)
     return out

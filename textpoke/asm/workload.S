@@ -56,6 +56,7 @@ SYM_FUNC_START(workload_main)
     shr rcx, 20
     and rcx, rax
     jnz .Lloop
+SYM_INNER_LABEL(workload_irqoff)        # each starts a block (after a branch): a probe can mark them
     pushfq
     cli
     mov rcx, qword ptr gs:[PCPU_IRQOFF_LEN]
@@ -63,6 +64,7 @@ SYM_FUNC_START(workload_main)
     pause
     dec rcx
     jnz .Loff
+SYM_INNER_LABEL(workload_irqon)
     popfq
     jmp .Lloop
 SYM_FUNC_END(workload_main)
