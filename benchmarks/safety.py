@@ -118,6 +118,25 @@ ROWS: list[tuple[str, Scenario, str, set[str]]] = [
         "unsafe",
         {"unsynced-modification"},
     ),
+    ("stop_machine ftrace (2.6.28-3.4)", Scenario(protocol="stop-machine-ftrace"), "safe", set()),
+    (
+        "stop_machine ftrace with NMIs (the NMI entry window)",
+        Scenario(protocol="stop-machine-ftrace", nmi="nested-safe", **NMI),
+        "unsafe",
+        {"unsynced-modification"},
+    ),
+    (
+        "mutation: stop_machine ftrace without the NMI-side write",
+        Scenario(protocol="stop-machine-ftrace", mutation="no-nmi-write", nmi="nested-safe", **NMI),
+        "unsafe",
+        {"unsynced-modification"},
+    ),
+    (
+        "ftrace_modify_all_code sequence with NMIs",
+        Scenario(operation="ftrace-linux", nmi="nested-safe", **NMI),
+        "safe",
+        set(),
+    ),
 ]
 
 

@@ -8,7 +8,7 @@ from .coherence import SnoopModel
 from .config import MAX_CPUS, CostModel, MachineConfig, NmiSource, TimerSource
 from .delivery import Gate, NmiArrival, NmiState, Vector
 from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug, TextpokeError
-from .machine import Agent, Cpu, Crash, Delay, Fine, Instrument, Machine, SendIpi, WaitUntil, WriteText
+from .machine import Agent, Cpu, Crash, Delay, Fine, Instrument, Machine, SendIpi, Serialize, WaitUntil, WriteText
 from .trace import Trace, format_record
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "NmiSource",
     "NmiState",
     "SendIpi",
+    "Serialize",
     "SimulatorBug",
     "SnoopModel",
     "TextpokeError",

@@ -31,6 +31,7 @@ from unicorn import (
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_WRITE,
     UC_MODE_64,
     UC_PROT_ALL,
     Uc,
@@ -41,6 +42,7 @@ from unicorn.unicorn_py3.unicorn import (
     HOOK_CODE_CFUNC,
     HOOK_INSN_INVALID_CFUNC,
     HOOK_INTR_CFUNC,
+    HOOK_MEM_ACCESS_CFUNC,
     uc_hook_h,
     uclib,
 )
@@ -179,6 +181,9 @@ def defer_interrupt() -> bool:
         _interrupt_deferred = True
         return True
     return False
+
+
+MemWriteHook = Callable[[int, int, int], None]  # (physical address, size, value)
 
 
 class Engine:
@@ -321,6 +326,16 @@ class Engine:
             return False
 
         self._add(UC_HOOK_INSN_INVALID, HOOK_INSN_INVALID_CFUNC(on_invalid), 1, 0)
+
+    def hook_mem_write(self, pa_lo: int, pa_hi: int, callback: MemWriteHook) -> int:
+        """Call `callback(pa, size, value)` before each guest store into physical [pa_lo, pa_hi).
+
+        Under paging Unicorn reports (and filters) memory hooks by physical address, so a store
+        through any virtual alias of the range is seen. Costs nothing until a store hits the range.
+        The storing engine invalidates its own translated blocks of the stored bytes by itself."""
+        inner = self._guard(callback)
+        fptr = HOOK_MEM_ACCESS_CFUNC(lambda _h, _t, addr, size, value, _k: inner(addr, size, value))
+        return self._add(UC_HOOK_MEM_WRITE, fptr, pa_lo, pa_hi - 1)
 
     def hook_cpuid(self, callback: CpuidHook) -> None:
         def trampoline(_uc: Uc, _user: object) -> bool:

@@ -11,6 +11,8 @@ pages) that every CPU loads into CR3, at the kernel-half addresses Linux uses:
                                    text_poke writes through a private alias mapping)
     data      0xffffffff82000000   shared kernel data (IDT, GDT, patch descriptors, tables)
     per-CPU   0xffff888000000000+  direct map of each CPU's per-CPU area and TSS (GS base points here)
+    alias     0xffff888000200000   the direct map of the text, writable (pre-3.5 Linux wrote text
+                                   through it; guest stores there are seen by the machine)
     stacks    0xfffffe0000000000+  cpu_entry_area-like: kernel stack, NMI IST stack and a second
                                    (irq) stack per CPU, each between unmapped guard pages, so an
                                    overrun faults instead of silently corrupting a neighbour.
@@ -34,6 +36,7 @@ __all__ = [
     "KERNEL_CS",
     "KERNEL_DS",
     "PAGE",
+    "TEXT_ALIAS_VA",
     "TEXT_VA",
     "UNTIL",
     "Layout",
@@ -55,6 +58,7 @@ UNTIL = 0x1000
 PT_PA = 0x00100000
 PT_MAX = 0x00100000
 TEXT_PA = 0x00200000
+TEXT_ALIAS_VA = DIRECT_MAP_VA + TEXT_PA  # the text's writable direct-map alias
 DATA_PA = 0x00600000
 PERCPU_PA = 0x01000000
 #: The first DATA_RESERVED bytes of the data segment belong to the machine (GDT, IDT);
@@ -110,6 +114,9 @@ class Layout:
         regions = [
             Region(TEXT_VA, TEXT_PA, self.text_size, False, "text"),
             Region(DATA_VA, DATA_PA, self.data_size, True, "data"),
+            # the direct map's writable alias of the text (Linux before 3.5 wrote text through
+            # __va(__pa(ip)); the NMI-side write of stop_machine ftrace stores through it)
+            Region(TEXT_ALIAS_VA, TEXT_PA, self.text_size, True, "text-alias"),
         ]
         for cpu in range(ncpus):
             base = PERCPU_PA + cpu * BLOCK.stride

@@ -142,12 +142,19 @@ class WriteText:
 
     addr: int
     data: bytes
+    #: cycles the store costs the agent (None: `costs.text_write`, a whole text_poke)
+    cost: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SendIpi:
+    """IPIs from the agent's CPU: one ICR write per target, or (`shorthand`) one ICR write with the
+    all-but-self destination shorthand, which the APIC delivers to every other CPU (`targets` is
+    then ignored)."""
+
     targets: tuple[int, ...]
     vector: int = int(Vector.IPI)
+    shorthand: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +195,7 @@ class Cpu:
         "extra",
         "halted",
         "held",
+        "hold",
         "index",
         "nmi",
         "pending",
@@ -216,6 +224,7 @@ class Cpu:
         self.halted = False
         self.running = False  # inside a quantum of the exact scheduler: now() counts its instructions
         self.held: int | None = None  # instructions run when the exact scheduler stopped the quantum
+        self.hold = False  # the cycles charged at this boundary must pass before the next instruction
         self.stats = {
             "site_exec": 0,
             "instructions": 0,
@@ -298,6 +307,7 @@ class Machine:
         self._pending_wait: dict[int, WaitUntil] = {}
         self._site_hooks: dict[int, list[int]] = {}  # watched site -> hook handle per CPU
         self._release: set[int] = set()  # sites to stop watching once no CPU holds them stale
+        self._storing: int | None = None  # the CPU whose guest store into text is being recorded
         self.text_lo = L.TEXT_VA
         self.text_hi = L.TEXT_VA + len(image.text)
 
@@ -309,7 +319,7 @@ class Machine:
             n,
             image.watch,
             self.read,
-            lambda c, lo, hi: self.cpus[c].engine.drop_decoded(lo, hi),
+            self._drop_decoded,
             self._install_copy,
         )
         for cpu in self.cpus:
@@ -335,8 +345,9 @@ class Machine:
         eng.insn_cost = self.costs.instruction
         if self.config.interleave == "exact":
             shared = shared_code_hook(self, cpu)
-            for lo, _size in self.image.shared_code:
-                eng.hook_block_at(lo, 1, shared)
+            for lo, size in self.image.shared_code:
+                # every block of it: it is also entered in its middle (an iretq returning into it)
+                eng.hook_block_at(lo, size, shared)
         for a in self.image.iret_sites:
             eng.hook_block_at(a, 1, self._iret_hook(cpu))
         for a in self.image.halt_sites:
@@ -345,6 +356,7 @@ class Machine:
         eng.hook_invalid_insn(lambda: self._crash(cpu, "exception #UD (invalid opcode)", cpu.engine.rip()))
         eng.hook_cpuid(self._cpuid_hook(cpu))
         eng.hook_tsc(cpu.now, aux=i)  # a deterministic TSC: the CPU's cycle clock
+        eng.hook_mem_write(L.TEXT_PA, L.TEXT_PA + lay.text_size, self._text_store_hook(cpu))
         eng.set_rsp(lay.kstack_top(i))
         eng.set_rflags(0x202)
         for name, value in self.image.boot_regs(i, self.config.seed).items():
@@ -416,6 +428,32 @@ class Machine:
         self.watch(self.coherence.sites_overlapping(addr, addr + len(data)))
         now = self.cpus[w].now()
         self.mem_text.write(L.TEXT_PA + (addr - L.TEXT_VA), data)
+        self._text_written(w, now, addr, data)
+
+    def _text_store_hook(self, cpu: Cpu) -> Callable[[int, int, int], None]:
+        """A guest store into the text (through any alias): the same bookkeeping as `write_text`.
+        Unicorn performs the store itself, right after this hook, and drops the storing engine's
+        own translated blocks of those bytes (a CPU's own stores are coherent with its fetch).
+        Sites the store hits should already be watched (the patcher watches before it lets guest
+        code write); an unwatched one is simply re-decoded from memory by every CPU."""
+
+        def on_store(pa: int, size: int, value: int) -> None:
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self._storing = cpu.index
+            try:
+                self._text_written(cpu.index, cpu.now(), L.TEXT_VA + (pa - L.TEXT_PA), data)
+            finally:
+                self._storing = None
+
+        return on_store
+
+    def _drop_decoded(self, cpu: int, lo: int, hi: int) -> None:
+        # the storing engine drops its own blocks (Unicorn's self-modifying-code check); removing
+        # them from inside its own memory hook would crash it
+        if cpu != self._storing:
+            self.cpus[cpu].engine.drop_decoded(lo, hi)
+
+    def _text_written(self, w: int, now: int, addr: int, data: bytes) -> None:
         self.fine_until = max(self.fine_until, now + self.config.fine_window)
         self.trace.add((now, w, "write", addr, bytes(data)))
         for f in self._obs["on_text_write"]:
@@ -636,6 +674,7 @@ class Machine:
         cpu.extra += self.costs.event_entry
         if vector == Vector.STOP:
             cpu.extra += self.costs.stopper_wakeup  # the stopper is a thread: it must be scheduled
+            cpu.hold = True  # ... before its first instruction runs, in everyone's time
         if vector == Vector.NMI:
             cpu.nmi.delivered()
             cpu.stats["nmi_delivered"] += 1
@@ -898,20 +937,26 @@ class Machine:
             cpu.clock += action.cycles
         elif isinstance(action, WriteText):
             self.write_text(action.addr, action.data, cpu.index)
-            cpu.clock += self.costs.text_write
+            cpu.clock += self.costs.text_write if action.cost is None else action.cost
         elif isinstance(action, SendIpi):
-            for t in action.targets:
-                self.send_ipi(cpu.index, t, action.vector)
+            if action.shorthand:
+                for t in range(len(self.cpus)):
+                    if t != cpu.index:
+                        self.send_ipi(cpu.index, t, action.vector)
                 cpu.clock += self.costs.ipi_send
+            else:
+                for t in action.targets:
+                    self.send_ipi(cpu.index, t, action.vector)
+                    cpu.clock += self.costs.ipi_send
+        elif isinstance(action, Serialize):
+            self._serialize(cpu, "agent")  # sync_core() returns through an iret to itself
+            cpu.clock += self.costs.iret
         elif isinstance(action, WaitUntil):
             if not action.predicate():
                 waits[cpu.index] = action
                 cpu.clock += self.costs.poll
         elif isinstance(action, Fine):
             self.fine += 1 if action.on else -1
-        elif isinstance(action, Serialize):
-            self._serialize(cpu, "agent")
-            cpu.clock += self.costs.instruction
         else:
             raise SimulatorBug(f"agent on cpu{cpu.index} yielded {action!r}, which is not an action")
 
@@ -953,6 +998,12 @@ class Machine:
                 self._due(cpu)
                 if cpu.crash is not None:
                     heapq.heappop(heap)
+                    continue
+                if cpu.hold:
+                    cpu.hold = False
+                    cpu.clock = clock + cpu.extra
+                    cpu.extra = 0
+                    heapq.heapreplace(heap, (cpu.clock, i))
                     continue
             if cpu.agent is not None and self.in_idle(i):
                 # the agent runs between events: an NMI due now was delivered above, and then the

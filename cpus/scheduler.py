@@ -65,10 +65,11 @@ def hold(cpu: Cpu) -> None:
 
 
 def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
-    """Block hook on the entry of a unit of code touching agents' state: while an agent runs, the
+    """Block hook on every block of a unit of code touching agents' state: while an agent runs, the
     quantum is cut so that it ends at the horizon (`Engine.cut`), and a quantum that starts inside
-    such a unit is cut there too (`run_exact`): none of its instructions passes an agent, and nothing
-    inside the unit needs a hook. A unit entered beyond the horizon is held."""
+    such a unit is cut there too (`run_exact`): none of its instructions passes an agent. Every
+    block, not only the entry, since an `iretq` may return into the middle of a unit (an NMI taken
+    inside the stopper). A block of it reached beyond the horizon is held."""
     insn = m.costs.instruction
 
     def on_shared_entry(addr: int, _size: int) -> None:
@@ -125,6 +126,14 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
             m._due(cpu)
             if cpu.crash is not None:
                 heappop(heap)
+                continue
+            if cpu.hold:
+                # what was charged at this boundary (the stopper's wakeup) passes before the CPU's
+                # next instruction, in everyone's time (as in the fine scheduler)
+                cpu.hold = False
+                cpu.clock = clock + cpu.extra
+                cpu.extra = 0
+                heapreplace(heap, (cpu.clock, i))
                 continue
         if cpu.agent is not None and m.in_idle(i):
             # the agent runs between events: an NMI due now was delivered above, and then the CPU

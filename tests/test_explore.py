@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from textpoke.explore import NESTED_FLAGS, explore, explore_nmi
-from textpoke.protocols import MUTATIONS
+from textpoke.protocols import BP_MUTATIONS
 from textpoke.scenario import Scenario
 from textpoke.sweep import run_one
 
@@ -26,7 +26,7 @@ def test_unsafe_baselines_have_a_counterexample(protocol):
     assert path[-1].startswith("=>") and any(step.startswith("cpu1: executes") for step in path)
 
 
-@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize("mutation", list(BP_MUTATIONS))
 def test_every_protocol_mutation_has_a_shortest_counterexample_and_the_sweeps_catch_it(mutation):
     r = explore("bp", mutation, 1, 1)
     assert r.violations, mutation
@@ -69,3 +69,23 @@ def test_under_the_sdm_rule_text_poke_bp_itself_has_a_counterexample():
     r = explore("bp", None, 1, 1, xmc_rule="sdm")
     assert set(r.violations) == {"unsynced-modification"}, r.report()
     assert explore("bp", None, 1, 1, xmc_rule="linux").safe
+
+
+def test_stop_machine_ftrace_explored_with_nmis():
+    """With NMIs on the stopped CPUs both stop_machine protocols are unsafe. stop-machine-ftrace's
+    NMI-side write keeps an NMI from running a half-written site while the write is in flight, but
+    event delivery does not serialize: an NMI that starts after the write runs the site from what
+    its CPU decoded before, with no serializing instruction in between (the SDM's hazard), even when
+    NMIs count themselves in at delivery (no entry window)."""
+    bare = explore("stop-machine", None, 1, 1, nmis=1)
+    assert "unsynced-modification" in bare.violations
+    real = explore("stop-machine-ftrace", None, 1, 1, nmis=1)
+    path = real.violations["unsynced-modification"]
+    arrive = next(i for i, p in enumerate(path) if "an NMI arrives" in p)
+    cleared = next(i for i, p in enumerate(path) if "clears the write flag" in p)
+    assert cleared < arrive  # the write is over before the NMI: only its stale copy is to blame
+    assert any("the NMI handler executes" in p for p in path[arrive:])
+    assert not explore("stop-machine-ftrace", None, 1, 1, nmis=1, count_at_delivery=True).safe
+    assert not explore("stop-machine-ftrace", "no-nmi-write", 1, 1, nmis=1, count_at_delivery=True).safe
+    with pytest.raises(ValueError):
+        explore("bp", None, 1, 1, nmis=1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from textpoke.protocols import (
-    MUTATIONS,
+    BP_MUTATIONS,
+    ModCode,
     PatchRequest,
     Poke,
     Publish,
@@ -87,7 +88,7 @@ def test_stop_machine_and_naive_shapes():
     assert len(nb) == 6 and all(len(s.data) == 1 for s in nb)  # only the bytes that change
 
 
-@pytest.mark.parametrize("name", list(MUTATIONS))
+@pytest.mark.parametrize("name", list(BP_MUTATIONS))
 def test_every_mutation_changes_the_protocol(name):
     good = text_poke_bp(reqs(2))
     bad = build("bp", reqs(2), name)
@@ -115,3 +116,12 @@ def test_steps_print():
     lines = describe_steps(text_poke_bp(reqs(1)))
     assert lines[0].startswith("publish") and "cc" in lines[1] and lines[2] == "sync  (int3)"
     assert isinstance(text_poke_bp(reqs(1))[0], Publish) and isinstance(text_poke_bp(reqs(1))[-1], Withdraw)
+
+
+def test_no_nmi_write_only_withdraws_the_nmi_side_write():
+    good = build("stop-machine-ftrace", reqs(2))
+    bad = build("stop-machine-ftrace", reqs(2), "no-nmi-write")
+    assert len(bad) == len(good) and bad != good
+    mods = [s for s in bad if isinstance(s, ModCode)]
+    assert len(mods) == 2 and not any(s.nmi_write for s in mods)
+    assert all(s.nmi_write for s in good if isinstance(s, ModCode))

@@ -1,7 +1,9 @@
 """The patch-descriptor table the #BP handler reads (`bp_desc` in kernel data).
 
 Layout (all little-endian): refs u64, nr_entries u64, then `nr_entries` entries of 32 bytes:
-address u64, target u64, length u8, opcode u8, 14 bytes of padding. Entries are sorted by address.
+address u64, target u64, length u8, opcode u8, 14 bytes of padding. Entries are sorted by address,
+so the handler can binary-search them (Linux: bsearch for more than one entry, a direct compare for
+one); a batch holds at most BP_DESC_MAX (Linux's TEXT_POKE_ARRAY_MAX) entries.
 
 Like Linux's `bp_desc`/`text_poke_array`: the patcher fills the entries, then publishes by setting
 refs to 1 (the store that makes the table live, after the entries: the smp_wmb of the kernel); the

@@ -196,6 +196,12 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     )
     from cpus.config import NMI_CPUS
 
+    g.add_argument(
+        "--ipi",
+        choices=["shorthand", "per-target"],
+        default="shorthand",
+        help="sync IPIs: one all-but-self shorthand while every CPU is online (Linux), or one per target",
+    )
     from .image import NMI_ENTRIES
     from .oracle import XMC_RULES
     from .scenario import AIMS
@@ -267,6 +273,7 @@ def make_scenario(args: argparse.Namespace):
         kernel=args.kernel,
         nmi_cpus=args.nmi_cpus,
         xmc_rule=args.xmc_rule,
+        ipi=args.ipi,
     )
 
 
@@ -603,9 +610,12 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
     costs = load_costs(args.config, args.cost)
     _check_pool_options(args)
     for p in args.protocols:
-        _protocol_name(p)
+        if p != "ftrace-linux":  # ftrace_modify_all_code's sequence, not a protocol
+            _protocol_name(p)
     if args.irqoff_cpu and any(args.irqoff_cpu >= c for c in args.cpus):
         raise ConfigError(f"--irqoff-cpu {args.irqoff_cpu} does not exist on a {min(args.cpus)}-CPU machine")
+    if args.preempt_off_cpu and any(args.preempt_off_cpu >= c for c in args.cpus):
+        raise ConfigError(f"--preempt-off-cpu {args.preempt_off_cpu} does not exist on a {min(args.cpus)}-CPU machine")
     configs = [
         LatencyConfig(
             protocol=p,
@@ -620,6 +630,9 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             rt_period=args.rt_period,
             objects=tuple(args.object),
             kernel=args.kernel,
+            ipi_shorthand=args.ipi == "shorthand",
+            preempt_off_cpu=args.preempt_off_cpu,
+            preempt_off_len=args.irqoff_len,
         )
         for p in args.protocols
         for c in args.cpus
@@ -666,13 +679,29 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
     summary = []
     for (p, c, n), rs in groups.items():
         row = {"protocol": p, "cpus": c, "sites": n, "seeds": len(rs)}
-        for m in (*LATENCY_METRICS, "syncs"):
+        for m in (*LATENCY_METRICS, "syncs", "ipi_sends"):
             row[m] = sum(float(r[m]) for r in rs) / len(rs)
+        waits = [w for r in rs for w in r["sync_waits"]]
+        row["mean_sync_cycles"] = sum(waits) / len(waits) if waits else 0.0
+        for stage in ("prepare", "disable-irq", "run", "exit"):
+            vals = [r["stage_cycles"][stage] for r in rs if stage in r["stage_cycles"]]
+            if vals:
+                row[f"stage_{stage}"] = sum(vals) / len(vals)
         waits = [r["waited_longest_for"] for r in rs if r["waited_longest_for"] is not None]
         row["waited_for"] = f"cpu{max(set(waits), key=waits.count)}" if waits else "-"
         row.update(rt_summary(rs))
         summary.append(row)
-    cols = ["protocol", "cpus", "sites", "syncs", *LATENCY_METRICS, *RT_METRICS, "waited_for"]
+    cols = [
+        "protocol",
+        "cpus",
+        "sites",
+        "syncs",
+        "mean_sync_cycles",
+        "ipi_sends",
+        *LATENCY_METRICS,
+        *RT_METRICS,
+        "waited_for",
+    ]
     heads = [col.replace("_cycles", "").replace("_", " ") for col in cols]
     title = (
         f"one patch operation, mean of {args.seeds} seed(s) (max interruption: worst; RT lateness: "
@@ -680,6 +709,14 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
     )
     table_rows = [[r[c] for c in cols] for r in summary]
     print_table(out, args.format, title, heads, table_rows, right=heads[1:])
+    for r in summary:
+        stages = [(k[6:], r[k]) for k in r if k.startswith("stage_")]
+        if stages:
+            out.print(
+                f"  {r['protocol']}, {r['cpus']} CPUs, {r['sites']} sites: multi_cpu_stop stages "
+                + ", ".join(f"{name} {v:,.0f}" for name, v in stages)
+                + " cycles"
+            )
     stop = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "stop-machine"}
     bp = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "bp-batch"}
     for key in sorted(set(stop) & set(bp)):
@@ -723,8 +760,10 @@ def cmd_explore(args: argparse.Namespace, out: Console) -> int:
                 raise ConfigError(f"--{option} is for protocols; --nmi explores an NMI entry on one CPU")
         result = explore_nmi(args.nmi, nmis=args.nmis or 3, fred=args.fred, max_states=args.max_states)
     else:
-        if args.nmis is not None or args.fred:
-            raise ConfigError(f"{'--nmis' if args.nmis is not None else '--fred'} needs --nmi ENTRY")
+        if args.fred:
+            raise ConfigError("--fred needs --nmi ENTRY")
+        if args.nmis is not None and not args.protocol_nmis:
+            raise ConfigError("--nmis needs --nmi ENTRY, or --protocol-nmis with a stop_machine protocol")
         cpus, sites = args.cpus or 2, args.sites or 1
         if not 1 <= cpus <= 3 or not 1 <= sites <= 2:
             raise ConfigError("the explorer takes 1 to 3 workload CPUs (--cpus) and 1 or 2 sites (--sites)")
@@ -735,7 +774,17 @@ def cmd_explore(args: argparse.Namespace, out: Console) -> int:
             req = (PatchRequest(0x1000, b"\x0f\x1f\x44\x00\x00", b"\xe8\x00\x00\x00\x00"),)
             if build(protocol, req, args.mutation) == build(protocol, req):
                 raise ConfigError(f"--mutation {args.mutation} changes nothing in --protocol {protocol}")
-        result = explore(protocol, args.mutation, cpus, sites, max_states=args.max_states, xmc_rule=args.xmc_rule)
+        nmis = (args.nmis or 3) if args.protocol_nmis else 0
+        result = explore(
+            protocol,
+            args.mutation,
+            cpus,
+            sites,
+            max_states=args.max_states,
+            xmc_rule=args.xmc_rule,
+            nmis=nmis,
+            count_at_delivery=args.nmi_counted_at_delivery,
+        )
     out.print(result.report(), markup=False, highlight=False)
     if args.strict and result.safe and not result.complete:
         _stderr_line(
@@ -937,7 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--irqoff-len",
         type=bounded(1, MAX_IRQOFF_SPINS),
         default=20_000,
-        help=f"spins per interrupts-off section (at most {MAX_IRQOFF_SPINS:,})",
+        help=f"spins per interrupts-off (or preempt-off) section (at most {MAX_IRQOFF_SPINS:,})",
     )
     lat.add_argument(
         "--rt-cpus",
@@ -947,6 +996,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs running the periodic RT task; negative counts from the last CPU (default: 1 -1; none: no task)",
     )
     lat.add_argument("--rt-period", type=_positive, default=10_000, help="the RT task's timer period in cycles")
+    lat.add_argument(
+        "--preempt-off-cpu",
+        type=bounded(0, MAX_CPUS - 1),
+        default=0,
+        help="this CPU runs long preempt-off sections (interrupts on): its stopper waits for preempt_enable",
+    )
+    lat.add_argument(
+        "--ipi",
+        choices=["shorthand", "per-target"],
+        default="shorthand",
+        help="sync IPIs: one all-but-self shorthand (Linux, every CPU online) or one per target",
+    )
     lat.add_argument("--cost", action="append", default=[], help="override a cost: NAME=CYCLES (repeatable)")
     lat.add_argument("--config", type=Path, default=None, help="TOML file with a [costs] table")
     lat.add_argument("--jobs", type=_jobs, default=None, help="worker processes (default: all cores)")
@@ -982,7 +1043,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="explore this NMI entry instead of a protocol",
     )
-    ex.add_argument("--nmis", type=bounded(1, 6), default=None, help="NMIs that may arrive (with --nmi; default 3)")
+    ex.add_argument(
+        "--nmis",
+        type=bounded(1, 6),
+        default=None,
+        help="NMIs that may arrive (with --nmi or --protocol-nmis; default 3)",
+    )
+    ex.add_argument(
+        "--protocol-nmis",
+        action="store_true",
+        help="with a stop_machine protocol: up to --nmis NMIs on each workload CPU, whose handler executes the sites",
+    )
+    ex.add_argument(
+        "--nmi-counted-at-delivery",
+        action="store_true",
+        help="what-if: an NMI counts itself into nmi_running as it is delivered (no entry window)",
+    )
     ex.add_argument("--fred", action="store_true", help="FRED-style NMI unblocking (with --nmi)")
     ex.add_argument(
         "--strict",

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
 from .image import FTRACE_NOP
 from .protocols import (
+    ModCode,
     PatchRequest,
     Poke,
     Publish,
@@ -58,6 +59,8 @@ class Worker:
     dirty: frozenset  # sites modified (per the xmc rule) since this CPU last serialized
     ipi: bool  # a sync IPI is pending
     stop: bool  # a stopper IPI is pending
+    nmi: str = ""  # "", "entry" (delivered, not yet counted in nmi_running), "counted" (in the handler)
+    nmis: int = 0  # NMIs that may still arrive on this CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,9 @@ class State:
     mem: tuple  # bytes of each site
     workers: tuple
     violation: str | None = None
+    sub: int = 0  # stop-machine-ftrace: where the modifier is inside the current ModCode
+    flag: bool = False  # the write flag of nmi_running: a write is pending for NMIs
+    running: int = 0  # NMIs counted into nmi_running
 
 
 @dataclass
@@ -106,13 +112,20 @@ class ExploreResult:
 
 class _Model:
     def __init__(
-        self, steps: tuple[Step, ...], requests: tuple[PatchRequest, ...], ncpus: int, xmc_rule: str = "linux"
+        self,
+        steps: tuple[Step, ...],
+        requests: tuple[PatchRequest, ...],
+        ncpus: int,
+        xmc_rule: str = "linux",
+        nmis: int = 0,
     ) -> None:
         self.steps = steps
         self.reqs = requests
         self.sites = [r.site for r in requests]
         self.ncpus = ncpus
         self.sdm = xmc_rule == "sdm"
+        self.nmis = nmis
+        self.count_at_delivery = False  # an NMI counts itself in as it is delivered (no entry window)
 
     def site_name(self, i: int) -> str:
         return f"site{i}"
@@ -123,25 +136,57 @@ class _Model:
 
     def initial(self) -> State:
         mem = tuple(r.old for r in self.reqs)
-        w = Worker(RUN, tuple((r.old, frozenset()) for r in self.reqs), frozenset(), False, False)
+        copies = tuple((r.old, frozenset()) for r in self.reqs)
+        w = Worker(RUN, copies, frozenset(), False, False, nmis=self.nmis)
         return State(0, frozenset(), False, False, mem, (w,) * self.ncpus)
 
     @staticmethod
     def _serialize(w: Worker) -> Worker:
         copies = tuple(None if c is not None and c[1] else c for c in w.copies)
-        return Worker(w.mode, copies, frozenset(), w.ipi, w.stop)
+        return replace(w, copies=copies, dirty=frozenset())
 
     def _set(self, s: State, i: int, w: Worker, **kw) -> State:
         workers = (*s.workers[:i], w, *s.workers[i + 1 :])
-        return State(
-            kw.get("pc", s.pc),
-            kw.get("waiting", s.waiting),
-            kw.get("published", s.published),
-            kw.get("released", s.released),
-            kw.get("mem", s.mem),
-            workers,
-            kw.get("violation"),
-        )
+        return replace(s, workers=workers, violation=kw.pop("violation", None), **kw)
+
+    def _span(self, wid) -> tuple[int, int]:
+        """Bytes [lo, hi) of the site a write touched: a Poke step's index, or (tag, ..., lo, hi)."""
+        if isinstance(wid, int):
+            step = self.steps[wid]
+            return step.offset, step.offset + len(step.data)
+        return wid[-2], wid[-1]
+
+    @staticmethod
+    def _write_name(wid) -> str:
+        if isinstance(wid, int):
+            return f"step {wid + 1}"
+        if wid[0] == "m":
+            return f"cpu0's bytes {wid[-2]}..{wid[-1] - 1}"
+        return f"cpu{wid[1] + 1}'s NMI"
+
+    def _write(self, s: State, k: int, lo: int, data: bytes, wid, writer: int | None) -> tuple[tuple, tuple]:
+        """Memory and workers after a store of `data` at site k + lo by `writer` (a worker index, or
+        None for the patcher): the writer's own fetch is coherent with its store; every other copy
+        misses the write until a snoop or a serializing event; a changed tail dirties the others."""
+        old = s.mem[k]
+        new = bytearray(old)
+        new[lo : lo + len(data)] = data
+        new_b = bytes(new)
+        mem = (*s.mem[:k], new_b, *s.mem[k + 1 :])
+        tail_changed = new_b != old if self.sdm else new_b[1:] != old[1:]
+        workers = []
+        for j, w in enumerate(s.workers):
+            copies = list(w.copies)
+            if j == writer:
+                copies[k] = None
+                workers.append(replace(w, copies=tuple(copies), dirty=w.dirty - {k}))
+                continue
+            c = copies[k]
+            if c is not None:
+                copies[k] = (c[0], c[1] | {wid})
+            dirty = w.dirty | {k} if tail_changed else w.dirty
+            workers.append(replace(w, copies=tuple(copies), dirty=dirty))
+        return mem, tuple(workers)
 
     # -- transitions -----------------------------------------------------------------------------
     def successors(self, s: State) -> Iterator[tuple[str, State]]:
@@ -160,88 +205,137 @@ class _Model:
             yield "cpu0: publishes the #BP descriptors", State(nxt, s.waiting, True, s.released, s.mem, s.workers)
         elif isinstance(step, Poke):
             k = self._index(step.site)
-            old = s.mem[k]
-            new = bytearray(old)
-            new[step.offset : step.offset + len(step.data)] = step.data
-            new_b = bytes(new)
-            mem = (*s.mem[:k], new_b, *s.mem[k + 1 :])
-            tail_changed = new_b != old if self.sdm else new_b[1:] != old[1:]
-            workers = []
-            for w in s.workers:
-                copies = list(w.copies)
-                c = copies[k]
-                if c is not None:
-                    copies[k] = (c[0], c[1] | {s.pc})
-                dirty = w.dirty | {k} if tail_changed else w.dirty
-                workers.append(Worker(w.mode, tuple(copies), dirty, w.ipi, w.stop))
+            mem, workers = self._write(s, k, step.offset, step.data, s.pc, None)
             label = f"cpu0: writes {step.data.hex(' ')} at {self.site_name(k)}+{step.offset} ({step.phase})"
-            yield label, State(nxt, s.waiting, s.published, s.released, mem, tuple(workers))
+            yield label, replace(s, pc=nxt, mem=mem, workers=workers)
+        elif isinstance(step, ModCode):
+            yield from self._mod_code(s, step, nxt)
         elif isinstance(step, Sync):
-            workers = tuple(Worker(w.mode, w.copies, w.dirty, True, w.stop) for w in s.workers)
+            workers = tuple(replace(w, ipi=True) for w in s.workers)
             yield (
                 f"cpu0: sends the sync IPIs ({step.label}) and waits",
-                State(nxt, frozenset(range(len(workers))), s.published, s.released, s.mem, workers),
+                replace(s, pc=nxt, waiting=frozenset(range(len(workers))), workers=workers),
             )
         elif isinstance(step, Withdraw):
             if all(w.mode != TRAP for w in s.workers):
-                yield "cpu0: withdraws the descriptors", State(nxt, s.waiting, False, s.released, s.mem, s.workers)
+                yield "cpu0: withdraws the descriptors", replace(s, pc=nxt, published=False)
         elif isinstance(step, Rendezvous):
-            workers = tuple(Worker(w.mode, w.copies, w.dirty, w.ipi, True) for w in s.workers)
+            workers = tuple(replace(w, stop=True) for w in s.workers)
             yield (
                 "cpu0: wakes every stopper and waits",
-                State(nxt, frozenset(range(len(workers))), s.published, False, s.mem, workers),
+                replace(s, pc=nxt, waiting=frozenset(range(len(workers))), released=False, workers=workers),
             )
         elif isinstance(step, Release):
             yield (
                 "cpu0: releases the stopped CPUs and waits for them to leave",
-                State(nxt, frozenset(range(len(s.workers))), s.published, True, s.mem, s.workers),
+                replace(s, pc=nxt, waiting=frozenset(range(len(s.workers))), released=True),
             )
 
-    def _worker(self, s: State, i: int, w: Worker) -> Iterator[tuple[str, State]]:
+    def _mod_code(self, s: State, step: ModCode, nxt: int) -> Iterator[tuple[str, State]]:
+        """do_ftrace_mod_code in five steps: set the flag once no NMI is counted in (cmpxchg), copy 4
+        bytes, copy the last byte, clear the flag, wait until no NMI is counted in."""
+        k = self._index(step.site)
+        name = self.site_name(k)
+        if s.sub == 0 and s.running == 0:
+            what = "sets the write flag" if step.nmi_write else "publishes no write to NMIs"
+            yield f"cpu0: no NMI is running: {what}", replace(s, sub=1, flag=step.nmi_write)
+        elif s.sub in (1, 2):
+            lo, hi = (0, 4) if s.sub == 1 else (4, 5)
+            mem, workers = self._write(s, k, lo, step.data[lo:hi], ("m", s.pc, lo, hi), None)
+            label = f"cpu0: writes {step.data[lo:hi].hex(' ')} at {name}+{lo}"
+            yield label, replace(s, sub=s.sub + 1, mem=mem, workers=workers)
+        elif s.sub == 3:
+            yield "cpu0: clears the write flag", replace(s, sub=4, flag=False)
+        elif s.sub == 4 and s.running == 0:
+            yield "cpu0: no NMI is running: done with the site", replace(s, pc=nxt, sub=0)
+
+    def _nmi(self, s: State, i: int, w: Worker, done: bool) -> Iterator[tuple[str, State]]:
+        """NMIs on a workload CPU (stop_machine protocols): delivery (not serializing), ftrace_nmi_enter
+        (count in; perform a pending write), the handler executing sites, the return."""
         cpu = f"cpu{i + 1}"
-        done = s.pc >= len(self.steps) and not s.waiting
-        if w.mode == RUN:
+        if w.nmi == "" and w.nmis and w.mode != TRAP:
+            w2 = replace(w, nmi="entry", nmis=w.nmis - 1)
+            s2 = self._set(s, i, w2)
+            if not self.count_at_delivery:
+                yield f"{cpu}: an NMI arrives", s2
+            else:
+                for label, s3 in self._nmi(s2, i, w2, done):
+                    yield f"{cpu}: an NMI arrives; " + label.split(": ", 1)[1], s3
+        elif w.nmi == "entry":
+            if s.flag:
+                step = self.steps[s.pc]
+                k = self._index(step.site)
+                mem, workers = self._write(s, k, 0, step.data, ("n", i, s.pc, 0, 5), i)
+                w2 = replace(workers[i], nmi="counted")
+                s2 = replace(s, mem=mem, workers=workers, running=s.running + 1)
+                label = f"{cpu}: NMI counts itself in; a write is pending: it writes {step.data.hex(' ')} itself"
+                yield label, self._set(s2, i, w2)
+            else:
+                label = f"{cpu}: NMI counts itself in (no write pending)"
+                yield label, self._set(s, i, replace(w, nmi="counted"), running=s.running + 1)
+        elif w.nmi == "counted":
             for k in range(len(self.sites)):
                 c = w.copies[k]
                 code = c[0] if c is not None else s.mem[k]
                 copies = w.copies if c is not None else (*w.copies[:k], (s.mem[k], frozenset()), *w.copies[k + 1 :])
-                w2 = Worker(w.mode, copies, w.dirty, w.ipi, w.stop)
+                w2 = replace(w, copies=copies)
+                verdict = self._judge(s, w2, k, code, done)
+                label = f"{cpu}: the NMI handler executes {self.site_name(k)}: {code.hex(' ')}"
+                if verdict and verdict != "int3":
+                    yield label, self._set(s, i, w2, violation=verdict)
+                elif c is None:
+                    yield label + " (decodes it now)", self._set(s, i, w2)
+            w2 = self._serialize(replace(w, nmi=""))
+            yield f"{cpu}: NMI counts itself out, iretq (serializing)", self._set(s, i, w2, running=s.running - 1)
+
+    def _worker(self, s: State, i: int, w: Worker) -> Iterator[tuple[str, State]]:
+        cpu = f"cpu{i + 1}"
+        done = s.pc >= len(self.steps) and not s.waiting
+        if self.nmis:
+            yield from self._nmi(s, i, w, done)
+        if w.nmi:
+            pass  # the NMI handler runs; the interrupted code waits
+        elif w.mode == RUN:
+            for k in range(len(self.sites)):
+                c = w.copies[k]
+                code = c[0] if c is not None else s.mem[k]
+                copies = w.copies if c is not None else (*w.copies[:k], (s.mem[k], frozenset()), *w.copies[k + 1 :])
+                w2 = replace(w, copies=copies)
                 label = f"{cpu}: executes {self.site_name(k)}: {code.hex(' ')}"
                 verdict = self._judge(s, w2, k, code, done)
                 if verdict == "int3":
-                    trapped = Worker(TRAP, copies, w.dirty, w.ipi, w.stop)
+                    trapped = replace(w, mode=TRAP, copies=copies)
                     yield label + " -> int3 trap", self._set(s, i, trapped)
                 elif verdict:
                     yield label, self._set(s, i, w2, violation=verdict)
                 elif c is None:
                     yield label + " (decodes it now)", self._set(s, i, w2)
             if w.ipi:
-                w2 = self._serialize(Worker(RUN, w.copies, w.dirty, False, w.stop))
+                w2 = self._serialize(replace(w, mode=RUN, ipi=False))
                 yield (
                     f"{cpu}: takes the sync IPI, serializes (cpuid) and acknowledges",
                     self._set(s, i, w2, waiting=s.waiting - {i}),
                 )
             if w.stop:
-                w2 = Worker(STOPPED, w.copies, w.dirty, w.ipi, False)
+                w2 = replace(w, mode=STOPPED, stop=False)
                 yield f"{cpu}: enters the stopper and acknowledges", self._set(s, i, w2, waiting=s.waiting - {i})
         elif w.mode == TRAP:
-            w2 = self._serialize(Worker(RUN, w.copies, w.dirty, w.ipi, w.stop))
+            w2 = self._serialize(replace(w, mode=RUN))
             yield f"{cpu}: returns from the int3 handler (iretq, serializing)", self._set(s, i, w2)
         elif w.mode == STOPPED and s.released:
-            w2 = self._serialize(Worker(RUN, w.copies, w.dirty, w.ipi, w.stop))
+            w2 = self._serialize(replace(w, mode=RUN))
             yield f"{cpu}: leaves the stopper (cpuid, serializing)", self._set(s, i, w2, waiting=s.waiting - {i})
         # snoops: a write reaches this CPU's copy
         for k, c in enumerate(w.copies):
             if c is None:
                 continue
-            for wid in sorted(c[1]):
-                step = self.steps[wid]
+            for wid in sorted(c[1], key=repr):
                 code = bytearray(c[0])
-                lo, hi = step.offset, step.offset + len(step.data)
+                lo, hi = self._span(wid)
                 code[lo:hi] = s.mem[k][lo:hi]
                 copies = (*w.copies[:k], (bytes(code), c[1] - {wid}), *w.copies[k + 1 :])
-                w2 = Worker(w.mode, copies, w.dirty, w.ipi, w.stop)
-                what = f"the write of step {wid + 1} reaches its copy of {self.site_name(k)}"
+                w2 = replace(w, copies=copies)
+                what = f"the write of {self._write_name(wid)} reaches its copy of {self.site_name(k)}"
                 yield f"{cpu}: {what}: {bytes(code).hex(' ')}", self._set(s, i, w2)
 
     def _judge(self, s: State, w: Worker, k: int, code: bytes, done: bool) -> str | None:
@@ -300,17 +394,26 @@ def explore(
     max_states: int = 200_000,
     keep_graph: bool = False,
     xmc_rule: str = "linux",
+    nmis: int = 0,
+    count_at_delivery: bool = False,
 ) -> ExploreResult:
     """Explore every interleaving of `protocol` enabling ftrace on `sites` sites while `cpus`
     workload CPUs execute them (plus the patcher), judged by the cross-modifying-code rule
-    `xmc_rule` (the oracle's: "linux" or "sdm"). Breadth first, so the first path found to each
-    violation class is a shortest one."""
+    `xmc_rule` (the oracle's: "linux" or "sdm"), with up to `nmis` NMIs on each workload CPU (the
+    stop_machine protocols only: their handlers execute the sites, and stop-machine-ftrace's NMIs
+    count themselves in and perform a pending write). Breadth first, so the first path found to
+    each violation class is a shortest one. `count_at_delivery` closes the window between an NMI's
+    delivery and its ftrace_nmi_enter (a what-if: no hardware does that)."""
     if xmc_rule not in ("linux", "sdm"):
         raise ValueError(f"unknown cross-modifying-code rule {xmc_rule!r}; choose linux or sdm")
     if not 1 <= cpus <= 3:
         raise ValueError("the explorer takes 1 to 3 workload CPUs")
     if not 1 <= sites <= 2:
         raise ValueError("the explorer takes 1 or 2 sites")
+    if not 0 <= nmis <= 3:
+        raise ValueError("the explorer takes 0 to 3 NMIs per workload CPU")
+    if nmis and protocol not in ("stop-machine", "stop-machine-ftrace"):
+        raise ValueError("NMIs in the protocol explorer are for stop-machine and stop-machine-ftrace")
     target = 0xFFFFFFFF81001000
     reqs = []
     for i in range(sites):
@@ -318,10 +421,13 @@ def explore(
         rel = (target - (site + 5)).to_bytes(4, "little", signed=True)
         reqs.append(PatchRequest(site, FTRACE_NOP, b"\xe8" + rel))
     steps = build(protocol, reqs, mutation)
-    model = _Model(steps, tuple(sorted(reqs, key=lambda r: r.site)), cpus, xmc_rule)
+    model = _Model(steps, tuple(sorted(reqs, key=lambda r: r.site)), cpus, xmc_rule, nmis)
+    model.count_at_delivery = count_at_delivery
     graph = nx.DiGraph() if keep_graph else None
     states, transitions, complete, violations = _search(model.initial(), model.successors, max_states, graph)
-    return ExploreResult(protocol, mutation, cpus, sites, states, transitions, complete, violations, graph)
+    scope = f"{cpus} workload CPU(s), {sites} site(s)" + (f", {nmis} NMI(s) each" if nmis else "")
+    scope += ", NMIs counted in at delivery" if nmis and count_at_delivery else ""
+    return ExploreResult(protocol, mutation, cpus, sites, states, transitions, complete, violations, graph, scope)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,10 +39,18 @@ from .elfobj import ElfObject, Linked, ObjectError, link, read_object
 __all__ = [
     "BP_DESC",
     "BP_ENTRIES",
+    "FTRACE_MODIFYING",
     "FTRACE_NOP",
+    "MOD_CODE_IP",
+    "MOD_CODE_NEW",
+    "MOD_CODE_WRITE_FLAG",
     "NMI_CHOICES",
     "NMI_ENTRIES",
+    "NMI_RUNNING",
+    "NMI_UPDATES",
+    "STOP_NUM_THREADS",
     "STOP_STATE",
+    "STOP_THREAD_ACK",
     "ImageError",
     "KernelConfig",
     "KernelImage",
@@ -52,6 +60,8 @@ __all__ = [
 ]
 
 FTRACE_NOP = bytes.fromhex("0f1f440000")
+#: the trampolines' patchable tracer calls (inner labels of ftrace.S)
+TRAMPOLINE_SITES = ("ftrace_call", "ftrace_call_alt")
 FN_SHIFT = 6  # traced functions sit every 64 bytes
 MAX_TRACED = 256
 BP_DESC_MAX = 256  # TP_VEC_MAX: PAGE_SIZE / 16-byte entries in Linux; ours are 32 bytes each
@@ -80,7 +90,7 @@ NMI_ENTRIES: dict[str, tuple[str, int]] = {
 #: the entries users choose from (the rest are mutations)
 NMI_CHOICES = ("naive", "nested-safe", "latch-cmpxchg", "latch-cmpxchg386", "latch-dec")
 
-_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "workload.S", "rt_task.S")
+_SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "ftrace_nmi.S", "workload.S", "rt_task.S")
 #: kernels built with the user's objects: extra sources, and the template replaced by another
 _OBJECT_SOURCES = ("user_workload.S", "runtime.S")
 _OBJECT_TEMPLATE_SWAP = {"ftrace.S": "ftrace_table.S"}
@@ -140,6 +150,13 @@ class Percpu:
     RT_PERIOD = 0x1E8  # its period
     RT_COUNT = 0x1F0  # samples recorded so far
     RT_OVERRUNS = 0x1F8  # ticks merged into a later one while the interrupt was held back
+    SAVE_MODIFYING = 0x80  # ftrace_nmi_enter's copy of modifying_code, for ftrace_nmi_exit
+    STOP_STAGE = 0x88  # the last multi_cpu_stop state this CPU acted on
+    FT_FUNC = 0x90  # calls of the function tracer (reached through the trampoline's ftrace_call)
+    FT_LIST = 0x98  # calls of ftrace_ops_list_func
+    PREEMPT_COUNT = 0xA0  # > 0 inside a preempt-off section
+    NEED_RESCHED = 0xA8  # a woken stopper waits for preempt_enable
+    PREEMPT_OFF = 0xB0  # non-zero: the IRQOFF_MASK/IRQOFF_LEN sections are preempt-off sections instead
     SCRATCH = 0x200  # u64[64]: the workload's busy-work array
     WL_COUNT = 0x400  # u64[MAX_TRACED]: calls the workload made, per traced function
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
@@ -221,6 +238,17 @@ class KernelImage:
         (the C kernel's does, as the assembly one's)."""
         return bool(self.config.objects)
 
+    #: the trampolines' patchable calls of the tracer function (ftrace_call, ftrace_call_alt)
+    trampoline_sites: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def patchable(self) -> dict[int, bytes]:
+        """Every patchable site -> its bytes at boot (traced sites and the trampolines' calls)."""
+        out = {site: FTRACE_NOP for site in self.sites.values()}
+        for site in self.trampoline_sites.values():
+            out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
+        return out
+
     @property
     def traced_base(self) -> int:
         return self.symbols["fn_000"]
@@ -275,26 +303,49 @@ class KernelImage:
             worker_entry=sym["workload_main"],
             idle_entry=sym["idle_main"],
             idle_range=(sym["idle_main"], sym["idle_main"] + self.sizes["idle_main"]),
-            watch=tuple((addr, len(FTRACE_NOP)) for addr in self.sites.values()),
+            watch=tuple((addr, len(FTRACE_NOP)) for addr in self.patchable),
             iret_sites=self.iret_sites,
             popf_sites=self.popf_sites,
             halt_sites=self.halt_sites,
             boot_regs=boot_regs,
             percpu_init=percpu_init,  # type: ignore[arg-type]
             symbols=dict(sym),
-            shared_code=tuple((sym[n], self.sizes[n]) for n in SHARED_CODE),
+            shared_code=tuple((sym[n], self.sizes[n]) for n in SHARED_CODE if n in self.sizes),
         )
 
 
 #: units that read or write what the patcher reads or writes: the sync IPI's acknowledgement, the
-#: descriptor lookup of the #BP handler (bp_desc and its reference count), the stopper's handshake
-SHARED_CODE = ("ipi_entry", "poke_int3_handler", "stopper_entry")
+#: descriptor lookup of the #BP handler (bp_desc, its reference count, the binary search), the
+#: stopper's entry and its stage handshake (multi_cpu_stop, also reached from preempt_schedule), and
+#: stop_machine-era ftrace's NMI side (nmi_running, the pending write it stores into the text)
+SHARED_CODE = (
+    "ipi_entry",
+    "poke_int3_handler",
+    "stopper_entry",
+    "multi_cpu_stop",
+    "ftrace_nmi_enter",
+    "ftrace_nmi_exit",
+)
 
 
 # ------------------------------------------------------------------------------------------------
 # Data layout (kernel data segment, after the machine's GDT/IDT)
 # ------------------------------------------------------------------------------------------------
-STOP_STATE = IMAGE_DATA_VA  # u64: non-zero while stop_machine holds the other CPUs
+#: multi_cpu_stop's shared state (u64 each): the stage, the acks still missing, the thread count
+STOP_STATE = IMAGE_DATA_VA
+STOP_THREAD_ACK = IMAGE_DATA_VA + 0x08
+STOP_NUM_THREADS = IMAGE_DATA_VA + 0x10
+#: multi_cpu_stop's stages (MULTI_STOP_*)
+STOP_NONE, STOP_PREPARE, STOP_DISABLE_IRQ, STOP_RUN, STOP_EXIT = range(5)
+STOP_STAGE_NAMES = {STOP_PREPARE: "prepare", STOP_DISABLE_IRQ: "disable-irq", STOP_RUN: "run", STOP_EXIT: "exit"}
+#: stop_machine ftrace (2.6.28-3.4): modifying_code, nmi_running (bit 31: a write is pending), the
+#: pending write's address (in the text's writable alias) and bytes, and how many NMIs performed it
+FTRACE_MODIFYING = IMAGE_DATA_VA + 0x18
+NMI_RUNNING = IMAGE_DATA_VA + 0x20
+MOD_CODE_IP = IMAGE_DATA_VA + 0x28
+MOD_CODE_NEW = IMAGE_DATA_VA + 0x30
+NMI_UPDATES = IMAGE_DATA_VA + 0x38
+MOD_CODE_WRITE_FLAG = 1 << 31
 BP_DESC = IMAGE_DATA_VA + 0x40  # refs u64, nr_entries u64, entries[BP_DESC_MAX] of 32 bytes
 DATA_SIZE = 0x40 + 16 + BP_DESC_MAX * BP_ENTRY_SIZE
 #: kernels built with the user's objects: the sorted ftrace site table, then the objects' data
@@ -307,6 +358,13 @@ def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
     c.update(
         BP_DESC=BP_DESC,
         STOP_STATE=STOP_STATE,
+        MULTI_STOP_DISABLE_IRQ=STOP_DISABLE_IRQ,
+        MULTI_STOP_EXIT=STOP_EXIT,
+        FTRACE_MOD=FTRACE_MODIFYING,  # base of the stop_machine ftrace variables
+        FTRACE_MOD_RUNNING=NMI_RUNNING - FTRACE_MODIFYING,
+        FTRACE_MOD_IP=MOD_CODE_IP - FTRACE_MODIFYING,
+        FTRACE_MOD_NEW=MOD_CODE_NEW - FTRACE_MODIFYING,
+        FTRACE_MOD_UPDATES=NMI_UPDATES - FTRACE_MODIFYING,
         NR_TRACED=cfg.nr_traced,
         FN_SHIFT=FN_SHIFT,
         TRACED_BASE=traced_base,
@@ -688,6 +746,8 @@ def _build(
         popf_sites=(),
         constants=consts,
         **extra,
+        # kernels with the user's objects use table-driven trampolines without a patchable call
+        trampoline_sites={n: inner[n] for n in TRAMPOLINE_SITES if n in inner},
     )
     found_ = verify(image)
     image.iret_sites = found_.irets
@@ -772,6 +832,10 @@ def verify(image: KernelImage) -> Found:
         got = image.text[site - TEXT_VA : site - TEXT_VA + 5]
         if got != FTRACE_NOP:
             raise ImageError(f"{fn}: site at {site:#x} holds {got.hex(' ')}, not the ftrace nop")
+    for name, site in image.trampoline_sites.items():
+        got = image.text[site - TEXT_VA : site - TEXT_VA + 5]
+        if got != call_bytes(site, image.symbols["ftrace_stub"]):
+            raise ImageError(f"{name}: site at {site:#x} holds {got.hex(' ')}, not a 5-byte call of ftrace_stub")
     return Found(tuple(irets), tuple(popfs), tuple(halts), frozenset(boundaries))
 
 

@@ -7,7 +7,8 @@ patch_latency_cycles  from the operation's start to its return, on the patcher C
 stall (per CPU)       cycles a CPU spent away from its workload because of the patch: in the sync
                       IPI's handler, in the stop_machine stopper, in int3 traps
 total_lost_cycles     the patcher's latency plus every other CPU's stall
-syncs, ipis, int3_hits, and who the patcher waited for longest
+syncs, ipis (IPIs received), ipi_sends (ICR writes), int3_hits, and who the patcher waited for longest;
+stop_machine's stage times; `protocol="ftrace-linux"` measures ftrace_modify_all_code's enable
 
 and from a real-time task's point of view (`metrics.InterruptionMeter`, `textpoke.rt`):
 
@@ -52,6 +53,11 @@ class LatencyConfig:
     costs: CostModel = field(default_factory=CostModel)
     quantum: int = 1000
     fine_quantum: int = 200
+    #: sync IPIs as one all-but-self shorthand (Linux, every CPU online) or one per target
+    ipi_shorthand: bool = True
+    #: this CPU runs long preempt-off sections (interrupts on): a stopper woken there waits (0: none)
+    preempt_off_cpu: int = 0
+    preempt_off_len: int = 20_000
     #: ELF objects to build the kernel from (their first `sites` sites are patched)
     objects: tuple[str, ...] = ()
     kernel: str = "asm"  # the built-in workload and traced functions: asm or c
@@ -97,6 +103,9 @@ class LatencyRow:
     rt_lateness_p99: float | None = None
     rt_lateness_max: float | None = None
     rt_overruns: int = 0
+    ipi_sends: int = 0
+    #: stop_machine: cycles each multi_cpu_stop stage took, as the caller saw it
+    stage_cycles: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -130,16 +139,22 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         _irqoff(m, c, mask=3, length=max(cfg.irqoff_len // 10, 1))
     if cfg.irqoff_cpu:
         _irqoff(m, cfg.irqoff_cpu, mask=1, length=cfg.irqoff_len)
+    if cfg.preempt_off_cpu:
+        _irqoff(m, cfg.preempt_off_cpu, mask=1, length=cfg.preempt_off_len)
+        m.write(m.layout.percpu_va(cfg.preempt_off_cpu) + Percpu.PREEMPT_OFF, struct.pack("<Q", 1))
     sites = [kernel.site_of(i) for i in range(cfg.sites)]
     m.watch(sites)
-    patcher = Patcher(m, kernel, timeout=2_000_000_000)
+    patcher = Patcher(m, kernel, timeout=2_000_000_000, ipi_shorthand=cfg.ipi_shorthand)
     m.run(cfg.warmup)
     meter.reset()
     rt_before = {c: recorded(m, c) for c in rt_cpus}
     rt_overruns = sum(overruns(m, c) for c in rt_cpus)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NmiReachableWarning)  # no NMIs in latency runs
-        report = patcher.enable_ftrace(sites, protocol=cfg.protocol)
+        if cfg.protocol == "ftrace-linux":  # ftrace_modify_all_code's enable
+            report = patcher.ftrace_modify_all_code(True, sites)
+        else:
+            report = patcher.enable_ftrace(sites, protocol=cfg.protocol)
     m.run(2_000)  # let the last handlers return
     drained = m.now()
     others = [c for c in range(cfg.cpus) if c != mc.patcher_cpu]
@@ -184,6 +199,8 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         rt_lateness_p99=rt["p99"],
         rt_lateness_max=rt["max"],
         rt_overruns=sum(overruns(m, c) for c in rt_cpus) - rt_overruns,
+        ipi_sends=report.ipi_sends,
+        stage_cycles={name: end - start for name, start, end in report.stages},
     )
 
 

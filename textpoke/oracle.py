@@ -49,7 +49,7 @@ from typing import Any
 from cpus import ConfigError, Crash, Machine
 from cpus.disasm import describe
 
-from .image import FTRACE_NOP, KernelImage, Percpu
+from .image import KernelImage, Percpu
 
 __all__ = ["CLASSES", "COUNTED", "XMC_RULES", "SafetyOracle", "Verdict", "Violation"]
 
@@ -147,7 +147,7 @@ class SafetyOracle:
         }
         self.unhandled_lo = kernel.symbols["bp_unhandled"]
         self.unhandled_hi = self.unhandled_lo + kernel.sizes["bp_unhandled"]
-        self.mem: dict[int, bytes] = {s: FTRACE_NOP for s in kernel.sites.values()}
+        self.mem: dict[int, bytes] = dict(kernel.patchable)
         self.stable: dict[int, bytes] = dict(self.mem)
         self.active: dict[int, tuple[bytes, bytes]] = {}
         self.finished: dict[int, tuple[bytes, bytes, int]] = {}
@@ -225,6 +225,8 @@ class SafetyOracle:
                     for c in range(self.ncpus):
                         if c != cpu:
                             self.dirty[c].add(site)
+                # a CPU's own store is coherent with its own instruction fetch (self-modifying code)
+                self.dirty[cpu].discard(site)
                 self.mem[site] = new_b
 
     def on_serialize(self, cpu: int, time: int) -> None:

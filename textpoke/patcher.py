@@ -31,14 +31,46 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from cpus import AgentStuck, AgentTimeout, Delay, Fine, Machine, SendIpi, TextpokeError, Vector, WaitUntil, WriteText
+from cpus import (
+    AgentStuck,
+    AgentTimeout,
+    Delay,
+    Fine,
+    Machine,
+    SendIpi,
+    Serialize,
+    TextpokeError,
+    Vector,
+    WaitUntil,
+    WriteText,
+)
 from cpus.disasm import describe, insn_length
+from cpus.layout import TEXT_ALIAS_VA, TEXT_VA
 
 from . import bpdesc
-from .image import FTRACE_NOP, STOP_STATE, KernelImage, Percpu, call_bytes
+from .image import (
+    FTRACE_MODIFYING,
+    FTRACE_NOP,
+    MOD_CODE_IP,
+    MOD_CODE_NEW,
+    MOD_CODE_WRITE_FLAG,
+    NMI_RUNNING,
+    STOP_DISABLE_IRQ,
+    STOP_EXIT,
+    STOP_NUM_THREADS,
+    STOP_PREPARE,
+    STOP_RUN,
+    STOP_STAGE_NAMES,
+    STOP_STATE,
+    STOP_THREAD_ACK,
+    KernelImage,
+    Percpu,
+    call_bytes,
+)
 from .protocols import (
     INT3_PROTOCOLS,
     PROTOCOLS,
+    ModCode,
     PatchRequest,
     Poke,
     Publish,
@@ -48,12 +80,14 @@ from .protocols import (
     Sync,
     Withdraw,
     build,
+    ftrace_modify_all_code,
+    mutate,
 )
 
 __all__ = ["NMI_UNSAFE_PROTOCOLS", "NmiReachableWarning", "PatchError", "PatchReport", "Patcher", "SyncRecord"]
 
 #: protocols during which an NMI can execute a site while it is being written
-NMI_UNSAFE_PROTOCOLS = frozenset({"stop-machine", "naive-bytes", "naive-atomic"})
+NMI_UNSAFE_PROTOCOLS = frozenset({"stop-machine", "naive-bytes", "naive-atomic"})  # not stop-machine-ftrace
 
 
 class NmiReachableWarning(UserWarning):
@@ -91,6 +125,10 @@ class PatchReport:
     ipis: int = 0
     rendezvous: int = 0  # cycles the patcher waited for every CPU to stop (stop_machine)
     release: int = 0  # cycles it waited for them to leave
+    #: (stage, start, end) of every multi_cpu_stop stage, as the caller saw its barrier open and close
+    stages: list[tuple[str, int, int]] = field(default_factory=list)
+    ipi_sends: int = 0  # ICR writes (an all-but-self shorthand is one for every target)
+    nmi_wait: int = 0  # cycles the modifier waited for NMIs to leave their handlers (stop-machine-ftrace)
     steps: tuple[Step, ...] = ()
     hung: str | None = None  # what the patcher was still waiting for when it was given up
     #: why the operation was abandoned although it was making progress (its cycle budget ran out)
@@ -152,9 +190,13 @@ _BUDGET_FACTOR = 20
 
 
 class Patcher:
-    """Performs patch operations on a machine. `timeout`: the cycle budget of each operation (None:
-    derived from its work, see rule 4); `stall`: cycles without progress after which a wait is hung
-    (None: derived from the cost model and the workloads' interrupts-off sections)."""
+    """Runs patch operations on the patcher CPU.
+
+    `timeout`: the cycle budget of each operation (None: derived from its work, see rule 4);
+    `stall`: cycles without progress after which a wait is hung (None: derived from the cost model
+    and the workloads' interrupts-off sections); `ipi_shorthand`: when every CPU is online, a sync is
+    one all-but-self ICR write, as Linux sends it; otherwise (or with False) one ICR write per target
+    CPU."""
 
     def __init__(
         self,
@@ -163,6 +205,7 @@ class Patcher:
         skip_mode: bool = False,
         timeout: int | None = None,
         stall: int | None = None,
+        ipi_shorthand: bool = True,
     ) -> None:
         self.m = machine
         self.timeout = timeout
@@ -170,6 +213,8 @@ class Patcher:
         self.kernel = kernel
         self.cpu = machine.config.patcher_cpu
         self.skip_mode = skip_mode
+        self.ipi_shorthand = ipi_shorthand
+        self._stop_exit_before: dict[int, int] = {}
         self.reports: list[PatchReport] = []
         self.listeners: list[object] = []
         self._busy = False
@@ -289,34 +334,114 @@ class Patcher:
             steps = build(protocol, reqs, mutation)
         except ValueError as err:
             raise PatchError(str(err)) from None
-        report = PatchReport(protocol, mutation, reqs, steps=steps)
-        op = Operation(reqs, protocol, self.skip_mode)
-        self._busy = True
-        budget = self.timeout if self.timeout is not None else self.budget(steps)
-        try:
-            for li in self.listeners:
-                getattr(li, "on_op_start", lambda *_: None)(op, self.m.cpus[self.cpu].clock)
+        return self._run([(reqs, steps)], protocol, mutation)
+
+    def ftrace_modify_all_code(
+        self,
+        enable: bool,
+        sites: Iterable[int] | None = None,
+        mutation: str | None = None,
+    ) -> PatchReport:
+        """Enable (or disable) ftrace on `sites` as Linux's ftrace_modify_all_code sequences it on x86:
+        the trampoline's ftrace_call is pointed at ftrace_ops_list_func, the sites are patched in
+        queued text_poke_bp batches, and, since the final tracer function is not the list function,
+        a sync round on the other CPUs precedes pointing ftrace_call at it (the function tracer when
+        enabling, ftrace_stub when disabling). Each piece is an operation of its own for listeners."""
+        site_list = self._sites(sites)
+        call = self.kernel.trampoline_sites.get("ftrace_call")
+        if call is None:
+            raise PatchError(
+                "this kernel's ftrace trampoline has no patchable ftrace_call (kernels built with --object)"
+            )
+        sym = self.kernel.symbols
+        now = self.m.read(call, 5)
+        to_list = call_bytes(call, sym["ftrace_ops_list_func"])
+        final = call_bytes(call, sym["function_tracer" if enable else "ftrace_stub"])
+        first = PatchRequest(call, now, to_list)
+        last = PatchRequest(call, to_list, final)
+        if enable:
+            reqs = [PatchRequest(s, FTRACE_NOP, call_bytes(s, sym["ftrace_caller"])) for s in site_list]
+        else:
+            reqs = [PatchRequest(s, self.m.read(s, 5), FTRACE_NOP) for s in site_list]
+            for r in reqs:
+                if r.old[0] != 0xE8:
+                    raise PatchError(f"site {r.site:#x} is not enabled ({describe(r.old, r.site)})")
+        if self._busy:
+            raise PatchError("an operation is already in progress (text_mutex is held)")
+        self.validate([first], "bp")
+        self.validate(reqs, "bp-batch")
+        steps = ftrace_modify_all_code(first, reqs, last)
+        if mutation:
             try:
-                self.m.run_agent(self.cpu, self._agent(steps, report), limit=budget)
+                steps = mutate(steps, mutation)
+            except ValueError as err:
+                raise PatchError(str(err)) from None
+        # listeners see three operations: ftrace_call, the sites, ftrace_call again
+        parts: list[tuple[tuple[PatchRequest, ...], tuple[Step, ...]]] = []
+        cut = [i + 1 for i, st in enumerate(steps) if isinstance(st, Withdraw)]
+        first_end = cut[0]
+        last_start = next(i for i, st in enumerate(steps) if isinstance(st, Sync) and not st.local)
+        parts.append(((first,), steps[:first_end]))
+        parts.append((tuple(reqs), steps[first_end:last_start]))
+        parts.append(((last,), steps[last_start:]))
+        return self._run(parts, "ftrace-linux", mutation)
+
+    def _run(
+        self,
+        parts: Sequence[tuple[tuple[PatchRequest, ...], tuple[Step, ...]]],
+        protocol: str,
+        mutation: str | None,
+    ) -> PatchReport:
+        """Perform the steps of each part in turn, as one report; listeners are told when each
+        part's operation (its requests) starts and ends."""
+        all_reqs = tuple(r for reqs, _ in parts for r in reqs)
+        all_steps = tuple(st for _, steps in parts for st in steps)
+        report = PatchReport(protocol, mutation, all_reqs, steps=all_steps)
+        ops = [Operation(reqs, protocol, self.skip_mode) for reqs, _ in parts]
+        self._busy = True
+        current: list[Operation] = []
+
+        def agent():
+            report.start = self._now()
+            modifying = any(isinstance(st, ModCode) for st in all_steps)
+            if modifying:
+                self.m.write(FTRACE_MODIFYING, struct.pack("<Q", 1))  # ftrace_arch_code_modify_prepare
+            for op, (_, steps) in zip(ops, parts, strict=True):
+                current[:] = [op]
+                for li in self.listeners:
+                    getattr(li, "on_op_start", lambda *_: None)(op, self._now())
+                yield from self._agent(steps, report)
+                if report.hung is not None:
+                    break  # a wait without progress: the operation is hung here
+                for li in self.listeners:
+                    getattr(li, "on_op_end", lambda *_: None)(op, self._now())
+            if modifying:
+                self.m.write(FTRACE_MODIFYING, struct.pack("<Q", 0))
+            report.end = self._now()
+
+        budget = self.timeout if self.timeout is not None else self.budget(all_steps)
+        try:
+            try:
+                self.m.run_agent(self.cpu, agent(), limit=budget)
             except AgentStuck as lost:
                 # the patching CPU itself died or hangs in a handler: the operation never ends
                 report.hung = lost.why
                 report.end = self._now()
-                for li in self.listeners:
-                    getattr(li, "on_op_hang", lambda *_: None)(op, report.end, str(lost))
+                for op in current:
+                    for li in self.listeners:
+                        getattr(li, "on_op_hang", lambda *_: None)(op, report.end, str(lost))
             except AgentTimeout as timeout:
                 report.incomplete = f"{timeout} while still making progress"
                 report.end = self._now()
-                for li in self.listeners:
-                    getattr(li, "on_op_incomplete", lambda *_: None)(op, report.end, report.incomplete)
+                for op in current:
+                    for li in self.listeners:
+                        getattr(li, "on_op_incomplete", lambda *_: None)(op, report.end, report.incomplete)
             else:
                 if report.hung is not None:
                     why = f"no progress for {self.stall:,} cycles (waiting for {report.hung})"
-                    for li in self.listeners:
-                        getattr(li, "on_op_hang", lambda *_: None)(op, report.end, why)
-                else:
-                    for li in self.listeners:
-                        getattr(li, "on_op_end", lambda *_: None)(op, report.end)
+                    for op in current:
+                        for li in self.listeners:
+                            getattr(li, "on_op_hang", lambda *_: None)(op, report.end, why)
         finally:
             self._busy = False
         self.reports.append(report)
@@ -402,7 +527,6 @@ class Patcher:
         return done
 
     def _agent(self, steps: Sequence[Step], report: PatchReport):
-        report.start = self._now()
         yield Fine(True)
         try:
             yield from self._steps(steps, report)
@@ -425,34 +549,143 @@ class Patcher:
             elif isinstance(step, Poke):
                 yield WriteText(step.addr, step.data)
             elif isinstance(step, Sync):
-                yield from self._sync(step.label, Percpu.IPI_COUNT, Vector.IPI, report)
+                yield from self._sync(step.label, Percpu.IPI_COUNT, Vector.IPI, report, local=step.local)
+            elif isinstance(step, ModCode):
+                yield from self._mod_code(step, report)
             elif isinstance(step, Withdraw):
                 if not bpdesc.drop_ref(m):
                     m.trace.add((self._now(), self.cpu, "refs-corrupt", "bp_desc refs already 0 at withdrawal"))
                 yield from self._wait(lambda: bpdesc.read_refs(m) == 0, "bp_desc refs", lambda: bpdesc.read_refs(m))
             elif isinstance(step, Rendezvous):
-                m.write(STOP_STATE, struct.pack("<Q", 1))
                 t0 = self._now()
-                yield from self._sync("rendezvous", Percpu.STOP_ACK, Vector.STOP, report, record=False)
+                yield from self._rendezvous(report)
                 report.rendezvous += self._now() - t0
             elif isinstance(step, Release):
-                before = {c: m.percpu(c, Percpu.STOP_EXIT) for c in self._targets()}
-                m.write(STOP_STATE, struct.pack("<Q", 0))
                 t0 = self._now()
-                left = self._wait_all(Percpu.STOP_EXIT, before, "release")
-                yield from self._wait(left, "release", self._counter(Percpu.STOP_EXIT, tuple(before)))
+                yield from self._release(report)
                 report.release += self._now() - t0
             else:  # pragma: no cover - the Step union is closed
                 raise PatchError(f"unknown step {step!r}")
             report.phases.append((t_step, self._now(), _phase_name(step)))
 
-    def _sync(self, label: str, offset: int, vector: int, report: PatchReport, record: bool = True):
+    # -- stop_machine: multi_cpu_stop with the caller taking part ---------------------------------
+    def _stop_ack(self, state: int) -> None:
+        """The caller's ack_state: an atomic decrement of the shared count; the last CPU to ack re-arms
+        it and publishes the next stage (an agent step is atomic against guest instructions)."""
+        m = self.m
+        left = m.read_u64(STOP_THREAD_ACK) - 1
+        m.write(STOP_THREAD_ACK, struct.pack("<Q", left))
+        if left == 0:
+            m.write(STOP_THREAD_ACK, struct.pack("<Q", m.read_u64(STOP_NUM_THREADS)))
+            m.write(STOP_STATE, struct.pack("<Q", state + 1))
+
+    def _stage(self, state: int, report: PatchReport, t_open: int):
+        """Act on `state` as a stopper does (ack it), then wait for its barrier to open."""
+        m = self.m
+        self._stop_ack(state)
+        yield from self._wait(
+            lambda: m.read_u64(STOP_STATE) != state,
+            f"stop_machine {STOP_STAGE_NAMES[state]} barrier",
+            lambda: m.read_u64(STOP_THREAD_ACK),
+        )
+        report.stages.append((STOP_STAGE_NAMES[state], t_open, self._now()))
+
+    def _rendezvous(self, report: PatchReport):
+        """stop_machine's start: arm the barrier for every online CPU, queue the work on each other
+        CPU's stopper (a wakeup IPI each), then run multi_cpu_stop here too: PREPARE, DISABLE_IRQ, up
+        to RUN, where the function (the writes) runs on this, the active, CPU."""
+        m = self.m
+        targets = self._targets()
+        threads = len(targets) + 1
+        self._stop_exit_before = {c: m.percpu(c, Percpu.STOP_EXIT) for c in targets}
+        m.write(STOP_NUM_THREADS, struct.pack("<Q", threads))
+        m.write(STOP_THREAD_ACK, struct.pack("<Q", threads))
+        m.write(STOP_STATE, struct.pack("<Q", STOP_PREPARE))
+        t0 = self._now()
+        yield SendIpi(targets, int(Vector.STOP))
+        report.ipis += len(targets)
+        report.ipi_sends += len(targets)
+        yield from self._stage(STOP_PREPARE, report, t0)
+        yield from self._stage(STOP_DISABLE_IRQ, report, report.stages[-1][2])
+
+    def _release(self, report: PatchReport):
+        """The function has run: ack RUN, pass EXIT, and wait until every stopper has returned
+        (the caller of stop_machine waits for every queued work to complete)."""
+        m = self.m
+        t_run = report.stages[-1][2] if report.stages else self._now()
+        yield from self._stage(STOP_RUN, report, t_run)
+        t_exit = self._now()
+        self._stop_ack(STOP_EXIT)
+        left = self._wait_all(Percpu.STOP_EXIT, self._stop_exit_before, "release")
+        yield from self._wait(left, "stop_machine exit", self._counter(Percpu.STOP_EXIT, tuple(self._stop_exit_before)))
+        report.stages.append((STOP_STAGE_NAMES[STOP_EXIT], t_exit, self._now()))
+        m.write(STOP_STATE, struct.pack("<Q", 0))
+
+    # -- stop_machine ftrace: do_ftrace_mod_code ---------------------------------------------------
+    def _mod_code(self, step: ModCode, report: PatchReport):
+        """Write one site with NMIs in mind (x86 ftrace, 2.6.28-3.4): publish the write, wait until
+        no NMI is inside its handler while setting the write flag (cmpxchg 0 -> flag), write the
+        bytes (a 5-byte copy through the writable alias: 4 bytes, then 1), clear the flag, and wait
+        again until no NMI runs. NMIs that start meanwhile perform the same write themselves
+        (ftrace_nmi_enter). Without `nmi_write` the flag is never set: NMIs are only waited for."""
+        m = self.m
+        m.watch([step.site])  # before any NMI may store into it
+        alias = TEXT_ALIAS_VA + (step.site - TEXT_VA)
+        m.write(MOD_CODE_IP, struct.pack("<Q", alias))
+        m.write(MOD_CODE_NEW, step.data.ljust(8, b"\0"))
+        flag = MOD_CODE_WRITE_FLAG if step.nmi_write else 0
+        shared = m.costs.poll  # a barrier or an atomic on the shared line
+        yield Delay(shared)  # smp_mb: the pending write is visible before NMIs may perform it
+        t0 = self._now()
+
+        def set_flag() -> bool:  # wait_for_nmi_and_set_mod_flag: one cmpxchg(0 -> flag) per poll
+            if m.read_u64(NMI_RUNNING) != 0:
+                return False
+            m.write(NMI_RUNNING, struct.pack("<Q", flag))
+            return True
+
+        yield from self._wait(set_flag, "NMIs to leave before the write", lambda: m.read_u64(NMI_RUNNING))
+        report.nmi_wait += self._now() - t0
+        yield Delay(2 * shared)  # the cmpxchg that succeeded, smp_mb
+        insn = m.costs.instruction
+        yield WriteText(step.site, step.data[:4], cost=2 * insn)  # probe_kernel_write: a 5-byte copy
+        yield WriteText(step.site + 4, step.data[4:], cost=2 * insn)
+        yield Delay(shared)  # smp_mb: the write happens before the flag is cleared
+        m.write(NMI_RUNNING, struct.pack("<Q", m.read_u64(NMI_RUNNING) & ~MOD_CODE_WRITE_FLAG))  # clear_mod_flag
+        yield Delay(shared)
+        t1 = self._now()
+        yield from self._wait(
+            lambda: m.read_u64(NMI_RUNNING) == 0, "NMIs to leave after the write", lambda: m.read_u64(NMI_RUNNING)
+        )
+        report.nmi_wait += self._now() - t1
+
+    # -- syncs --------------------------------------------------------------------------------------
+    def _sync(
+        self,
+        label: str,
+        offset: int,
+        vector: int,
+        report: PatchReport,
+        record: bool = True,
+        local: bool = True,
+    ):
+        """on_each_cpu(do_sync_core) (or, without `local`, smp_call_function): IPI every other online
+        CPU -- one all-but-self shorthand when every CPU is online, else one send per target --, run
+        the function here too, and wait until every target has run it."""
         m = self.m
         targets = self._targets()
         before = {c: m.percpu(c, offset) for c in targets}
         t0 = self._now()
-        yield SendIpi(targets, int(vector))
+        everyone = len(targets) == len(m.cpus) - 1
+        if targets and everyone and self.ipi_shorthand:
+            yield SendIpi(targets, int(vector), shorthand=True)
+            report.ipi_sends += 1
+        elif targets:
+            yield SendIpi(targets, int(vector))
+            report.ipi_sends += len(targets)
         report.ipis += len(targets)
+        if local:
+            yield Serialize()  # do_sync_core on the sending CPU
         acked: dict[int, int] = {}
 
         def done() -> bool:

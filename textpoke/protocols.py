@@ -10,8 +10,11 @@ Steps
 ``Poke``        one store of bytes into text at ``site + offset``
 ``Sync``        IPI every other CPU and wait until each has taken it (and so serialized)
 ``Withdraw``    drop the patcher's reference on the descriptors and wait for in-flight handlers
-``Rendezvous``  stop_machine: IPI every other CPU into the stopper, wait for all acknowledgements
-``Release``     stop_machine: let the stopped CPUs go (they serialize) and wait until all have left
+``Rendezvous``  stop_machine: wake every other CPU's stopper, then pass multi_cpu_stop's PREPARE
+                and DISABLE_IRQ barriers with them (the caller takes part) and enter RUN
+``Release``     stop_machine: acknowledge RUN, pass the EXIT barrier, wait until every stopper is done
+``ModCode``     stop_machine ftrace (2.6.28-3.4): one site written with NMIs in mind -- wait until no
+                NMI runs while publishing the write to NMIs, write, withdraw it, wait for NMIs again
 
 text_poke_bp, as Linux does it (arch/x86/kernel/alternative.c), for one site or a batch:
 
@@ -24,6 +27,10 @@ text_poke_bp, as Linux does it (arch/x86/kernel/alternative.c), for one site or 
 Linux rewrites and syncs the tail whenever the instruction is longer than one byte, even when the
 tail does not change; this project skips the tail step for such sites, as its design asks (a
 call -> call retarget keeps its opcode but not its tail, so it still has all three steps).
+
+Batches are Linux's queue (text_poke_queue): requests are taken in the order given, and the batch is
+flushed (performed) when it holds TEXT_POKE_ARRAY_MAX entries or when the next address is below the
+last one queued, so every batch is ascending and the #BP handler can binary-search it.
 """
 
 from __future__ import annotations
@@ -32,9 +39,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "BP_MUTATIONS",
     "INT3_PROTOCOLS",
     "MUTATIONS",
     "PROTOCOLS",
+    "STOP_MACHINE_MUTATIONS",
+    "TEXT_POKE_ARRAY_MAX",
+    "ModCode",
     "PatchRequest",
     "Poke",
     "Publish",
@@ -45,10 +56,13 @@ __all__ = [
     "Withdraw",
     "build",
     "describe_steps",
+    "ftrace_modify_all_code",
     "mutate",
     "naive_atomic",
     "naive_bytes",
+    "queue_batches",
     "stop_machine",
+    "stop_machine_ftrace",
     "text_poke_bp",
     "text_poke_bp_batch",
 ]
@@ -89,6 +103,8 @@ class Poke:
 @dataclass(frozen=True, slots=True)
 class Sync:
     label: str
+    #: the function also runs on the sending CPU (on_each_cpu); False: others only (smp_call_function)
+    local: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +122,48 @@ class Release:
     pass
 
 
-Step = Publish | Poke | Sync | Withdraw | Rendezvous | Release
+@dataclass(frozen=True, slots=True)
+class ModCode:
+    """do_ftrace_mod_code: write `data` at `site` under stop_machine, with NMIs in mind. With
+    `nmi_write` the write is published to NMIs (nmi_running's flag), so an NMI that starts meanwhile
+    performs it itself before its handler runs; without it (the `no-nmi-write` mutation) NMIs are
+    only waited for."""
+
+    site: int
+    data: bytes
+    nmi_write: bool = True
+
+
+Step = Publish | Poke | Sync | Withdraw | Rendezvous | Release | ModCode
+
+#: entries per batch (Linux: TP_VEC_MAX / TEXT_POKE_ARRAY_MAX, a page of 16-byte entries)
+TEXT_POKE_ARRAY_MAX = 256
+
+
+def queue_batches(requests: Sequence[PatchRequest]) -> list[tuple[PatchRequest, ...]]:
+    """Split requests, in the order given, into the batches Linux's queue would flush: a batch ends
+    when it is full or when the next address is lower than the last one queued."""
+    batches: list[tuple[PatchRequest, ...]] = []
+    cur: list[PatchRequest] = []
+    for r in requests:
+        if cur and (len(cur) == TEXT_POKE_ARRAY_MAX or r.site < cur[-1].site):
+            batches.append(tuple(cur))
+            cur = []
+        cur.append(r)
+    if cur:
+        batches.append(tuple(cur))
+    return batches
 
 
 def text_poke_bp_batch(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
-    """Three syncs for the whole batch, whatever its size."""
-    reqs = tuple(sorted(requests, key=lambda r: r.site))
+    """Three syncs per batch, whatever its size; batches as Linux's queue flushes them."""
+    out: list[Step] = []
+    for batch in queue_batches(requests):
+        out += _one_batch(batch)
+    return tuple(out)
+
+
+def _one_batch(reqs: tuple[PatchRequest, ...]) -> list[Step]:
     steps: list[Step] = [Publish(reqs)]
     steps += [Poke(r.site, 0, bytes([INT3]), "int3") for r in reqs]
     steps.append(Sync("int3"))
@@ -124,14 +176,14 @@ def text_poke_bp_batch(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
         steps += firsts
         steps.append(Sync("first"))
     steps.append(Withdraw())
-    return tuple(steps)
+    return steps
 
 
 def text_poke_bp(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
     """One site at a time: a batch of one per request (three syncs each)."""
     out: list[Step] = []
     for r in sorted(requests, key=lambda r: r.site):
-        out += text_poke_bp_batch([r])
+        out += _one_batch((r,))
     return tuple(out)
 
 
@@ -139,6 +191,29 @@ def stop_machine(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
     """Stop every other CPU, write every instruction whole, let them go."""
     reqs = sorted(requests, key=lambda r: r.site)
     return (Rendezvous(), *(Poke(r.site, 0, r.new, "write") for r in reqs), Release())
+
+
+def stop_machine_ftrace(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
+    """x86 ftrace from 2.6.28 to 3.4: stop_machine, and each site written by do_ftrace_mod_code,
+    which NMIs on any CPU help with (ftrace_nmi_enter performs a pending write itself)."""
+    reqs = sorted(requests, key=lambda r: r.site)
+    return (Rendezvous(), *(ModCode(r.site, r.new) for r in reqs), Release())
+
+
+def ftrace_modify_all_code(
+    trampoline_first: PatchRequest,
+    sites: Sequence[PatchRequest],
+    trampoline_last: PatchRequest | None,
+) -> tuple[Step, ...]:
+    """ftrace_modify_all_code as Linux sequences it on x86: point the trampoline's ftrace_call at
+    the ops list function (one text_poke_bp, three syncs), patch the sites in queued batches, then,
+    when the final tracer function is not the list function, a sync round on the other CPUs
+    (smp_call_function(ftrace_sync_ipi)) and one more text_poke_bp of ftrace_call."""
+    steps: list[Step] = [*text_poke_bp([trampoline_first]), *text_poke_bp_batch(sites)]
+    if trampoline_last is not None:
+        steps.append(Sync("ftrace-sync-ipi", local=False))
+        steps += text_poke_bp([trampoline_last])
+    return tuple(steps)
 
 
 def naive_bytes(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
@@ -158,6 +233,7 @@ PROTOCOLS: dict[str, Callable[[Sequence[PatchRequest]], tuple[Step, ...]]] = {
     "bp": text_poke_bp,
     "bp-batch": text_poke_bp_batch,
     "stop-machine": stop_machine,
+    "stop-machine-ftrace": stop_machine_ftrace,
     "naive-bytes": naive_bytes,
     "naive-atomic": naive_atomic,
 }
@@ -216,7 +292,12 @@ def _early_withdraw(batch: list[Step]) -> list[Step]:
     return [*rest[:last], Withdraw(), *rest[last:]]
 
 
-MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
+def _no_nmi_write(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    return tuple(ModCode(s.site, s.data, nmi_write=False) if isinstance(s, ModCode) else s for s in steps)
+
+
+#: mutations of text_poke_bp
+BP_MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
     "no-sync-after-int3": _drop_sync("int3"),
     "no-sync-after-tail": _drop_sync("tail"),
     "no-final-sync": _drop_sync("first"),
@@ -224,6 +305,11 @@ MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
     "first-before-tail": _per_batch(_first_before_tail),
     "early-withdraw": _per_batch(_early_withdraw),
 }
+#: mutations of stop-machine-ftrace
+STOP_MACHINE_MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
+    "no-nmi-write": _no_nmi_write,
+}
+MUTATIONS = BP_MUTATIONS | STOP_MACHINE_MUTATIONS
 
 
 def build(protocol: str, requests: Sequence[PatchRequest], mutation: str | None = None) -> tuple[Step, ...]:
@@ -248,7 +334,10 @@ def describe_steps(steps: Sequence[Step], names: Callable[[int], str] = hex) -> 
         if isinstance(s, Poke):
             out.append(f"poke  {names(s.site)}+{s.offset}  {s.data.hex(' ')}  ({s.phase})")
         elif isinstance(s, Sync):
-            out.append(f"sync  ({s.label})")
+            out.append(f"sync  ({s.label})" if s.local else f"sync  ({s.label}, other CPUs only)")
+        elif isinstance(s, ModCode):
+            how = "NMIs write it too" if s.nmi_write else "NMIs only waited for"
+            out.append(f"modcode {names(s.site)}  {s.data.hex(' ')}  ({how})")
         elif isinstance(s, Publish):
             out.append(f"publish {len(s.requests)} descriptor(s)")
         else:

@@ -24,14 +24,19 @@ from .oracle import XMC_RULES, SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .protocols import MUTATIONS, PROTOCOLS
 
-__all__ = ["OPERATIONS", "Outcome", "Scenario", "replay_command", "run_scenario"]
+__all__ = ["IPI_MODES", "OPERATIONS", "Outcome", "Scenario", "replay_command", "run_scenario"]
 
 #: what a scenario does to the sites
 OPERATIONS = {
     "toggle": ("enable", "disable"),
     "retarget": ("enable", "retarget", "disable"),
     "enable": ("enable",),
+    # ftrace_modify_all_code's sequence: ftrace_call, the site batches, a sync round, ftrace_call again
+    "ftrace-linux": ("enable-linux", "disable-linux"),
 }
+#: how a sync reaches the other CPUs: one all-but-self shorthand while every CPU is online (Linux),
+#: or always one IPI per target
+IPI_MODES = ("shorthand", "per-target")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class Scenario:
     nmi_cpus: str = "all"
     #: the cross-modifying-code rule the oracle judges by: "linux" (text_poke_bp's) or "sdm"
     xmc_rule: str = "linux"
+    #: sync IPIs: one all-but-self shorthand (Linux, every CPU online) or one per target
+    ipi: str = "shorthand"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -75,6 +82,10 @@ class Scenario:
             raise ConfigError(f"unknown int3 mode {self.int3!r}; choose from {', '.join(BP_ENTRIES)}")
         if self.operation not in OPERATIONS:
             raise ConfigError(f"unknown operation {self.operation!r}; choose from {', '.join(OPERATIONS)}")
+        if self.operation == "ftrace-linux" and self.protocol != "bp-batch":
+            raise ConfigError("operation ftrace-linux patches with text_poke_bp as Linux does: use --protocol bp-batch")
+        if self.ipi not in IPI_MODES:
+            raise ConfigError(f"unknown IPI mode {self.ipi!r}; choose from {', '.join(IPI_MODES)}")
         if self.nmi != "none" and self.nmi not in NMI_ENTRIES:
             raise ConfigError(f"unknown NMI entry {self.nmi!r}; choose none or {', '.join(NMI_ENTRIES)}")
         if self.nmi_rate < 0 or self.nmi_rate > 200_000:
@@ -131,6 +142,8 @@ class Scenario:
             parts.append(f"kernel={self.kernel}")
         if self.xmc_rule != "linux":
             parts.append(f"xmc={self.xmc_rule}")
+        if self.ipi != "shorthand":
+            parts.append(f"ipi={self.ipi}")
         return " ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -162,6 +175,7 @@ class Outcome:
                     "latency": r.latency,
                     "syncs": len(r.syncs),
                     "ipis": r.ipis,
+                    "ipi_sends": r.ipi_sends,
                     "hung": r.hung,
                     "incomplete": r.incomplete,
                 }
@@ -238,7 +252,7 @@ def run_scenario(
     m.watch(kernel.sites.values())
     # a wait without progress for the patcher's stall window is hung (a CPU never answers); an
     # operation that runs out of its budget (scaled with its work) while progressing is incomplete
-    patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip")
+    patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip", ipi_shorthand=sc.ipi == "shorthand")
     patcher.listeners.append(oracle)
     patcher.listeners.extend(e for e in extra_instruments if hasattr(e, "on_op_start"))
 
@@ -296,6 +310,8 @@ def replay_command(sc: Scenario, seed: int) -> str:
         parts.append(f"--irqoff {sc.irqoff_len}")
     if sc.interleave != DEFAULT_INTERLEAVE:
         parts.append(f"--interleave {sc.interleave}")
+    if sc.ipi != "shorthand":
+        parts.append(f"--ipi {sc.ipi}")
     return " ".join(parts)
 
 
@@ -306,6 +322,11 @@ def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> 
             report = patcher.enable_ftrace(targets, **kw)
         elif op == "disable":
             report = _disable(patcher, targets, kw)
+        elif op == "enable-linux":
+            report = patcher.ftrace_modify_all_code(True, targets, mutation=sc.mutation)
+        elif op == "disable-linux":
+            enabled = [s for s in targets if patcher.m.read(s, 1) == b"\xe8"]
+            report = patcher.ftrace_modify_all_code(False, enabled, mutation=sc.mutation) if enabled else None
         else:
             report = patcher.retarget(targets, **kw)
         m.run(sc.settle)

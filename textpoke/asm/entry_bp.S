@@ -79,6 +79,8 @@ SYM_FUNC_START(bp_unhandled)
 SYM_FUNC_END(bp_unhandled)
 
 # rdi -> orig_ax (RIP at +8, RSP at +32); esi = emulate. Returns rax = 1 when the trap was ours.
+# The lookup is Linux's: a binary search when the table holds more than one entry, a direct compare
+# for one.
 # Touches rax, rcx, rdx, r8-r11 only, and calls nothing (it must not hit another int3).
 SYM_FUNC_START(poke_int3_handler)
     mov r8, BP_DESC
@@ -91,16 +93,34 @@ SYM_FUNC_START(poke_int3_handler)
     jnz .Lget
     mov rdx, qword ptr [rdi+8]
     dec rdx                             # the int3 itself
-    mov rcx, qword ptr [r8+8]
-    lea r9, [r8+16]
-.Lscan:
-    test rcx, rcx
-    jz .Lmiss
-    cmp qword ptr [r9], rdx
+    mov rcx, qword ptr [r8+8]           # nr_entries
+    lea r9, [r8+16]                     # the entries, sorted by address
+    cmp rcx, 1
+    ja .Lbsearch
+    jb .Lmiss
+    cmp qword ptr [r9], rdx             # a single entry: compare it directly
     je .Lfound
-    add r9, 32
-    dec rcx
-    jmp .Lscan
+    jmp .Lmiss
+.Lbsearch:                              # binary search over [r10, rcx)
+    xor r10d, r10d
+.Lhalve:
+    cmp r10, rcx
+    jae .Lmiss
+    lea r11, [r10+rcx]
+    shr r11, 1                          # middle
+    mov rax, r11
+    shl rax, 5                          # 32-byte entries
+    add rax, r9
+    cmp rdx, qword ptr [rax]
+    je .Lhit
+    jb .Llower
+    lea r10, [r11+1]
+    jmp .Lhalve
+.Llower:
+    mov rcx, r11
+    jmp .Lhalve
+.Lhit:
+    mov r9, rax
 .Lfound:
     movzx r10, byte ptr [r9+16]
     lea r11, [rdx+r10]                  # the instruction after the site

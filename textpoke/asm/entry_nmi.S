@@ -21,6 +21,7 @@ SYM_FUNC_END(nmi_iret)
 SYM_FUNC_START(nmi_handler)
     push rbx
     cld
+    call ftrace_nmi_enter               # nmi_enter(): a pending ftrace write is done first
     inc qword ptr gs:[PCPU_NMI_COUNT]
     mov rbx, qword ptr gs:[PCPU_NMI_COUNT]
     and rbx, NMI_FUNCS_HALF_MASK
@@ -40,6 +41,7 @@ SYM_FUNC_START(nmi_handler)
     NMI_CALLBACKS_HIGH                  # one of the upper half, on the irq stack
     pop rax
     mov rsp, rax
+    call ftrace_nmi_exit
     pop rbx
     ret
 SYM_FUNC_END(nmi_handler)

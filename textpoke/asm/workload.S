@@ -1,7 +1,8 @@
 # The per-CPU workload: forever pick a traced function with a per-CPU LCG (r12, seeded at boot),
 # count the call in this CPU's own counters, call it (half the time with the stack 8 bytes off, so
 # int3 frames land at both 16-byte alignments), do a random amount of busy work on per-CPU memory (loads and stores, like most kernel code), and now and then
-# run an interrupts-off section (pushfq; cli; ...; popfq) when the per-CPU knobs ask for one.
+# run an interrupts-off section (pushfq; cli; ...; popfq) when the per-CPU knobs ask for one -- or,
+# on a CPU whose PREEMPT_OFF knob is set, a preempt-off section of the same length (interrupts on).
 # With a non-zero LOOP_LIMIT it stops with hlt after that many iterations (raw-speed benchmarks).
 SYM_FUNC_START(workload_main)
 .Lloop:
@@ -56,6 +57,8 @@ SYM_FUNC_START(workload_main)
     shr rcx, 20
     and rcx, rax
     jnz .Lloop
+    cmp qword ptr gs:[PCPU_PREEMPT_OFF], 0
+    jne .Lpreempt_off
 SYM_INNER_LABEL(workload_irqoff)        # each starts a block (after a branch): a probe can mark them
     pushfq
     cli
@@ -66,6 +69,19 @@ SYM_INNER_LABEL(workload_irqoff)        # each starts a block (after a branch): 
     jnz .Loff
 SYM_INNER_LABEL(workload_irqon)
     popfq
+    jmp .Lloop
+.Lpreempt_off:
+    inc qword ptr gs:[PCPU_PREEMPT_COUNT]   # preempt_disable: interrupts stay on
+    mov rcx, qword ptr gs:[PCPU_IRQOFF_LEN]
+.Lpoff:
+    pause
+    dec rcx
+    jnz .Lpoff
+    dec qword ptr gs:[PCPU_PREEMPT_COUNT]   # preempt_enable ...
+    jnz .Lloop
+    cmp qword ptr gs:[PCPU_NEED_RESCHED], 0
+    je .Lloop
+    call preempt_schedule                   # ... and switch to the woken stopper
     jmp .Lloop
 SYM_FUNC_END(workload_main)
 
