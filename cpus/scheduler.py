@@ -10,11 +10,12 @@ This scheduler runs every CPU as far as it can go alone and orders exactly the f
 it meets an agent (a Python program occupying a CPU, such as the patcher):
 
 * **Interaction points.** The execution of a watched site (its bytes depend on the agent's text
-  writes); a serializing instruction (`iretq`; an event delivery, which the machine performs at
-  quantum boundaries or right after the interaction that raises it); an interrupt delivered by
-  `popfq`; an aimed NMI; and every instruction of the code that touches memory an agent reads or
-  writes (`BootImage.shared_code`: the sync acknowledgement, the #BP handler's descriptor lookup,
-  the stopper). An agent's own steps are its interactions.
+  writes); a serializing instruction (`iretq`, `cpuid`); an interrupt delivered by `popfq`; an
+  aimed NMI; and every instruction of the code that touches memory an agent reads or writes
+  (`BootImage.shared_code`: the sync acknowledgement, the #BP handler's descriptor lookup, the
+  stopper and its stages, ftrace's NMI-side enter/exit). An agent's own steps are its
+  interactions. Event delivery does not serialize and reads nothing an agent writes: the machine
+  performs it at quantum boundaries or right after the interaction that raises it.
 * **Exact time inside a quantum.** Every engine counts instructions exactly (`Engine.start_counting`
   at boot) and a hook reads how many instructions of the running quantum have completed
   (`Engine.executed`), so a CPU knows its time at every hook, not just at quantum boundaries.
@@ -27,6 +28,14 @@ it meets an agent (a Python program occupying a CPU, such as the patcher):
   the earliest an agent's next action can reach another CPU as an event. A write's snoop reaching a
   CPU that has run ahead is applied before its next site execution, which is all the snoop can
   change.
+
+* **The agent's own CPU.** An agent steps only while its CPU is parked in its idle loop (as in the
+  fine scheduler); an NMI that reaches it there runs its entry and handler in guest code. Meanwhile
+  the CPU still counts as an agent for every other CPU's horizon, and it runs no further than the
+  furthest-behind other CPU (the lower index first on a tie): it may touch what they touch (the #BP
+  handler's descriptors, ftrace's `nmi_running`), so no CPU passes it and it passes none.
+* **The end of a run.** No interaction is performed past the end of the running `run` call: an
+  agent may start right there (`run_agent` after a warmup), and must come first.
 
 An interaction takes effect at its start: an event delivery or `iretq` serializes at the instruction
 boundary where it happens, and the cycles it costs follow (as in the fine scheduler).
