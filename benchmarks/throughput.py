@@ -4,8 +4,9 @@ For each CPU count, a machine whose every CPU runs the workload (with NMIs off, 
 for a fixed number of cycles per CPU; its speed is total retired instructions over wall time. The
 baseline, measured in the same run, is one bare Unicorn instance (no hooks, no count slicing)
 executing the same workload code from the same state until the workload's own `hlt` after a fixed
-number of iterations; its instruction count comes from an identical calibration run that counts
-every translated block's instructions.
+number of iterations, timed warm like the machine (after one run over the same code); its
+instruction count comes from an identical calibration run that counts every translated block's
+instructions.
 
     python benchmarks/throughput.py [--cpus 1 4 16 64] [--quantum Q] [--json FILE]
 """
@@ -16,58 +17,18 @@ import argparse
 import dataclasses
 import json
 import resource
-import struct
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sweep import raw_unicorn_ips  # one bare instance, timed warm
 
 from cpus import Machine, MachineConfig
-from cpus import layout as L
-from cpus._unicorn import Engine
 from cpus.config import DEFAULT_QUANTUM
-from cpus.disasm import disasm
-from textpoke.image import Percpu, build_kernel
-
-
-def raw_unicorn_ips(loops: int) -> tuple[float, int]:
-    """(instructions/s, instructions) of one bare instance running `loops` workload iterations."""
-    kernel = build_kernel()
-    boot = kernel.boot_image()
-    m = Machine(MachineConfig(cpus=1), boot)
-    r12 = boot.boot_regs(0, 0)["r12"]
-
-    def fresh(count_blocks: bool) -> tuple[Engine, list[int]]:
-        m.write(m.layout.percpu_va(0) + Percpu.LOOPS, struct.pack("<Q", 0))
-        m.write(m.layout.percpu_va(0) + Percpu.LOOP_LIMIT, struct.pack("<Q", loops))
-        e = Engine(m._mems, L.PT_PA, L.GDT_VA, m.layout.percpu_va(0), L.KERNEL_CS, L.KERNEL_DS)
-        e.set_rsp(m.layout.kstack_top(0))
-        e.set_rflags(0x202)
-        e.set_reg("r12", r12)
-        total = [0]
-        if count_blocks:
-            sizes: dict[tuple[int, int], int] = {}
-
-            def on_block(addr: int, size: int) -> None:
-                n = sizes.get((addr, size))
-                if n is None:
-                    n = sizes[(addr, size)] = len(disasm(m.read(addr, size), addr))
-                total[0] += n
-
-            e.hook_block_at(L.TEXT_VA, m.layout.text_size, on_block)
-        return e, total
-
-    e, total = fresh(True)
-    e.run(boot.worker_entry, L.UNTIL, 0)
-    instructions = total[0]
-    best = 0.0
-    for _ in range(3):
-        e, _ = fresh(False)
-        t0 = time.perf_counter()
-        e.run(boot.worker_entry, L.UNTIL, 0)
-        best = max(best, instructions / (time.perf_counter() - t0))
-    return best, instructions
+from textpoke.image import build_kernel
 
 
 def sim_ips(cpus: int, quantum: int, cycles: int) -> float:
@@ -76,9 +37,9 @@ def sim_ips(cpus: int, quantum: int, cycles: int) -> float:
     m = Machine(MachineConfig(cpus=cpus, seed=1, quantum=quantum), boot)
     m.run(cycles // 20)  # warm the translation caches
     before = sum(c.stats["instructions"] for c in m.cpus)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time, like the raw baseline: other load does not count
     m.run(cycles)
-    dt = time.perf_counter() - t0
+    dt = time.process_time() - t0
     return (sum(c.stats["instructions"] for c in m.cpus) - before) / dt
 
 

@@ -47,7 +47,7 @@ from unicorn.unicorn_py3.unicorn import (
     uclib,
 )
 
-__all__ = ["REGS", "Engine", "HostMemory", "RunStop", "engine_error_name"]
+__all__ = ["REGS", "Engine", "HostMemory", "RunStop", "counter_available", "engine_error_name"]
 
 #: Register name -> Unicorn id, for the registers the machine and the tools read.
 REGS: dict[str, int] = {
@@ -75,6 +75,48 @@ _RSP = x86.UC_X86_REG_RSP
 _RFLAGS = x86.UC_X86_REG_RFLAGS
 
 _TCG_BUFFER = 16 << 20
+
+
+def _find_counter_offset() -> int | None:
+    """Where Unicorn keeps the instruction counter of the running `emu_start` (`emu_counter`, next
+    to `emu_count`) inside its engine structure, found by experiment on a scratch engine.
+
+    Unicorn counts the instructions of a counted run (`count > 0`) in this field but has no call
+    that reads it; the exact scheduler needs it to know, inside a hook, how many instructions of
+    the quantum have run. After a run of `count = n` that used up its count the field holds n + 1
+    and its neighbour n; three different n must agree on one offset, or there is none."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_set_tcg_buffer_size(1 << 20)
+    uc.mem_map(0x10000, 0x1000)
+    uc.mem_write(0x10000, b"\x48\xff\xc0" * 64)  # inc rax
+    base = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    found: set[int] | None = None
+    for n in (7, 13, 29):
+        uc.emu_start(0x10000, 0x1000, 0, n)
+        words = struct.unpack("<512Q", ctypes.string_at(base, 4096))
+        hits = {8 * i for i in range(511) if words[i] == n + 1 and words[i + 1] == n}
+        found = hits if found is None else found & hits
+    uc.emu_start(0x10000, 0x1000, 0, 3)  # and it counts from zero again on every start
+    if found is None or len(found) != 1:
+        return None
+    (off,) = found
+    if ctypes.c_uint64.from_address(base + off).value != 4:
+        return None
+    return off
+
+
+_COUNTER_OFFSET: list[int | None] = []
+
+
+def _counter_offset() -> int | None:
+    if not _COUNTER_OFFSET:
+        _COUNTER_OFFSET.append(_find_counter_offset())
+    return _COUNTER_OFFSET[0]
+
+
+def counter_available() -> bool:
+    """Whether this Unicorn build lets the machine read the running quantum's instruction count."""
+    return _counter_offset() is not None
 
 
 class HostMemory:
@@ -175,12 +217,35 @@ class Engine:
         self._u64_ref = ctypes.byref(self._u64)
         self._callbacks: dict[int, object] = {}
         self.hook_error: BaseException | None = None
+        self._counter: ctypes.c_uint64 | None = None
+        self._limit: ctypes.c_uint64 | None = None
+        #: 1 while a code, interrupt or instruction hook runs (Unicorn has already counted the
+        #: instruction it stands at), 0 in block hooks (called before the block's first count)
+        self.hook_adjust = 0
+        self.insn_cost = 1  # cycles per instruction (the machine's cost model)
+
+    def executed(self) -> int:
+        """Instructions of the running quantum completed before the one being hooked (exact only
+        after `start_counting`, on a build where `counter_available()`)."""
+        return self._counter.value - self.hook_adjust  # type: ignore[union-attr]
+
+    def cut(self, count: int) -> None:
+        """End the running quantum after `count` instructions in all (if that is sooner): Unicorn
+        checks its count before every instruction, against the field next to its counter."""
+        if count < self._limit.value:  # type: ignore[union-attr]
+            self._limit.value = count  # type: ignore[union-attr]
+
+    def completed(self) -> int:
+        """Instructions the last quantum completed, when it ended by its count or stopped in a
+        block hook (the counter is one past the count when the count ran out)."""
+        return min(self._counter.value, self._limit.value)  # type: ignore[union-attr]
 
     # -- hooks ----------------------------------------------------------------------------------
     # Callbacks go straight from ctypes to ours (the binding's generic wrappers cost several
     # microseconds a call). An exception in a callback stops the engine and is re-raised by run().
-    def _guard(self, fn: Callable[..., object]) -> Callable[..., object]:
+    def _guard(self, fn: Callable[..., object], adjust: int = 1) -> Callable[..., object]:
         def guarded(*args: object) -> object:
+            self.hook_adjust = adjust
             try:
                 return fn(*args)
             except BaseException as err:
@@ -190,6 +255,20 @@ class Engine:
                 return None
 
         return guarded
+
+    def _code_cfunc(self, fn: CodeHook, adjust: int) -> object:
+        """One C-callable frame for a code or block hook (no wrapper between ctypes and `fn`)."""
+
+        def hook(_h: object, addr: int, size: int, _k: object) -> None:
+            self.hook_adjust = adjust
+            try:
+                fn(addr, size)
+            except BaseException as err:
+                if self.hook_error is None:
+                    self.hook_error = err
+                uclib.uc_emu_stop(self._uch)
+
+        return HOOK_CODE_CFUNC(hook)
 
     def _add(self, htype: int, fptr: object, begin: int, end: int) -> int:
         handle = uc_hook_h()
@@ -212,9 +291,7 @@ class Engine:
 
         A hook added after code was translated only sees blocks translated afterwards: callers drop
         the decoded range (`drop_decoded`) after adding one to a running machine."""
-        inner = self._guard(callback)
-        fptr = HOOK_CODE_CFUNC(lambda _h, addr, sz, _k: inner(addr, sz))
-        return self._add(UC_HOOK_CODE, fptr, address, address + max(size, 1) - 1)
+        return self._add(UC_HOOK_CODE, self._code_cfunc(callback, 1), address, address + max(size, 1) - 1)
 
     def hook_block_at(self, address: int, size: int, callback: CodeHook) -> int:
         """Call `callback(address, block_size)` when a translated block starting in
@@ -224,9 +301,7 @@ class Engine:
         slicing Unicorn checks every code hook before every instruction, so the machine keeps code
         hooks to the few `iretq`/`popfq` sites. Caveat: when a quantum's count runs out right at
         a block start, the hook has fired but the block does not run (the machine discounts it)."""
-        inner = self._guard(callback)
-        fptr = HOOK_CODE_CFUNC(lambda _h, addr, sz, _k: inner(addr, sz))
-        return self._add(UC_HOOK_BLOCK, fptr, address, address + max(size, 1) - 1)
+        return self._add(UC_HOOK_BLOCK, self._code_cfunc(callback, 0), address, address + max(size, 1) - 1)
 
     def hook_del(self, handle: int) -> None:
         status = uclib.uc_hook_del(self._uch, uc_hook_h(handle))
@@ -264,6 +339,7 @@ class Engine:
 
     def hook_cpuid(self, callback: CpuidHook) -> None:
         def trampoline(_uc: Uc, _user: object) -> bool:
+            self.hook_adjust = 1
             return callback()
 
         self.uc.hook_add(UC_HOOK_INSN, trampoline, None, 1, 0, x86.UC_X86_INS_CPUID)
@@ -277,6 +353,7 @@ class Engine:
 
         def make(with_aux: bool) -> object:
             def on_rdtsc(_h: object, _k: object) -> int:
+                self.hook_adjust = 1  # Unicorn has counted the rdtsc already: `read` sees it as current
                 try:
                     value = read() & (2**64 - 1)
                     self._reg_write(x86.UC_X86_REG_RAX, value & 0xFFFFFFFF)
@@ -320,6 +397,11 @@ class Engine:
         if status:
             raise UcError(status)
         self.drop_decoded(at, at + 1)
+        off = _counter_offset()  # and where the running quantum's count can be read (`executed`)
+        if off is not None:
+            base = ctypes.cast(self._uch, ctypes.c_void_p).value
+            self._counter = ctypes.c_uint64.from_address(base + off)
+            self._limit = ctypes.c_uint64.from_address(base + off + 8)
 
     def run(self, rip: int, until: int, count: int) -> RunStop | None:
         """Execute up to `count` instructions from `rip`; a guest fault ends it early."""
@@ -340,27 +422,41 @@ class Engine:
     def stop(self) -> None:
         uclib.uc_emu_stop(self._uch)
 
+    def close(self) -> None:
+        """Free the engine's native memory (code buffer, translated blocks) now rather than whenever
+        the garbage collector gets to its reference cycles; the engine is not usable afterwards."""
+        self._counter = self._limit = None
+        self.uc._Uc__finalizer()  # the binding's own release, which runs at most once
+        self._callbacks.clear()
+        self.uc._callbacks.clear()
+
     # -- registers ------------------------------------------------------------------------------
     def rip(self) -> int:
         uclib.uc_reg_read(self._uch, _RIP, self._u64_ref)
         return self._u64.value
 
+    def _set(self, reg: int, value: int) -> None:
+        self._u64.value = value
+        status = uclib.uc_reg_write(self._uch, reg, self._u64_ref)
+        if status:
+            raise UcError(status)
+
     def set_rip(self, value: int) -> None:
-        self._reg_write(_RIP, value)
+        self._set(_RIP, value)
 
     def rsp(self) -> int:
         uclib.uc_reg_read(self._uch, _RSP, self._u64_ref)
         return self._u64.value
 
     def set_rsp(self, value: int) -> None:
-        self._reg_write(_RSP, value)
+        self._set(_RSP, value)
 
     def rflags(self) -> int:
         uclib.uc_reg_read(self._uch, _RFLAGS, self._u64_ref)
         return self._u64.value
 
     def set_rflags(self, value: int) -> None:
-        self._reg_write(_RFLAGS, value)
+        self._set(_RFLAGS, value)
 
     def cr2(self) -> int:
         return self._reg_read(x86.UC_X86_REG_CR2)

@@ -2,8 +2,9 @@
 
 The machine knows nothing about ftrace or patching: a kernel (built by `textpoke.image`) hands it
 text and data bytes, the IDT gates, where each CPU starts, which text ranges are patchable (so the
-fetch-coherence model watches them) and where its `iretq`/`popfq` instructions are (the machine
-executes `iretq` itself and watches `popfq` for interrupts that become deliverable).
+fetch-coherence model watches them), which code touches state shared with agents, and where its
+`iretq`/`popfq` instructions are (the machine executes `iretq` itself and watches `popfq` for
+interrupts that become deliverable).
 """
 
 from __future__ import annotations
@@ -37,3 +38,7 @@ class BootImage:
     #: (cpu, layout) -> {offset in the per-CPU area: u64 value}
     percpu_init: Callable[[int, object], dict[int, int]] = field(default=lambda cpu, layout: {})
     symbols: dict[str, int] = field(default_factory=dict)
+    #: (address, length) of code that reads or writes memory an agent reads or writes (the sync
+    #: IPI's acknowledgement, the #BP handler's descriptor lookup, the stopper): the exact scheduler
+    #: orders every block of it against the agents (cpus/scheduler.py)
+    shared_code: tuple[tuple[int, int], ...] = ()

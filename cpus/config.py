@@ -12,7 +12,9 @@ from .coherence import SnoopModel
 from .errors import ConfigError
 
 __all__ = [
+    "DEFAULT_INTERLEAVE",
     "DEFAULT_QUANTUM",
+    "INTERLEAVES",
     "MAX_COST",
     "MAX_CPUS",
     "MAX_INSTRUCTION_COST",
@@ -27,6 +29,11 @@ __all__ = [
 MAX_CPUS = 128
 #: mean scheduling quantum (instructions) outside patch steps; see README "Model and its limits"
 DEFAULT_QUANTUM = 1000
+#: how CPUs interleave (cpus/scheduler.py): "exact" runs each CPU coarsely up to its next interaction
+#: with an agent and orders every interaction exactly; "fine" is the older scheduler, which runs
+#: every CPU in quanta of 1..fine_quantum instructions while an agent asks for it
+INTERLEAVES = ("exact", "fine")
+DEFAULT_INTERLEAVE = "exact"
 #: the largest cost of one event, in cycles (400 us at 2.5 GHz, a hundred times a real text_poke):
 #: beyond it a run is no longer a model of a machine, and a patch operation would take hours to simulate
 MAX_COST = 1_000_000
@@ -141,6 +148,7 @@ class MachineConfig:
     nmi_cpus: str = "all"
     #: keep every trace record in memory (the hash is always computed)
     keep_trace: bool = False
+    interleave: str = DEFAULT_INTERLEAVE
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpus, int) or isinstance(self.cpus, bool):
@@ -155,6 +163,8 @@ class MachineConfig:
             raise ConfigError(f"fine_quantum must be a positive integer, got {self.fine_quantum!r}")
         if not isinstance(self.fine_window, int) or self.fine_window < 0:
             raise ConfigError(f"fine_window must be a non-negative integer, got {self.fine_window!r}")
+        if self.interleave not in INTERLEAVES:
+            raise ConfigError(f"interleave must be one of {', '.join(INTERLEAVES)}, got {self.interleave!r}")
         if not 0 <= self.patcher_cpu < self.cpus:
             raise ConfigError(f"patcher_cpu {self.patcher_cpu} is not a CPU of a {self.cpus}-CPU machine")
         s = self.snoop

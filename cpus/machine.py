@@ -42,6 +42,7 @@ import random
 import struct
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol
 
 from . import layout as L
@@ -63,6 +64,7 @@ from .delivery import (
 )
 from .disasm import describe, insn_length
 from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug
+from .scheduler import NO_HORIZON, hold, run_exact, shared_code_hook
 from .timer import start_timers
 from .trace import Trace
 
@@ -88,6 +90,7 @@ _EV_CALL = 3
 IST_NMI = 2  # Linux: IST_INDEX_NMI = ESTACK_NMI + 1
 _GDT = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 _CANONICAL_HI = 0xFFFF800000000000
+_decode_gate = lru_cache(maxsize=256)(decode_gate)  # a descriptor's bytes decide its gate
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,12 +194,14 @@ class Cpu:
         "events",
         "extra",
         "halted",
+        "held",
         "hold",
         "index",
         "nmi",
         "pending",
         "popf_hooks",
         "rip",
+        "running",
         "stats",
         "tentative",
     )
@@ -217,6 +222,8 @@ class Cpu:
         self.tentative: tuple[int, int, bytes] | None = None
         self.popf_hooks: list[int] = []
         self.halted = False
+        self.running = False  # inside a quantum of the exact scheduler: now() counts its instructions
+        self.held: int | None = None  # instructions run when the exact scheduler stopped the quantum
         self.hold = False  # the cycles charged at this boundary must pass before the next instruction
         self.stats = {
             "site_exec": 0,
@@ -242,6 +249,9 @@ class Cpu:
         return self.crash is None and not self.halted
 
     def now(self) -> int:
+        if self.running:
+            eng = self.engine
+            return self.clock + self.extra + (eng._counter.value - eng.hook_adjust) * eng.insn_cost
         return self.clock + self.extra
 
 
@@ -262,6 +272,7 @@ class Machine:
         self.mem_data = HostMemory(L.DATA_PA, lay.data_size)
         self.mem_percpu = HostMemory(L.PERCPU_PA, lay.percpu_size)
         self._mems = (self.mem_percpu, self.mem_data, self.mem_text, self.mem_pt)
+        self._phys_cache: dict[tuple[int, int], tuple[HostMemory, int] | None] = {}
         self.mem_pt.write(L.PT_PA, lay.page_tables)
         self.mem_text.write(L.TEXT_PA, image.text)
         self.write(L.GDT_VA, _GDT)
@@ -290,6 +301,9 @@ class Machine:
         self._seq = 0
         self.fine = 0
         self.fine_until = 0
+        self.hz_max = NO_HORIZON  # the exact scheduler's horizon for the running CPU (scheduler.py)
+        self.quantum_rip = 0  # where the running quantum started (scheduler.py)
+        self.closed = False
         self._pending_wait: dict[int, WaitUntil] = {}
         self._site_hooks: dict[int, list[int]] = {}  # watched site -> hook handle per CPU
         self._release: set[int] = set()  # sites to stop watching once no CPU holds them stale
@@ -328,6 +342,12 @@ class Machine:
         eng = cpu.engine
         # before any hook or block: every block translated from now on counts its instructions
         eng.start_counting(self.image.idle_entry)
+        eng.insn_cost = self.costs.instruction
+        if self.config.interleave == "exact":
+            shared = shared_code_hook(self, cpu)
+            for lo, size in self.image.shared_code:
+                # every block of it: it is also entered in its middle (an iretq returning into it)
+                eng.hook_block_at(lo, size, shared)
         for a in self.image.iret_sites:
             eng.hook_block_at(a, 1, self._iret_hook(cpu))
         for a in self.image.halt_sites:
@@ -355,13 +375,21 @@ class Machine:
     # Memory
     # ----------------------------------------------------------------------------------------
     def _phys(self, va: int, n: int) -> tuple[HostMemory, int] | None:
+        key = (va, n)
+        loc = self._phys_cache.get(key, False)
+        if loc is not False:
+            return loc  # type: ignore[return-value]
         pa = self.layout.pa(va, n)
-        if pa is None:
-            return None
-        for m in self._mems:
-            if m.contains(pa, n):
-                return m, pa
-        return None
+        loc = None
+        if pa is not None:
+            for m in self._mems:
+                if m.contains(pa, n):
+                    loc = (m, pa)
+                    break
+        if len(self._phys_cache) > 4096:
+            self._phys_cache.clear()
+        self._phys_cache[key] = loc  # the memory map never changes while the machine lives
+        return loc
 
     def read(self, va: int, n: int) -> bytes:
         """Read kernel memory (a data read: text reads see the latest bytes)."""
@@ -512,6 +540,9 @@ class Machine:
             rng = random.Random(f"{self.config.seed}/aim/{label}/{c}")
 
             def on_insn(_a: int, _s: int, cpu: Cpu = cpu, rng: random.Random = rng) -> None:
+                if cpu.running and cpu.now() > self.hz_max:
+                    hold(cpu)  # the NMI it may raise is ordered against the agents
+                    return
                 if rng.random() < probability:
                     self.raise_nmi(cpu.index, label)
 
@@ -609,7 +640,8 @@ class Machine:
     # Event delivery (the hardware part)
     # ----------------------------------------------------------------------------------------
     def _gate(self, vector: int) -> Gate | None:
-        return decode_gate(self.read(L.IDT_VA + 16 * vector, 16))
+        m, pa = self._phys(L.IDT_VA + 16 * vector, 16)  # type: ignore[misc]
+        return _decode_gate(m.read(pa, 16))
 
     def _deliver(self, cpu: Cpu, vector: int, ret_rip: int) -> bool:
         """Deliver `vector` to `cpu` with `ret_rip` as the saved RIP; False if the CPU died."""
@@ -678,7 +710,7 @@ class Machine:
 
     def _serialize(self, cpu: Cpu, cause: str) -> None:
         """`cpu` executes a serializing instruction (`cause`: iretq, cpuid, or an agent's)."""
-        dropped = self.coherence.serialize(cpu.index)
+        dropped = self.coherence.serialize(cpu.index) if self.coherence.stale_sites[cpu.index] else 0
         if dropped:
             cpu.stats["serialize_drops"] += dropped
             self.trace.add((cpu.now(), cpu.index, "serialize", dropped, cause))
@@ -746,6 +778,9 @@ class Machine:
         def on_iretq(addr: int, _size: int) -> None:
             if cpu.tentative is not None:
                 self._confirm_fetch(cpu)
+            if cpu.running and cpu.now() > self.hz_max:
+                hold(cpu)  # a serializing instruction: ordered against the agents
+                return
             eng = cpu.engine
             rsp = eng.rsp()
             frame = self._stack_words(cpu, rsp, 5, "iretq", addr)
@@ -795,6 +830,9 @@ class Machine:
         def on_popfq(addr: int, _size: int) -> None:
             if not cpu.pending:
                 return  # nothing waits for IF: let Unicorn execute it
+            if cpu.running and cpu.now() > self.hz_max:
+                hold(cpu)  # it delivers an interrupt: ordered against the agents
+                return
             eng = cpu.engine
             rsp = eng.rsp()
             words = self._stack_words(cpu, rsp, 1, "popfq", addr)
@@ -822,14 +860,18 @@ class Machine:
         def on_site(addr: int, _block_size: int) -> None:
             if cpu.tentative is not None:
                 self._confirm_fetch(cpu)
+            now = cpu.now()
+            if cpu.running and now > self.hz_max:
+                hold(cpu)  # executing a watched site: ordered against the agents' text writes
+                return
             if addr not in sites:
-                self.trace.add((cpu.now(), cpu.index, "mid-site", addr))
+                self.trace.add((now, cpu.index, "mid-site", addr))
                 return
             fresh = addr not in decoded
             code = fetch(cpu.index, addr)
             if fresh:
-                self.trace.add((cpu.now(), cpu.index, "decode", addr, code))
-            cpu.tentative = (cpu.now(), addr, code)
+                self.trace.add((now, cpu.index, "decode", addr, code))
+            cpu.tentative = (now, addr, code)
             if insn_length(code) is None:
                 self._crash(cpu, "exception #UD (invalid opcode)", addr)
 
@@ -926,6 +968,11 @@ class Machine:
         holds at a scheduling point)."""
         if cycles < 0:
             raise ConfigError("cycles must be >= 0")
+        if self.closed:
+            raise ConfigError("this machine was closed: make a new one")
+        if self.config.interleave == "exact":
+            run_exact(self, cycles, stop_when)
+            return
         live = [c for c in self.cpus if c.runnable]
         if not live:
             return
@@ -1022,6 +1069,13 @@ class Machine:
             self.trace.add((c.clock, cpu, "agent-timeout", wait.label if wait else ""))
             raise AgentTimeout(cpu, start, limit, wait.label if wait else "")
         return c.agent_result
+
+    def close(self) -> None:
+        """Free every engine now (a sweep makes thousands of machines: memory stays flat). The
+        machine's memory, trace and statistics stay readable; it cannot run again."""
+        for cpu in self.cpus:
+            cpu.engine.close()
+        self.closed = True
 
     # ----------------------------------------------------------------------------------------
     # Results

@@ -21,13 +21,17 @@ Record = tuple
 class Trace:
     def __init__(self, ncpus: int, keep: bool = False, tail: int = 48) -> None:
         self._h = hashlib.blake2b(digest_size=16)
+        self._pending: list[str] = []  # reprs not hashed yet: hashed in batches (same digest)
         self.keep = keep
         self.records: list[Record] = []
         self.tails: list[deque[Record]] = [deque(maxlen=tail) for _ in range(ncpus)]
         self.count = 0
 
     def add(self, rec: Record) -> None:
-        self._h.update(repr(rec).encode())
+        pending = self._pending
+        pending.append(repr(rec))
+        if len(pending) >= 512:
+            self._flush()
         self.count += 1
         if self.keep:
             self.records.append(rec)
@@ -35,8 +39,13 @@ class Trace:
         if 0 <= cpu < len(self.tails):
             self.tails[cpu].append(rec)
 
+    def _flush(self) -> None:
+        self._h.update("".join(self._pending).encode())
+        self._pending.clear()
+
     @property
     def hash(self) -> str:
+        self._flush()
         return self._h.hexdigest()
 
     def __iter__(self) -> Iterator[Record]:

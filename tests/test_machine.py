@@ -131,7 +131,8 @@ def test_int3_iret_inside_nmi_unblocks_nmis(make_machine, kernel, fred):
     """The flaw: the iretq of an int3 taken in an NMI handler unblocks NMIs, so the next NMI
     nests on the same IST stack. With FRED-style returns it stays latched instead."""
     rec = Recorder()
-    m = make_machine(cpus=2, seed=2, keep_trace=True, fred=fred, instruments=[rec], fine_quantum=1)
+    # the fine scheduler, one instruction per quantum: stop_when sees every step
+    m = make_machine(cpus=2, seed=2, keep_trace=True, fred=fred, instruments=[rec], fine_quantum=1, interleave="fine")
     _arm_int3_on_nmi_sites(m, kernel)
     m.run(2_000)
     m.fine += 1  # one instruction per quantum: stop_when sees every step
@@ -141,7 +142,15 @@ def test_int3_iret_inside_nmi_unblocks_nmis(make_machine, kernel, fred):
         assert not rec.bp_iret_unblocked_inside_nmi
         assert m.cpus[1].nmi.blocked or m.cpus[1].stats["nmi_delivered"] == 1
         # re-run the scenario up to the int3's return inside the NMI and raise a second NMI there
-        m2 = make_machine(cpus=2, seed=2, keep_trace=True, fred=True, instruments=[rec2 := Recorder()], fine_quantum=1)
+        m2 = make_machine(
+            cpus=2,
+            seed=2,
+            keep_trace=True,
+            fred=True,
+            instruments=[rec2 := Recorder()],
+            fine_quantum=1,
+            interleave="fine",
+        )
         _arm_int3_on_nmi_sites(m2, kernel)
         m2.run(2_000)
         m2.fine += 1

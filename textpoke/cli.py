@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, TextpokeError
-from cpus.config import DEFAULT_QUANTUM, MAX_CPUS
+from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS
 
 from .cli_support import (
     FORMATS,
@@ -213,6 +213,13 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
         default=0,
         help=f"workloads run interrupts-off sections of this many spins (0: none; at most {MAX_IRQOFF_SPINS:,})",
     )
+    g.add_argument(
+        "--interleave",
+        choices=list(INTERLEAVES),
+        default=DEFAULT_INTERLEAVE,
+        help="exact: CPUs run coarse up to their next interaction with the patcher, ordered exactly; "
+        "fine: the older scheduler (1..4-instruction quanta around patch steps)",
+    )
     from cpus.config import NMI_CPUS
 
     g.add_argument(
@@ -283,6 +290,7 @@ def make_scenario(args: argparse.Namespace):
         mutation=args.mutation,
         quantum=args.quantum,
         irqoff_len=args.irqoff,
+        interleave=args.interleave,
         nmi=args.nmi,
         nmi_rate=(50 if args.nmi_rate is None else args.nmi_rate) if args.nmi != "none" else 0,
         nmi_aim=args.nmi_aim,

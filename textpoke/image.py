@@ -310,7 +310,22 @@ class KernelImage:
             boot_regs=boot_regs,
             percpu_init=percpu_init,  # type: ignore[arg-type]
             symbols=dict(sym),
+            shared_code=tuple((sym[n], self.sizes[n]) for n in SHARED_CODE if n in self.sizes),
         )
+
+
+#: units that read or write what the patcher reads or writes: the sync IPI's acknowledgement, the
+#: descriptor lookup of the #BP handler (bp_desc, its reference count, the binary search), the
+#: stopper's entry and its stage handshake (multi_cpu_stop, also reached from preempt_schedule), and
+#: stop_machine-era ftrace's NMI side (nmi_running, the pending write it stores into the text)
+SHARED_CODE = (
+    "ipi_entry",
+    "poke_int3_handler",
+    "stopper_entry",
+    "multi_cpu_stop",
+    "ftrace_nmi_enter",
+    "ftrace_nmi_exit",
+)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -69,13 +69,16 @@ def plot_timeline(
                     )
                 continue
             ax.broken_barh([(start, span)], (y - 0.4, 0.8), color=COLORS["workload"])
+        bars: dict[tuple[int, float, str], list[tuple[int, float]]] = {}  # one collection per lane and kind
         for iv in p["intervals"]:
             if iv.end < start or iv.start > end or iv.cpu == p["patcher"]:
                 continue
             y = ncpu - 1 - iv.cpu
             h = 0.8 if iv.kind != "NMI" else 0.8 / (1 + iv.depth)
             w = max(min(iv.end, end) - max(iv.start, start), span / 1500)
-            ax.broken_barh([(max(iv.start, start), w)], (y - 0.4, h), color=COLORS.get(iv.kind, "black"))
+            bars.setdefault((y, h, COLORS.get(iv.kind, "black")), []).append((max(iv.start, start), w))
+        for (y, h, color), xs in bars.items():
+            ax.broken_barh(xs, (y - 0.4, h), color=color)
         labelled: set[tuple[int, str]] = set()
         for cpu, t, kind in p.get("violations", []):
             if not start <= t <= end:

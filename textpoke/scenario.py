@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
-from cpus.config import DEFAULT_QUANTUM, MAX_CPUS, NMI_CPUS
+from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS, NMI_CPUS
 
 from .image import BP_ENTRIES, FTRACE_NOP, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel, call_bytes
 from .oracle import XMC_RULES, SafetyOracle, Verdict
@@ -62,6 +62,8 @@ class Scenario:
     irqoff_len: int = 0  # > 0: workloads run interrupts-off sections of this many spins
     #: indices of the traced functions to patch (None: all of them)
     patch_sites: tuple[int, ...] | None = None
+    #: "exact" or "fine": how the CPUs interleave (cpus/scheduler.py)
+    interleave: str = DEFAULT_INTERLEAVE
     #: ELF objects (paths) whose functions are the traced functions and whose textpoke_workload the
     #: workload CPUs call (`sites` then does not apply: every site of the objects is patched)
     objects: tuple[str, ...] = ()
@@ -93,6 +95,8 @@ class Scenario:
                 raise ConfigError(f"unknown NMI aim {self.nmi_aim!r}; choose from {', '.join(AIMS)}")
             if self.nmi == "none" or aim_symbol(self) is None:
                 raise ConfigError(f"NMI aim {self.nmi_aim!r} needs an NMI entry that has that window")
+        if self.interleave not in INTERLEAVES:
+            raise ConfigError(f"unknown interleave {self.interleave!r}; choose from {', '.join(INTERLEAVES)}")
         if self.kernel not in KERNELS:
             raise ConfigError(f"unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
         if self.kernel != "asm" and self.objects:
@@ -228,6 +232,7 @@ def run_scenario(
         snoop=snoop,
         keep_trace=keep_trace,
         nmi_cpus=sc.nmi_cpus,
+        interleave=sc.interleave,
     )
     oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
@@ -271,6 +276,8 @@ def run_scenario(
         "nmi_repeated": oracle.nmi_counts["repeated"],
         "nmi_handler_runs": oracle.nmi_counts["handler_runs"],
     }
+    if not keep_machine:
+        m.close()
     return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
 
 
@@ -320,6 +327,8 @@ def replay_command(sc: Scenario, seed: int) -> str:
         parts.append(f"--quantum {sc.quantum}")
     if sc.irqoff_len:
         parts.append(f"--irqoff {sc.irqoff_len}")
+    if sc.interleave != DEFAULT_INTERLEAVE:
+        parts.append(f"--interleave {sc.interleave}")
     if sc.ipi != "shorthand":
         parts.append(f"--ipi {sc.ipi}")
     return " ".join(parts)

@@ -1,0 +1,233 @@
+"""The exact scheduler: CPUs run coarse quanta of private work and meet the agents exactly.
+
+Theory of operation
+-------------------
+The fine scheduler (`Machine.run` with `interleave="fine"`) makes the interleaving of a CPU with the
+patcher exact to within a few instructions by running every CPU in quanta of 1..4 instructions while
+a patch is in flight: most of a sweep's time goes to the Python loop around those quanta. Most
+of those instructions are private work whose order against the patcher cannot change any outcome.
+This scheduler runs every CPU as far as it can go alone and orders exactly the few places where
+it meets an agent (a Python program occupying a CPU, such as the patcher):
+
+* **Interaction points.** The execution of a watched site (its bytes depend on the agent's text
+  writes); a serializing instruction (`iretq`, `cpuid`); an interrupt delivered by `popfq`; an
+  aimed NMI; and every instruction of the code that touches memory an agent reads or writes
+  (`BootImage.shared_code`: the sync acknowledgement, the #BP handler's descriptor lookup, the
+  stopper and its stages, ftrace's NMI-side enter/exit). An agent's own steps are its
+  interactions. Event delivery does not serialize and reads nothing an agent writes: the machine
+  performs it at quantum boundaries or right after the interaction that raises it.
+* **Exact time inside a quantum.** Every engine counts instructions exactly (`Engine.start_counting`
+  at boot) and a hook reads how many instructions of the running quantum have completed
+  (`Engine.executed`), so a CPU knows its time at every hook, not just at quantum boundaries.
+* **The rule.** A CPU may perform an interaction at time t only when every agent has reached t
+  (ties: the lower CPU index first, as in the fine scheduler's furthest-behind order). Otherwise the
+  hook stops the quantum right before the interaction (`hold`): the CPU waits there with its clock
+  at t until it is the furthest behind, and performs it then. A quantum that enters or starts in
+  shared code is cut at the horizon, so no instruction of it passes an agent.
+* **Lookahead.** Between interactions a CPU may run ahead of every agent by at most the IPI latency:
+  the earliest an agent's next action can reach another CPU as an event. A write's snoop reaching a
+  CPU that has run ahead is applied before its next site execution, which is all the snoop can
+  change.
+
+* **The agent's own CPU.** An agent steps only while its CPU is parked in its idle loop (as in the
+  fine scheduler); an NMI that reaches it there runs its entry and handler in guest code. Meanwhile
+  the CPU still counts as an agent for every other CPU's horizon, and it runs no further than the
+  furthest-behind other CPU (the lower index first on a tie): it may touch what they touch (the #BP
+  handler's descriptors, ftrace's `nmi_running`), so no CPU passes it and it passes none.
+* **The end of a run.** No interaction is performed past the end of the running `run` call: an
+  agent may start right there (`run_agent` after a warmup), and must come first.
+
+An interaction takes effect at its start: an event delivery or `iretq` serializes at the instruction
+boundary where it happens, and the cycles it costs follow (as in the fine scheduler).
+
+So every interaction happens in the order of its exact time, as if every CPU ran one instruction at
+a time, while the engine runs quanta of up to `2 * quantum - 1` instructions. Outside agents' work
+the scheduler runs coarse quanta exactly like the fine one.
+
+Limit: a CPU that crashes between interactions may do so up to one IPI latency ahead of an agent,
+which then sees it crashed (not runnable) that much early.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import layout as L
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .machine import Cpu, Machine
+
+__all__ = ["NO_HORIZON", "hold", "run_exact", "shared_code_hook"]
+
+#: the horizon when no agent runs: nothing to order against
+NO_HORIZON = 1 << 62
+
+
+def hold(cpu: Cpu) -> None:
+    """Stop `cpu`'s quantum right before the instruction being hooked: it interacts beyond the
+    horizon, so it must wait until every agent has caught up."""
+    cpu.held = cpu.engine.executed()
+    cpu.engine.stop()
+
+
+def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
+    """Block hook on every block of a unit of code touching agents' state: while an agent runs, the
+    quantum is cut so that it ends at the horizon (`Engine.cut`), and a quantum that starts inside
+    such a unit is cut there too (`run_exact`): none of its instructions passes an agent. Every
+    block, not only the entry, since an `iretq` may return into the middle of a unit (an NMI taken
+    inside the stopper). A block of it reached beyond the horizon is held."""
+    insn = m.costs.instruction
+
+    def on_shared_entry(addr: int, _size: int) -> None:
+        hz = m.hz_max
+        if not cpu.running or hz == NO_HORIZON:
+            return
+        eng = cpu.engine
+        done = eng.executed()
+        t = cpu.clock + cpu.extra + done * insn
+        if t > hz:
+            hold(cpu)
+        else:
+            eng.cut(done + (hz - t) // insn + 1)
+
+    return on_shared_entry
+
+
+def _inside(ranges: list[tuple[int, int]], addr: int) -> bool:
+    for lo, hi in ranges:  # noqa: SIM110 - a plain loop: no generator on the scheduler's hot path
+        if lo <= addr < hi:
+            return True
+    return False
+
+
+def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = None) -> None:
+    """`Machine.run` with the exact interleaving (see the module docstring); same contract."""
+    if cycles < 0:
+        raise ConfigError("cycles must be >= 0")
+    cpus = m.cpus
+    live = [c for c in cpus if c.runnable]
+    if not live:
+        return
+    end = min(c.clock for c in live) + cycles
+    heap = [(c.clock, c.index) for c in live]
+    heapq.heapify(heap)
+    rnd = m._sched_rng.random
+    q_span = 2 * m.config.quantum - 1
+    insn = m.costs.instruction
+    lookahead = m.costs.ipi_latency
+    trace_add = m.trace.add
+    shared = [(lo, lo + n) for lo, n in m.image.shared_code]
+    agents = [c for c in cpus if c.agent is not None]
+    heappop, heapreplace = heapq.heappop, heapq.heapreplace
+    while heap:
+        clock, i = heap[0]
+        if clock >= end:
+            break
+        if m._release:
+            m._settle()
+        if stop_when is not None and stop_when():
+            break
+        cpu = cpus[i]
+        if cpu.events and cpu.events[0][0] <= clock:
+            m._due(cpu)
+            if cpu.crash is not None:
+                heappop(heap)
+                continue
+            if cpu.hold:
+                # what was charged at this boundary (the stopper's wakeup) passes before the CPU's
+                # next instruction, in everyone's time (as in the fine scheduler)
+                cpu.hold = False
+                cpu.clock = clock + cpu.extra
+                cpu.extra = 0
+                heapreplace(heap, (cpu.clock, i))
+                continue
+        if cpu.agent is not None and m.in_idle(i):
+            # the agent runs between events: an NMI due now was delivered above, and then the CPU
+            # is in its handler, not parked (as in the fine scheduler)
+            m._step_agent(cpu)
+            if cpu.agent is None:
+                agents = [c for c in cpus if c.agent is not None]
+            heapreplace(heap, (cpu.clock, i))
+            continue
+        q = 1 + int(rnd() * q_span)
+        limit = end - clock
+        events = cpu.events
+        if events and events[0][0] - clock < limit:
+            limit = events[0][0] - clock
+        hz = NO_HORIZON
+        for a in agents:
+            if a is cpu:
+                continue
+            h = a.clock if a.index > i else a.clock - 1
+            if h < hz:
+                hz = h
+            if a.clock + lookahead - clock < limit:
+                limit = a.clock + lookahead - clock
+        if hz >= end:
+            # nor past the end of this run: an agent may start where it ends (run_agent after a
+            # warmup), and an interaction performed beyond would precede the agent's first step
+            hz = end - 1
+        if cpu.agent is not None:
+            # an agent's CPU running guest code (an NMI handler it took while parked) still counts
+            # as an agent for the others' horizon: it may touch what they touch, so it never
+            # passes another CPU; the furthest-behind CPU runs next
+            for c in cpus:
+                if c is not cpu and c.runnable:
+                    t = c.clock if c.index > i else c.clock - 1
+                    if t - clock < limit:
+                        limit = t - clock
+            if limit < insn:
+                limit = insn
+        room = (limit + insn - 1) // insn
+        if room < q:
+            q = room if room > 1 else 1
+        eng = cpu.engine
+        rip = cpu.rip
+        if rip is None:
+            rip = eng.rip()
+        if hz != NO_HORIZON and _inside(shared, rip):
+            room = (hz - clock - cpu.extra) // insn + 1
+            if room <= 0:
+                # events delivered at this boundary took it past the horizon: nothing runs now
+                cpu.clock = clock + cpu.extra
+                cpu.extra = 0
+                heapreplace(heap, (cpu.clock, i))
+                continue
+            if room < q:
+                q = room
+        m.hz_max = hz
+        m.quantum_rip = rip
+        cpu.held = None
+        cpu.running = True
+        stop = eng.run(rip, L.UNTIL, q)
+        cpu.running = False
+        m.hz_max = NO_HORIZON
+        cpu.rip = after = eng.rip()
+        held = cpu.held
+        done = held if held is not None else eng.completed()
+        if stop is not None and cpu.crash is None:
+            m._crash(cpu, f"guest fault: {stop.error}", after)
+        elif cpu.crash is None and after == rip and held is None:
+            reason = m._fetch_fault(rip)
+            if reason:
+                m._crash(cpu, reason, rip)
+        if cpu.tentative is not None:
+            if after == cpu.tentative[1]:
+                cpu.tentative = None  # the count ran out at the block start: not executed
+            else:
+                m._confirm_fetch(cpu)
+        cpu.clock = clock + done * insn + cpu.extra
+        cpu.extra = 0
+        stats = cpu.stats
+        stats["instructions"] += done
+        stats["quanta"] += 1
+        trace_add((clock, i, "run", rip, done))
+        if cpu.popf_hooks and not cpu.pending:
+            m._watch_popf(cpu, False)
+        if not cpu.runnable:
+            heappop(heap)
+        else:
+            heapreplace(heap, (cpu.clock, i))
