@@ -183,6 +183,9 @@ def defer_interrupt() -> bool:
     return False
 
 
+_MSR_EFER = 0xC0000080
+_EFER_NXE = 1 << 11
+
 MemWriteHook = Callable[[int, int, int], None]  # (physical address, size, value)
 
 
@@ -205,6 +208,9 @@ class Engine:
             uc.mem_map_ptr(mem.pa, mem.size, UC_PROT_ALL, mem.addr)
         uc.reg_write(x86.UC_X86_REG_CR3, cr3)
         uc.reg_write(x86.UC_X86_REG_CR4, uc.reg_read(x86.UC_X86_REG_CR4) | 0x20)  # PAE
+        # NXE before paging: a fetch from a no-execute page (data, stacks, the text's writable alias)
+        # raises #PF, where Unicorn would otherwise run data as code
+        uc.msr_write(_MSR_EFER, uc.msr_read(_MSR_EFER) | _EFER_NXE)
         uc.reg_write(x86.UC_X86_REG_CR0, uc.reg_read(x86.UC_X86_REG_CR0) | 0x80010001)  # PG WP PE
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, gdt_va, 31, 0))
         uc.reg_write(x86.UC_X86_REG_CS, kernel_cs)

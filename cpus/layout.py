@@ -97,6 +97,8 @@ class Region:
     size: int
     writable: bool
     name: str
+    #: instruction fetch allowed (Linux maps everything but the kernel text NX, the direct map too)
+    executable: bool = False
 
 
 class Layout:
@@ -112,7 +114,7 @@ class Layout:
             raise ValueError(f"kernel data of {data_size} bytes does not fit below the per-CPU blocks")
         self.percpu_size = ncpus * BLOCK.stride
         regions = [
-            Region(TEXT_VA, TEXT_PA, self.text_size, False, "text"),
+            Region(TEXT_VA, TEXT_PA, self.text_size, False, "text", executable=True),
             Region(DATA_VA, DATA_PA, self.data_size, True, "data"),
             # the direct map's writable alias of the text (Linux before 3.5 wrote text through
             # __va(__pa(ip)); the NMI-side write of stop_machine ftrace stores through it)
@@ -178,6 +180,10 @@ def _round_up(x: int, to: int) -> int:
     return (x + to - 1) // to * to
 
 
+#: a page-table entry's no-execute bit (honoured with EFER.NXE set, as every engine boots)
+PTE_NX = 1 << 63
+
+
 def _build_page_tables(regions: list[Region]) -> bytes:
     """4-level page tables with 4 KiB pages, laid out from PT_PA; returns the bytes to place there."""
     tables: list[bytearray] = [bytearray(PAGE)]  # index 0 = PML4
@@ -197,6 +203,6 @@ def _build_page_tables(regions: list[Region]) -> bytes:
             pdpt = child(0, (va >> 39) & 0x1FF)
             pd = child(pdpt, (va >> 30) & 0x1FF)
             pt = child(pd, (va >> 21) & 0x1FF)
-            flags = 0x1 | (0x2 if r.writable else 0)
+            flags = 0x1 | (0x2 if r.writable else 0) | (0 if r.executable else PTE_NX)
             struct.pack_into("<Q", tables[pt], ((va >> 12) & 0x1FF) * 8, (r.pa + off) | flags)
     return b"".join(bytes(t) for t in tables)

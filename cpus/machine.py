@@ -64,7 +64,7 @@ from .delivery import (
 )
 from .disasm import describe, insn_length
 from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug
-from .scheduler import NO_HORIZON, hold, run_exact, shared_code_hook
+from .scheduler import NO_HORIZON, deliver_due, hold, run_exact, shared_code_hook
 from .timer import start_timers
 from .trace import Trace
 
@@ -751,6 +751,9 @@ class Machine:
         """The fault fetching the instruction at `rip` raises, or None when it decodes."""
         if self._phys(rip, 1) is None:
             return f"exception #PF (instruction fetch from unmapped {rip:#x})"
+        region = self.layout.region_of(rip)
+        if region is not None and not region.executable:
+            return f"exception #PF (instruction fetch from no-execute {region.name} at {rip:#x})"
         end = rip + 15
         while self._phys(rip, end - rip) is None:
             end -= 1
@@ -994,17 +997,8 @@ class Machine:
             if stop_when is not None and stop_when():
                 break
             cpu = cpus[i]
-            if cpu.events and cpu.events[0][0] <= clock:
-                self._due(cpu)
-                if cpu.crash is not None:
-                    heapq.heappop(heap)
-                    continue
-                if cpu.hold:
-                    cpu.hold = False
-                    cpu.clock = clock + cpu.extra
-                    cpu.extra = 0
-                    heapq.heapreplace(heap, (cpu.clock, i))
-                    continue
+            if cpu.events and cpu.events[0][0] <= clock and deliver_due(self, cpu, clock, heap):
+                continue
             if cpu.agent is not None and self.in_idle(i):
                 # the agent runs between events: an NMI due now was delivered above, and then the
                 # CPU is in its handler, not parked

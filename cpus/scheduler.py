@@ -60,7 +60,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .machine import Cpu, Machine
 
-__all__ = ["NO_HORIZON", "hold", "run_exact", "shared_code_hook"]
+__all__ = ["NO_HORIZON", "deliver_due", "hold", "run_exact", "shared_code_hook"]
 
 #: the horizon when no agent runs: nothing to order against
 NO_HORIZON = 1 << 62
@@ -94,6 +94,23 @@ def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
             eng.cut(done + (hz - t) // insn + 1)
 
     return on_shared_entry
+
+
+def deliver_due(m: Machine, cpu: Cpu, clock: int, heap: list[tuple[int, int]]) -> bool:
+    """Deliver the events due at `cpu`'s boundary (it is at the top of `heap`, at `clock`). Returns
+    True when the CPU does not run now: it crashed (it leaves the heap), or what was charged at this
+    boundary (the stopper's wakeup) must pass first, in everyone's time; both schedulers share it."""
+    m._due(cpu)
+    if cpu.crash is not None:
+        heapq.heappop(heap)
+        return True
+    if cpu.hold:
+        cpu.hold = False
+        cpu.clock = clock + cpu.extra
+        cpu.extra = 0
+        heapq.heapreplace(heap, (cpu.clock, cpu.index))
+        return True
+    return False
 
 
 def _inside(ranges: list[tuple[int, int]], addr: int) -> bool:
@@ -131,19 +148,8 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         if stop_when is not None and stop_when():
             break
         cpu = cpus[i]
-        if cpu.events and cpu.events[0][0] <= clock:
-            m._due(cpu)
-            if cpu.crash is not None:
-                heappop(heap)
-                continue
-            if cpu.hold:
-                # what was charged at this boundary (the stopper's wakeup) passes before the CPU's
-                # next instruction, in everyone's time (as in the fine scheduler)
-                cpu.hold = False
-                cpu.clock = clock + cpu.extra
-                cpu.extra = 0
-                heapreplace(heap, (cpu.clock, i))
-                continue
+        if cpu.events and cpu.events[0][0] <= clock and deliver_due(m, cpu, clock, heap):
+            continue
         if cpu.agent is not None and m.in_idle(i):
             # the agent runs between events: an NMI due now was delivered above, and then the CPU
             # is in its handler, not parked (as in the fine scheduler)

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from cpus import ConfigError, Delay, MachineConfig, NmiSource, SnoopModel, Vector, WaitUntil
+from cpus import layout as L
 from cpus.delivery import RFLAGS_IF
 from textpoke.bpdesc import OPCODE_JMP, PokeDescriptor, publish
 from textpoke.image import FTRACE_NOP, Percpu, call_bytes
@@ -240,6 +241,21 @@ def test_jump_to_unmapped_memory_is_a_recorded_crash(make_machine):
     assert c.cpu == 1 and c.rip == 0xFFFFFFFF90000000
     assert c.code == b"" and c.disassembly == "<unmapped>"
     assert "#PF" in c.reason or "UNMAPPED" in c.reason
+
+
+@pytest.mark.parametrize("interleave", ["exact", "fine"])
+def test_jump_into_data_is_a_no_execute_fault(make_machine, interleave):
+    """Data, stacks and the text's writable alias are mapped no-execute, as Linux maps them: a CPU
+    that jumps there (a torn call's target, say) takes #PF on the fetch instead of running data as
+    code, and the run goes on. Without NX the CPU sat on that address forever."""
+    m = make_machine(cpus=2, seed=1, interleave=interleave)
+    m.run(1_000)
+    m.set_rip(1, L.DATA_VA + 0x5B0)
+    m.run(1_000)
+    (c,) = m.crashes
+    assert c.cpu == 1 and c.rip == L.DATA_VA + 0x5B0
+    assert "#PF" in c.reason and "no-execute" in c.reason
+    assert m.cpus[0].clock >= 2_000
 
 
 def test_sixty_four_cpus_run(make_machine):

@@ -34,6 +34,8 @@ PHASE_COLORS = {
     "sync int3": "#2a9d8f",
     "sync tail": "#52b69a",
     "sync first": "#76c893",
+    "sync write": "#99d98c",
+    "sync ftrace-sync-ipi": "#b5e48c",
     "withdraw": "#adb5bd",
     "rendezvous": "#9b2226",
     "release": "#ae2012",
