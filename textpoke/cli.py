@@ -119,20 +119,32 @@ def _object_arg(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--kernel",
         choices=list(KERNELS),
-        default="asm",
-        help="the built-in workload and traced functions: assembly (default) or C",
+        default=None,
+        help="the built-in workload and traced functions: assembly or C (default: asm, or the one the client's "
+        "sites are in)",
     )
+
+
+def kernel_choice(args: argparse.Namespace) -> str:
+    """--kernel, or the kernel the chosen client's sites are in (asm when neither says)."""
+    if args.kernel is not None:
+        return args.kernel
+    if getattr(args, "object", None):
+        return "asm"
+    from .clients import resolve_client
+
+    return resolve_client(getattr(args, "client", "ftrace")).kernel or "asm"
 
 
 def _kernel_config(args: argparse.Namespace, functions: int | None = None) -> KernelConfig:
     """The kernel the command asked for: the user's objects, or the built-in traced functions."""
     if args.object:
-        if args.kernel != "asm":
+        if kernel_choice(args) != "asm":
             raise ConfigError("--object replaces the built-in workload and traced functions; drop --kernel")
         return KernelConfig(objects=tuple(args.object))
     n = functions if functions is not None else args.functions
     # the NMI handler calls up to four of the traced functions
-    return KernelConfig(nr_traced=n, nmi_funcs=min(4, 1 << (n.bit_length() - 1)), kernel=args.kernel)
+    return KernelConfig(nr_traced=n, nmi_funcs=min(4, 1 << (n.bit_length() - 1)), kernel=kernel_choice(args))
 
 
 def cmd_machine(args: argparse.Namespace, out: Console) -> int:
@@ -183,11 +195,17 @@ def _protocol_help(builtins, default: str) -> str:
 
 
 def scenario_args(sp: argparse.ArgumentParser) -> None:
+    from .clients import client_names, resolve_client
     from .image import BP_ENTRIES
     from .protocols import MUTATIONS, PROTOCOLS
-    from .scenario import OPERATIONS
 
     g = sp.add_argument_group("scenario")
+    g.add_argument(
+        "--client",
+        choices=client_names(),
+        default="ftrace",
+        help="what is patched: " + ", ".join(client_names()) + " (default ftrace)",
+    )
     g.add_argument(
         "--protocol", type=_protocol_name, default="bp-batch", metavar="P", help=_protocol_help(PROTOCOLS, "bp-batch")
     )
@@ -198,7 +216,12 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sites", type=bounded(2, MAX_TRACED), default=8, help="traced functions, all patched (2 to 256; default 8)"
     )
-    g.add_argument("--operation", choices=list(OPERATIONS), default="toggle", help="what to do to the sites")
+    g.add_argument(
+        "--operation",
+        choices=sorted({op for c in client_names() for op in resolve_client(c).operations}),
+        default=None,
+        help="what to do to the sites (default: toggle, or the client's own default)",
+    )
     g.add_argument(
         "--mutation",
         type=_mutation_name,
@@ -278,6 +301,7 @@ def check_scenario_options(args: argparse.Namespace) -> None:
 
 
 def make_scenario(args: argparse.Namespace):
+    from .clients import resolve_client
     from .scenario import Scenario
 
     check_scenario_options(args)
@@ -286,7 +310,8 @@ def make_scenario(args: argparse.Namespace):
         int3=args.int3,
         cpus=args.cpus,
         sites=args.sites,
-        operation=args.operation,
+        operation=args.operation or resolve_client(args.client).default_operation,
+        client=args.client,
         mutation=args.mutation,
         quantum=args.quantum,
         irqoff_len=args.irqoff,
@@ -296,7 +321,7 @@ def make_scenario(args: argparse.Namespace):
         nmi_aim=args.nmi_aim,
         fred=args.fred,
         objects=tuple(args.object),
-        kernel=args.kernel,
+        kernel=kernel_choice(args),
         nmi_cpus=args.nmi_cpus,
         xmc_rule=args.xmc_rule,
         ipi=args.ipi,
@@ -543,7 +568,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             status.update(f"done: {escape(row.label)}")
 
         with executor(args.jobs) as ex:
-            rows = run_demo(args.seed, ex, tick, demo_rows, args.perfetto, objects=objects, kernel=args.kernel)
+            rows = run_demo(args.seed, ex, tick, demo_rows, args.perfetto, objects=objects, kernel=kernel_choice(args))
     cols = ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested")
     table_rows = []
     for r in rows:
@@ -663,7 +688,7 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             rt_cpus=rt_cpus_for([1, -1] if args.rt_cpus is None else args.rt_cpus, c),
             rt_period=args.rt_period,
             objects=tuple(args.object),
-            kernel=args.kernel,
+            kernel=kernel_choice(args),
             ipi_shorthand=args.ipi == "shorthand",
             preempt_off_cpu=args.preempt_off_cpu,
             preempt_off_len=args.irqoff_len,

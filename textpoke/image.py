@@ -303,7 +303,7 @@ class KernelImage:
             worker_entry=sym["workload_main"],
             idle_entry=sym["idle_main"],
             idle_range=(sym["idle_main"], sym["idle_main"] + self.sizes["idle_main"]),
-            watch=tuple((addr, len(FTRACE_NOP)) for addr in self.patchable),
+            watch=tuple((addr, len(code)) for addr, code in self.patchable.items()),
             iret_sites=self.iret_sites,
             popf_sites=self.popf_sites,
             halt_sites=self.halt_sites,

@@ -19,22 +19,17 @@ from typing import Any
 from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
 from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS, NMI_CPUS
 
-from .image import BP_ENTRIES, FTRACE_NOP, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel, call_bytes
+from .clients import client_names, resolve_client, steps_of
+from .image import BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
 from .oracle import XMC_RULES, SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .plugins import resolve_mutation, resolve_protocol
-from .protocols import PatchRequest, build
+from .protocols import build
 
-__all__ = ["IPI_MODES", "OPERATIONS", "Outcome", "Scenario", "replay_command", "run_scenario"]
+__all__ = ["IPI_MODES", "OPERATIONS", "Outcome", "Scenario", "client_names", "replay_command", "run_scenario"]
 
-#: what a scenario does to the sites
-OPERATIONS = {
-    "toggle": ("enable", "disable"),
-    "retarget": ("enable", "retarget", "disable"),
-    "enable": ("enable",),
-    # ftrace_modify_all_code's sequence: ftrace_call, the site batches, a sync round, ftrace_call again
-    "ftrace-linux": ("enable-linux", "disable-linux"),
-}
+#: what a scenario does to the sites, per client (`textpoke.clients`): operation -> its steps
+OPERATIONS = {name: tuple(step for step, _ in steps) for name, steps in resolve_client("ftrace").operations.items()}
 #: how a sync reaches the other CPUs: one all-but-self shorthand while every CPU is online (Linux),
 #: or always one IPI per target
 IPI_MODES = ("shorthand", "per-target")
@@ -75,15 +70,25 @@ class Scenario:
     xmc_rule: str = "linux"
     #: sync IPIs: one all-but-self shorthand (Linux, every CPU online) or one per target
     ipi: str = "shorthand"
+    #: what is patched (`textpoke.clients`): ftrace sites, jump labels, static calls, kprobes ...
+    client: str = "ftrace"
 
     def __post_init__(self) -> None:
         protocol = resolve_protocol(self.protocol)  # a built-in, an entry point or module:function
         if self.int3 not in BP_ENTRIES:
             raise ConfigError(f"unknown int3 mode {self.int3!r}; choose from {', '.join(BP_ENTRIES)}")
-        if self.operation not in OPERATIONS:
-            raise ConfigError(f"unknown operation {self.operation!r}; choose from {', '.join(OPERATIONS)}")
-        if self.operation == "ftrace-linux" and self.protocol != "bp-batch":
-            raise ConfigError("operation ftrace-linux patches with text_poke_bp as Linux does: use --protocol bp-batch")
+        client = resolve_client(self.client)
+        steps_of(client, self.operation)
+        if client.protocols is not None and protocol.builtin and self.protocol not in client.protocols:
+            raise ConfigError(
+                f"client {client.name} is patched with {', '.join(sorted(client.protocols))}, not {self.protocol}"
+            )
+        if client.kernel is not None and not self.objects and self.kernel != client.kernel:
+            raise ConfigError(
+                f"client {client.name} has its sites in the {client.kernel} kernel: use --kernel {client.kernel}"
+            )
+        if client.check is not None:
+            client.check(self)
         if self.ipi not in IPI_MODES:
             raise ConfigError(f"unknown IPI mode {self.ipi!r}; choose from {', '.join(IPI_MODES)}")
         if self.nmi != "none" and self.nmi not in NMI_ENTRIES:
@@ -115,12 +120,13 @@ class Scenario:
         if self.patch_sites is not None and (
             not self.patch_sites or any(not 0 <= i < self.sites for i in self.patch_sites)
         ):
-            raise ConfigError(f"patch_sites must name traced functions 0..{self.sites - 1}")
+            raise ConfigError(f"patch_sites must name sites 0..{self.sites - 1}")
         if not protocol.builtin or (mutation is not None and not mutation.builtin):
             check_operations(self)  # a user's steps are checked before any run starts
 
     def label(self) -> str:
         parts = [
+            *([f"client={self.client}"] if self.client != "ftrace" else []),
             self.protocol,
             f"int3={self.int3}",
             f"cpus={self.cpus}",
@@ -138,7 +144,7 @@ class Scenario:
         if self.fred:
             parts.append("fred")
         if self.objects:
-            parts[3] = "objects=" + ",".join(Path(o).name for o in self.objects)
+            parts[3 + (self.client != "ftrace")] = "objects=" + ",".join(Path(o).name for o in self.objects)
         if self.kernel != "asm":
             parts.append(f"kernel={self.kernel}")
         if self.xmc_rule != "linux":
@@ -250,7 +256,7 @@ def run_scenario(
         for c in range(sc.cpus):
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_MASK, struct.pack("<Q", 7))
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_LEN, struct.pack("<Q", sc.irqoff_len))
-    m.watch(kernel.sites.values())
+    m.watch(resolve_client(sc.client).sites(kernel))
     # a wait without progress for the patcher's stall window is hung (a CPU never answers); an
     # operation that runs out of its budget (scaled with its work) while progressing is incomplete
     patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip", ipi_shorthand=sc.ipi == "shorthand")
@@ -285,27 +291,28 @@ def check_operations(sc: Scenario) -> None:
     """Build the steps of every operation `sc` performs, for the requests it will make, so that a
     protocol or mutation from outside the package is refused (`ProtocolError`) before any run."""
     kernel = _kernel(sc)
-    sites = _targets(sc, kernel)
-    tracers = {
-        "enable": kernel.symbols["ftrace_caller"],
-        "retarget": kernel.symbols["ftrace_caller_alt"],
-    }
-    now = dict.fromkeys(sites, FTRACE_NOP)
-    for op in OPERATIONS[sc.operation]:
-        new = {s: FTRACE_NOP if op == "disable" else call_bytes(s, tracers[op]) for s in sites}
-        build(sc.protocol, [PatchRequest(s, now[s], new[s]) for s in sites], sc.mutation)
-        now = new
+    client = resolve_client(sc.client)
+    sites = client.targets(sc, kernel)
+    now = {s: kernel.patchable[s] for s in sites}
+    for op, _ in steps_of(client, sc.operation):
+        make = client.requests.get(op)
+        if make is None:
+            continue
+        reqs = make(kernel, sites, now)
+        build(sc.protocol, reqs, sc.mutation)
+        now = {r.site: r.new for r in reqs}
 
 
 def _targets(sc: Scenario, kernel) -> list[int]:
-    if sc.patch_sites is None:
-        return sorted(kernel.sites.values())
-    return sorted(kernel.site_of(i) for i in set(sc.patch_sites))
+    return resolve_client(sc.client).targets(sc, kernel)
 
 
 def replay_command(sc: Scenario, seed: int) -> str:
     """The `textpoke replay` command line that reruns this scenario and seed."""
-    parts = ["textpoke replay", str(seed), f"--protocol {shlex.quote(sc.protocol)}", f"--int3 {sc.int3}"]
+    parts = ["textpoke replay", str(seed)]
+    if sc.client != "ftrace":
+        parts.append(f"--client {sc.client}")
+    parts += [f"--protocol {shlex.quote(sc.protocol)}", f"--int3 {sc.int3}"]
     parts += [f"--cpus {sc.cpus}"]
     parts += [f"--object {shlex.quote(o)}" for o in sc.objects] or [f"--sites {sc.sites}"]
     parts += [f"--operation {sc.operation}"]
@@ -335,31 +342,11 @@ def replay_command(sc: Scenario, seed: int) -> str:
 
 
 def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> None:
-    for op in OPERATIONS[sc.operation]:
-        kw = {"protocol": sc.protocol, "mutation": sc.mutation}
-        if op == "enable":
-            report = patcher.enable_ftrace(targets, **kw)
-        elif op == "disable":
-            report = _disable(patcher, targets, kw)
-        elif op == "enable-linux":
-            report = patcher.ftrace_modify_all_code(True, targets, mutation=sc.mutation)
-        elif op == "disable-linux":
-            enabled = [s for s in targets if patcher.m.read(s, 1) == b"\xe8"]
-            report = patcher.ftrace_modify_all_code(False, enabled, mutation=sc.mutation) if enabled else None
-        else:
-            report = patcher.retarget(targets, **kw)
+    for _name, op in steps_of(resolve_client(sc.client), sc.operation):
+        report = op(patcher, targets, sc)
         m.run(sc.settle)
         if report is None or report.hung or report.incomplete:
             break
-
-
-def _disable(patcher: Patcher, targets: list[int], kw: dict[str, Any]) -> PatchReport | None:
-    """Disable every target site that is enabled (a broken protocol may have left some sites
-    garbled: those stay as they are, the oracle has already judged them)."""
-    sites = [s for s in targets if patcher.m.read(s, 1) == b"\xe8"]
-    if not sites:
-        return None
-    return patcher.disable_ftrace(sites, **kw)
 
 
 def drain(m: Machine, limit: int = 400_000) -> bool:

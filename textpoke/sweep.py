@@ -152,6 +152,7 @@ class SweepResult:
         per_class = self.seeds_with()
         return {
             "scenario": sc.as_dict(),
+            "client": sc.client,
             "protocol": sc.protocol,
             "int3": sc.int3,
             "nmi": sc.nmi,
