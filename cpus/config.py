@@ -149,6 +149,9 @@ class MachineConfig:
     #: keep every trace record in memory (the hash is always computed)
     keep_trace: bool = False
     interleave: str = DEFAULT_INTERLEAVE
+    #: looser than the SDM: every event delivery (interrupt, exception, NMI) also serializes the
+    #: CPU, as the model once assumed; the SDM lists no delivery among serializing operations
+    delivery_serializes: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpus, int) or isinstance(self.cpus, bool):

@@ -683,7 +683,10 @@ class Machine:
         self.trace.add((now, cpu.index, "deliver", vector, ret_rip, rsp, base))
         for f in self._obs["on_deliver"]:
             f(cpu.index, now, vector, frame)
-        # not serializing: the SDM does not list event delivery among serializing operations
+        # not serializing: the SDM does not list event delivery among serializing operations (the
+        # looser rule is an option)
+        if self.config.delivery_serializes:
+            self._serialize(cpu, "delivery")
         return True
 
     def _watch_popf(self, cpu: Cpu, on: bool) -> None:

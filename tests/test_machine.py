@@ -320,6 +320,34 @@ def test_an_nmi_handler_runs_what_its_cpu_decoded_delivery_does_not_serialize(ma
     assert not [r for r in m.trace if r[2] == "serialize" and r[1] == 1 and r[0] < first.time]
 
 
+def test_the_looser_rule_lets_delivery_serialize(make_machine, kernel):
+    """The same case under `delivery_serializes` (looser than the SDM): the NMI's delivery drops
+    cpu1's stale copies, so its handler decodes the new bytes and nothing is flagged on cpu1."""
+    oracle = SafetyOracle(kernel, 2)
+    rec = Recorder()
+    m = make_machine(
+        cpus=2,
+        seed=6,
+        nmi_entry="nested-safe",
+        snoop=SnoopModel(None, None),
+        instruments=[oracle, rec],
+        keep_trace=True,
+        delivery_serializes=True,
+    )
+    oracle.attach(m)
+    m.watch(kernel.sites.values())
+    m.run(5_000)
+    for i in range(kernel.config.nmi_funcs):
+        site = kernel.site_of(i)
+        m.write_text(site + 1, call_bytes(site, kernel.symbols["ftrace_caller"])[1:])
+    m.raise_nmi(1)
+    m.run(3_000)
+    (_nmi,) = [d for d in rec.delivered if d[0] == 1 and d[2] == Vector.NMI]
+    assert [r for r in m.trace if r[2] == "serialize" and r[1] == 1 and r[4] == "delivery"]
+    assert not [v for v in oracle.violations if v.cpu == 1 and v.kind == "unsynced-modification"]
+    assert oracle.fetches  # the handler did execute sites
+
+
 def test_the_sync_ipi_serializes_itself_before_it_acknowledges(make_machine, kernel):
     """do_sync_core: the IPI handler executes cpuid (sync_core) before it bumps its counter; its
     delivery alone drops nothing."""

@@ -82,7 +82,10 @@ def test_no_tail_step_when_the_tail_is_unchanged():
 
 def test_stop_machine_and_naive_shapes():
     rs = reqs(2)
-    assert [type(s) for s in stop_machine(rs)] == [Rendezvous, Poke, Poke, Release]
+    sm = stop_machine(rs)
+    assert [type(s) for s in sm] == [Rendezvous, Poke, Poke, Poke, Poke, Release]
+    # text_poke's memcpy: 4 bytes, then the last one, as the rest of the same copy
+    assert [(len(s.data), s.part) for s in sm[1:-1]] == [(4, False), (1, True)] * 2
     assert all(isinstance(s, Poke) for s in naive_atomic(rs)) and len(naive_atomic(rs)) == 2
     nb = naive_bytes(rs)
     assert len(nb) == 6 and all(len(s.data) == 1 for s in nb)  # only the bytes that change

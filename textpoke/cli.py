@@ -10,6 +10,7 @@ incomplete).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cpus import ConfigError, Machine, MachineConfig, NmiSource, TextpokeError
+from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel, TextpokeError
 from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS
 
 from .cli_support import (
@@ -274,7 +275,13 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
         "--xmc-rule",
         choices=list(XMC_RULES),
         default="linux",
-        help="cross-modifying-code rule the oracle judges by: linux (text_poke_bp's, default) or sdm",
+        help="cross-modifying-code rule the oracle judges by: linux (text_poke_bp's, default), sdm (stricter), "
+        "or coherent (looser: fetch coherent with stores, only the bytes executed are judged)",
+    )
+    g.add_argument(
+        "--delivery-serializes",
+        action="store_true",
+        help="looser than the SDM: every interrupt, exception and NMI delivery also serializes the CPU",
     )
     _object_arg(g)  # type: ignore[arg-type]
 
@@ -324,6 +331,7 @@ def make_scenario(args: argparse.Namespace):
         kernel=kernel_choice(args),
         nmi_cpus=args.nmi_cpus,
         xmc_rule=args.xmc_rule,
+        delivery_serializes=args.delivery_serializes,
         ipi=args.ipi,
     )
 
@@ -492,6 +500,8 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
         raise PatchError(f"give one --old per --site, or none ({len(args.site)} sites, {len(args.old)} --old)")
     oracle = SafetyOracle(kernel, args.cpus, xmc_rule=args.xmc_rule)
     cfg = MachineConfig(cpus=args.cpus, seed=args.seed)
+    if args.xmc_rule == "coherent":
+        cfg = dataclasses.replace(cfg, snoop=SnoopModel(0, 0))  # every write reaches every copy at once
     m = Machine(cfg, kernel.boot_image(args.int3), [oracle])
     m.watch(kernel.sites.values())
     patcher = Patcher(m, kernel, skip_mode=args.int3 == "skip")
@@ -1029,7 +1039,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="cycles the workloads run before the patch, and again after it (default 5000)",
     )
     pat.add_argument(
-        "--xmc-rule", choices=list(XMC_RULES), default="linux", help="cross-modifying-code rule (linux or sdm)"
+        "--xmc-rule",
+        choices=list(XMC_RULES),
+        default="linux",
+        help="cross-modifying-code rule (linux, sdm, or the looser coherent)",
     )
     pat.add_argument("--strict", action="store_true", help="exit 1 when the oracle found a violation")
     _object_arg(pat)
@@ -1114,7 +1127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many states (default 200000)",
     )
     ex.add_argument(
-        "--xmc-rule", choices=list(XMC_RULES), default="linux", help="cross-modifying-code rule (linux or sdm)"
+        "--xmc-rule", choices=["linux", "sdm"], default="linux", help="cross-modifying-code rule (linux or sdm)"
     )
     ex.add_argument(
         "--nmi",

@@ -29,7 +29,12 @@ linux (default)  the rule text_poke_bp relies on: an int3 written over a site's 
 sdm              the SDM's cross-modifying-code algorithm: every executing CPU serializes before it
                  runs modified code, with no exemption. Any change counts, and any execution of a
                  modified site is flagged, int3 included. text_poke_bp itself breaks this rule.
-The CPU that wrote is exempt under both: text_poke ends with a serializing CR3 write.
+coherent         looser than both, the assumption of patching schemes that predate text_poke_bp (such
+                 as stop_machine-era ftrace): instruction fetch is coherent with other CPUs' stores,
+                 so a write reaches every CPU's decoded copies at once (the machine's snoop delay is
+                 0) and no serialization is ever needed; only the bytes a CPU executes are judged
+                 (a torn fetch, a crash), never the lack of a serializing instruction.
+The CPU that wrote is exempt under the first two: text_poke ends with a serializing CR3 write.
 
 Accounting: every call of a traced function runs its site exactly once, so after a drained run the
 number of site executions per CPU and function equals the workload's plus the NMI handler's own
@@ -68,7 +73,7 @@ CLASSES = (
 COUNTED = ("missed-call", "extra-call")
 INT3 = 0xCC
 #: cross-modifying-code rules the oracle can judge by (see the module docstring)
-XMC_RULES = ("linux", "sdm")
+XMC_RULES = ("linux", "sdm", "coherent")
 _MAX_KEPT = 50  # violations kept with details per class (all are counted)
 
 
@@ -221,7 +226,7 @@ class SafetyOracle:
                         new[j] = b
                 new_b = bytes(new)
                 modified = (new_b != cur) if self.xmc_rule == "sdm" else (new_b[1:] != cur[1:])
-                if modified:
+                if modified and self.xmc_rule != "coherent":
                     for c in range(self.ncpus):
                         if c != cpu:
                             self.dirty[c].add(site)

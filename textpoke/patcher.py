@@ -542,7 +542,7 @@ class Patcher:
 
     def _steps(self, steps: Sequence[Step], report: PatchReport):
         m = self.m
-        for step in steps:
+        for i, step in enumerate(steps):
             t_step = self._now()
             if isinstance(step, Publish):
                 descs = []
@@ -552,7 +552,7 @@ class Patcher:
                 bpdesc.publish(m, descs)
                 yield Delay(m.costs.poll * (1 + len(descs) // 4))
             elif isinstance(step, Poke):
-                yield WriteText(step.addr, step.data)
+                yield WriteText(step.addr, step.data, cost=self._poke_cost(steps, i))
             elif isinstance(step, Sync):
                 yield from self._sync(step.label, Percpu.IPI_COUNT, Vector.IPI, report, local=step.local)
             elif isinstance(step, ModCode):
@@ -572,6 +572,22 @@ class Patcher:
             else:  # pragma: no cover - the Step union is closed
                 raise PatchError(f"unknown step {step!r}")
             report.phases.append((t_step, self._now(), _phase_name(step)))
+
+    def _poke_cost(self, steps: Sequence[Step], i: int) -> int | None:
+        """What the store of `steps[i]` costs the agent, paid after it: a whole text_poke, or, for a
+        copy stored in pieces, a couple of instructions between the pieces and the rest of the
+        text_poke after the last one (so the pieces are stored back to back, as memcpy does)."""
+        nxt = steps[i + 1] if i + 1 < len(steps) else None
+        more = isinstance(nxt, Poke) and nxt.part
+        if not more and not steps[i].part:  # type: ignore[union-attr]
+            return None
+        insn = 2 * self.m.costs.instruction
+        if more:
+            return insn
+        pieces = 1
+        while steps[i - pieces].part:  # type: ignore[union-attr]
+            pieces += 1
+        return max(insn, self.m.costs.text_write - pieces * insn)
 
     # -- stop_machine: multi_cpu_stop with the caller taking part ---------------------------------
     def _stop_ack(self, state: int) -> None:
@@ -649,7 +665,14 @@ class Patcher:
             m.write(NMI_RUNNING, struct.pack("<Q", flag))
             return True
 
-        yield from self._wait(set_flag, "NMIs to leave before the write", lambda: m.read_u64(NMI_RUNNING))
+        def progress() -> object:
+            # a CPU that died may have died inside its NMI handler: its count in nmi_running never
+            # drops, and the others' NMIs coming and going are no progress towards zero
+            if any(c.crash is not None for c in m.cpus):
+                return "a CPU crashed"
+            return m.read_u64(NMI_RUNNING)
+
+        yield from self._wait(set_flag, "NMIs to leave before the write", progress)
         report.nmi_wait += self._now() - t0
         yield Delay(2 * shared)  # the cmpxchg that succeeded, smp_mb
         insn = m.costs.instruction
@@ -659,9 +682,7 @@ class Patcher:
         m.write(NMI_RUNNING, struct.pack("<Q", m.read_u64(NMI_RUNNING) & ~MOD_CODE_WRITE_FLAG))  # clear_mod_flag
         yield Delay(shared)
         t1 = self._now()
-        yield from self._wait(
-            lambda: m.read_u64(NMI_RUNNING) == 0, "NMIs to leave after the write", lambda: m.read_u64(NMI_RUNNING)
-        )
+        yield from self._wait(lambda: m.read_u64(NMI_RUNNING) == 0, "NMIs to leave after the write", progress)
         report.nmi_wait += self._now() - t1
 
     # -- syncs --------------------------------------------------------------------------------------

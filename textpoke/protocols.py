@@ -99,6 +99,9 @@ class Poke:
     offset: int
     data: bytes
     phase: str  # "int3", "tail", "first", "write" (stop_machine / naive)
+    #: the rest of the previous Poke's copy (one text_poke whose memcpy stores in pieces): it costs
+    #: the agent a store, not another text_poke
+    part: bool = False
 
     @property
     def addr(self) -> int:
@@ -193,9 +196,20 @@ def text_poke_bp(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
 
 
 def stop_machine(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
-    """Stop every other CPU, write every instruction whole, let them go."""
-    reqs = sorted(requests, key=lambda r: r.site)
-    return (Rendezvous(), *(Poke(r.site, 0, r.new, "write") for r in reqs), Release())
+    """Stop every other CPU, write every instruction with one text_poke each, let them go.
+    text_poke copies with memcpy, which is not one atomic store: a 5-byte instruction is stored as
+    4 bytes, then 1 (as do_ftrace_mod_code's copy in `stop_machine_ftrace`)."""
+    out: list[Step] = [Rendezvous()]
+    for r in sorted(requests, key=lambda r: r.site):
+        out += _copy(r.site, r.new)
+    out.append(Release())
+    return tuple(out)
+
+
+def _copy(site: int, new: bytes) -> list[Step]:
+    if len(new) <= 4:
+        return [Poke(site, 0, new, "write")]
+    return [Poke(site, 0, new[:4], "write"), Poke(site, 4, new[4:], "write", part=True)]
 
 
 def stop_machine_ftrace(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:

@@ -70,6 +70,8 @@ class Scenario:
     xmc_rule: str = "linux"
     #: sync IPIs: one all-but-self shorthand (Linux, every CPU online) or one per target
     ipi: str = "shorthand"
+    #: looser than the SDM: every event delivery serializes the CPU that takes it
+    delivery_serializes: bool = False
     #: what is patched (`textpoke.clients`): ftrace sites, jump labels, static calls, kprobes ...
     client: str = "ftrace"
 
@@ -149,6 +151,8 @@ class Scenario:
             parts.append(f"kernel={self.kernel}")
         if self.xmc_rule != "linux":
             parts.append(f"xmc={self.xmc_rule}")
+        if self.delivery_serializes:
+            parts.append("delivery-serializes")
         if self.ipi != "shorthand":
             parts.append(f"ipi={self.ipi}")
         return " ".join(parts)
@@ -229,6 +233,8 @@ def run_scenario(
         period = max(1, 1_000_000 // sc.nmi_rate)
         sources = (NmiSource("perf", period=period, jitter=0.3), NmiSource("watchdog", period=8 * period, jitter=0.05))
     snoop = SnoopModel(*sc.snoop) if sc.snoop else SnoopModel(None, None)
+    if sc.xmc_rule == "coherent":
+        snoop = SnoopModel(0, 0)  # fetch coherent with stores: every write reaches every copy at once
     cfg = MachineConfig(
         cpus=sc.cpus,
         seed=seed,
@@ -239,6 +245,7 @@ def run_scenario(
         keep_trace=keep_trace,
         nmi_cpus=sc.nmi_cpus,
         interleave=sc.interleave,
+        delivery_serializes=sc.delivery_serializes,
     )
     oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
@@ -330,6 +337,8 @@ def replay_command(sc: Scenario, seed: int) -> str:
         parts.append(f"--kernel {sc.kernel}")
     if sc.xmc_rule != "linux":
         parts.append(f"--xmc-rule {sc.xmc_rule}")
+    if sc.delivery_serializes:
+        parts.append("--delivery-serializes")
     if sc.quantum != Scenario().quantum:
         parts.append(f"--quantum {sc.quantum}")
     if sc.irqoff_len:
