@@ -3,6 +3,7 @@ of 2.6.28-3.4 whose NMIs perform a pending text write themselves."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -220,3 +221,14 @@ def test_a_preempt_off_section_delays_the_stopper_but_not_the_ipi():
     fast = measure(LatencyConfig(**base))
     slow = measure(LatencyConfig(**base, preempt_off_cpu=2, preempt_off_len=6_000))
     assert slow.stage_cycles["prepare"] > fast.stage_cycles["prepare"] + 3_000
+
+
+def test_under_coherent_fetch_only_the_nmi_side_write_closes_the_torn_window():
+    """`xmc_rule="coherent"` (fetch coherent with stores, the era's assumption): seed 99 has an NMI
+    land on the modifying CPU between the two stores of its copy; without the NMI-side write the site
+    stays half-written while handlers run it (a torn fetch), with it the NMI finishes the write first."""
+    base = Scenario(protocol="stop-machine-ftrace", nmi="nested-safe", nmi_rate=500, xmc_rule="coherent")
+    broken = run_scenario(dataclasses.replace(base, mutation="no-nmi-write"), 99).verdict
+    assert broken.counts["torn-fetch"] >= 1
+    assert not broken.counts["unsynced-modification"]  # the coherent rule judges bytes only
+    assert run_scenario(base, 99).verdict.ok
