@@ -903,13 +903,14 @@ def _print_object_functions(out: Console, kernel, g) -> None:
 
 def cmd_cc(args: argparse.Namespace, out: Console) -> int:
     """Compile C sources with the kernel's flags into objects `--object` accepts."""
-    from .cc import compile_objects, find_compiler, include_dir
+    from .cc import compile_objects, find_compiler, include_dir, kernel_compiler
 
     cc = find_compiler(args.compiler)
     if args.kernel:
         if args.sources:
             raise ConfigError("--kernel rebuilds the C kernel only; give no sources with it")
         args.sources, args.out = [include_dir() / "kernel.c"], include_dir()
+        cc = kernel_compiler(args.compiler)
     elif not args.sources:
         raise ConfigError("give C sources to compile, or --kernel to rebuild the C kernel")
     record = compile_objects(args.sources, args.out, cc)

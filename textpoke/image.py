@@ -73,6 +73,9 @@ BP_ENTRIES = {
     "emulate": "bp_entry_emulate",
     "skip": "bp_entry_skip",
     "emulate-nogap": "bp_entry_emulate_nogap",
+    # a mutation for the oracle's tests: a handler from before 2-byte jump labels, which emulates
+    # only 5-byte instructions and so dies on an int3 over a 2-byte site
+    "emulate-no-jmp8": "bp_entry_emulate_nojmp8",
 }
 #: NMI entry variant -> (symbol, IST index of its gate: 0 = the interrupted stack, as on i386)
 NMI_ENTRIES: dict[str, tuple[str, int]] = {
@@ -104,6 +107,10 @@ RUNTIME = ("memcpy", "memset", "memmove")
 KERNELS = ("asm", "c")
 C_KERNEL_OBJECT = "kernel.o"  # in textpoke/c, built from kernel.c by `textpoke cc --kernel`
 C_NMI_HALF_MAX = 2
+#: the C kernel's static keys: textpoke_jl_keys[JL_KEYS] of struct static_key_false (4 bytes each)
+JL_KEYS = 64
+JL_KEYS_SYMBOL = "textpoke_jl_keys"
+JL_KEY_SIZE = 4
 #: template sources expanded once per variant: suffix -> flags
 _TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
     "ftrace.S": {"": frozenset({"MAIN"}), "_alt": frozenset({"ALT"})},
@@ -162,6 +169,7 @@ class Percpu:
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
     FT_ALT_COUNT = 0x1400  # u64[MAX_TRACED]: calls ftrace_caller_alt saw
     NMI_CALLS = 0x1C00  # u64[MAX_TRACED]: calls the NMI handler made, per traced function
+    JL_TAKEN = 0x2C00  # u64[JL_KEYS]: the C kernel's jump labels: executions that took the jmp, per key
     RT_RING = 0x3000  # (expected, woke) u64 pairs [RT_RING_SIZE]: the RT task's last samples
 
 
@@ -243,10 +251,27 @@ class KernelImage:
 
     @property
     def patchable(self) -> dict[int, bytes]:
-        """Every patchable site -> its bytes at boot (traced sites and the trampolines' calls)."""
+        """Every patchable site -> its bytes at boot (traced sites, the trampolines' calls, and the
+        jump labels: 2 or 5 bytes each)."""
         out = {site: FTRACE_NOP for site in self.sites.values()}
         for site in self.trampoline_sites.values():
             out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
+        for e in self.jump_entries:
+            out[e.code] = self.text[e.code - TEXT_VA : e.code - TEXT_VA + e.length]
+        return out
+
+    @property
+    def jump_label_counters(self) -> dict[int, int]:
+        """The C kernel's jump labels: site -> the per-CPU offset of its key's branch-taken counter
+        (Percpu.JL_TAKEN[key index]). Empty for other kernels: their code keeps no such counts."""
+        base = self.object_symbols.get(JL_KEYS_SYMBOL) if self.config.kernel == "c" else None
+        if base is None:
+            return {}
+        out = {}
+        for e in self.jump_entries:
+            index = (e.key - base) // JL_KEY_SIZE
+            if 0 <= index < JL_KEYS:
+                out[e.code] = Percpu.JL_TAKEN + 8 * index
         return out
 
     @property

@@ -5,7 +5,8 @@
 # reference only if refs is not zero (inc-not-zero with cmpxchg), looks the trapping address up, and
 # either skips the site (2012 ftrace) or performs the site's new instruction (Linux >= 5.2):
 #   CALL  -> push the address after the site on the interrupted stack, continue at the target
-#   JMP   -> continue at the target (a NOP is published as a JMP to the next instruction)
+#   JMP   -> continue at the target, for a 2-byte jmp8 as for a 5-byte jmp32 (a NOP of either size
+#            is published as a JMP to the next instruction)
 # An int3 the table does not hold is not ours: the kernel would die (`bp_unhandled`).
 #
 # Frame after delivery (interrupt gate, no IST, IF=0): [rsp] RIP (after the int3), CS, RFLAGS, RSP, SS.
@@ -31,13 +32,28 @@ SYM_FUNC_START(bp_entry_emulate_nogap)
     jmp bp_common
 SYM_FUNC_END(bp_entry_emulate_nogap)
 
+# Mutation used by the oracle tests: the emulating entry with a handler from before Linux had 2-byte
+# jump labels, which emulates 5-byte instructions only: an int3 over a 2-byte site is not its own.
+SYM_FUNC_START(bp_entry_emulate_nojmp8)
+    push -1
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    mov esi, 2
+    jmp bp_common
+SYM_FUNC_END(bp_entry_emulate_nojmp8)
+
 SYM_FUNC_START(bp_entry_skip)
     push -1
     xor esi, esi
     jmp bp_common
 SYM_FUNC_END(bp_entry_skip)
 
-# rsp -> orig_ax, then RIP, CS, RFLAGS, RSP, SS; esi = 1 to emulate, 0 to skip.
+# rsp -> orig_ax, then RIP, CS, RFLAGS, RSP, SS; esi = 1 to emulate, 0 to skip, 2 to emulate
+# 5-byte instructions only (the no-jmp8 mutation).
 SYM_FUNC_START(bp_common)
     push rax
     push rcx
@@ -78,7 +94,8 @@ SYM_FUNC_START(bp_unhandled)
     ud2                                 # die(): an int3 nobody owns
 SYM_FUNC_END(bp_unhandled)
 
-# rdi -> orig_ax (RIP at +8, RSP at +32); esi = emulate. Returns rax = 1 when the trap was ours.
+# rdi -> orig_ax (RIP at +8, RSP at +32); esi = emulate (2: 5-byte instructions only). Returns
+# rax = 1 when the trap was ours.
 # The lookup is Linux's: a binary search when the table holds more than one entry, a direct compare
 # for one.
 # Touches rax, rcx, rdx, r8-r11 only, and calls nothing (it must not hit another int3).
@@ -126,6 +143,11 @@ SYM_FUNC_START(poke_int3_handler)
     lea r11, [rdx+r10]                  # the instruction after the site
     test esi, esi
     jz .Lskip
+    cmp esi, 2
+    jne .Lemulate
+    cmp r10, 5
+    jne .Lmiss                          # the no-jmp8 mutation: a 2-byte site is not ours
+.Lemulate:
     movzx eax, byte ptr [r9+17]
     cmp eax, 0xcc
     je .Lmiss                           # a new int3 is not ours to consume
