@@ -126,7 +126,9 @@ def _requests_for(enabled: bool):
 
 def _check(sc: Scenario) -> None:
     if not sc.objects and sc.sites > JL_KEYS:
-        raise ConfigError(f"the C kernel has {JL_KEYS} static keys (one jump label each): use --sites {JL_KEYS} or less")
+        raise ConfigError(
+            f"the C kernel has {JL_KEYS} static keys (one jump label each): use --sites {JL_KEYS} or fewer"
+        )
 
 
 JUMP_LABEL = register(
