@@ -692,6 +692,7 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             ipi_shorthand=args.ipi == "shorthand",
             preempt_off_cpu=args.preempt_off_cpu,
             preempt_off_len=args.irqoff_len,
+            client=args.client,
         )
         for p in args.protocols
         for c in args.cpus
@@ -798,6 +799,7 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
         out.print(f"wrote {args.markdown}", markup=False)
     if args.json:
         data = {
+            "client": args.client,
             "costs": asdict(costs),
             "rows": [{k: v for k, v in r.items() if k != "phases"} for r in rows],
             "summary": summary,
@@ -1036,7 +1038,15 @@ def build_parser() -> argparse.ArgumentParser:
     _object_arg(pat)
     pat.set_defaults(func=cmd_patch)
 
+    from .clients import client_names
+
     lat = sub.add_parser("latency", help="stop_machine against text_poke_bp as CPUs and batches grow")
+    lat.add_argument(
+        "--client",
+        choices=client_names(),
+        default="ftrace",
+        help="what is patched: " + ", ".join(client_names()) + " (default ftrace); its first --sites sites are enabled",
+    )
     lat.add_argument(
         "--protocols",
         nargs="+",
