@@ -94,6 +94,10 @@ NMI_ENTRIES: dict[str, tuple[str, int]] = {
 NMI_CHOICES = ("naive", "nested-safe", "latch-cmpxchg", "latch-cmpxchg386", "latch-dec")
 
 _SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "ftrace_nmi.S", "workload.S", "rt_task.S")
+#: mutations of the entries for compiled code's sites (2-byte jump labels), assembled after every
+#: other fixed unit of the kernels built with objects (the C kernel's among them), so that they move
+#: no address of the rest; the assembly kernel, which has no such sites, goes without them
+_MUTANT_SOURCES = ("entry_bp_mutants.S",)
 #: kernels built with the user's objects: extra sources, and the template replaced by another
 _OBJECT_SOURCES = ("user_workload.S", "runtime.S")
 _OBJECT_TEMPLATE_SWAP = {"ftrace.S": "ftrace_table.S"}
@@ -296,6 +300,8 @@ class KernelImage:
         if nmi_entry not in NMI_ENTRIES:
             raise ImageError(f"unknown NMI entry {nmi_entry!r}; choose from {', '.join(NMI_ENTRIES)}")
         sym = self.symbols
+        if BP_ENTRIES[bp_mode] not in sym:
+            raise ImageError(f"int3 mode {bp_mode} exists in kernels with compiled code only (--kernel c, --object)")
         nmi_symbol, nmi_ist = NMI_ENTRIES[nmi_entry]
         gates = {
             int(Vector.BP): Gate(sym[BP_ENTRIES[bp_mode]]),
@@ -590,6 +596,8 @@ def _object_units() -> list[Unit]:
         text = _read_source(src)
         for suffix, flags in variants.items():
             fixed.extend(parse_units(expand_template(text, suffix, flags), f"{src}{{{suffix}}}"))
+    for src in _MUTANT_SOURCES:
+        fixed.extend(parse_units(_read_source(src), src))
     return fixed
 
 

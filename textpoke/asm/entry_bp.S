@@ -32,28 +32,13 @@ SYM_FUNC_START(bp_entry_emulate_nogap)
     jmp bp_common
 SYM_FUNC_END(bp_entry_emulate_nogap)
 
-# Mutation used by the oracle tests: the emulating entry with a handler from before Linux had 2-byte
-# jump labels, which emulates 5-byte instructions only: an int3 over a 2-byte site is not its own.
-SYM_FUNC_START(bp_entry_emulate_nojmp8)
-    push -1
-    push qword ptr [rsp+40]
-    push qword ptr [rsp+40]
-    push qword ptr [rsp+40]
-    push qword ptr [rsp+40]
-    push qword ptr [rsp+40]
-    push qword ptr [rsp+40]
-    mov esi, 2
-    jmp bp_common
-SYM_FUNC_END(bp_entry_emulate_nojmp8)
-
 SYM_FUNC_START(bp_entry_skip)
     push -1
     xor esi, esi
     jmp bp_common
 SYM_FUNC_END(bp_entry_skip)
 
-# rsp -> orig_ax, then RIP, CS, RFLAGS, RSP, SS; esi = 1 to emulate, 0 to skip, 2 to emulate
-# 5-byte instructions only (the no-jmp8 mutation).
+# rsp -> orig_ax, then RIP, CS, RFLAGS, RSP, SS; esi = 1 to emulate, 0 to skip.
 SYM_FUNC_START(bp_common)
     push rax
     push rcx
@@ -94,8 +79,8 @@ SYM_FUNC_START(bp_unhandled)
     ud2                                 # die(): an int3 nobody owns
 SYM_FUNC_END(bp_unhandled)
 
-# rdi -> orig_ax (RIP at +8, RSP at +32); esi = emulate (2: 5-byte instructions only). Returns
-# rax = 1 when the trap was ours.
+# rdi -> orig_ax (RIP at +8, RSP at +32); esi = emulate. Returns rax = 1 when the trap was ours,
+# with r9 at the descriptor entry it used (entry_bp_mutants.S reads its length).
 # The lookup is Linux's: a binary search when the table holds more than one entry, a direct compare
 # for one.
 # Touches rax, rcx, rdx, r8-r11 only, and calls nothing (it must not hit another int3).
@@ -143,11 +128,6 @@ SYM_FUNC_START(poke_int3_handler)
     lea r11, [rdx+r10]                  # the instruction after the site
     test esi, esi
     jz .Lskip
-    cmp esi, 2
-    jne .Lemulate
-    cmp r10, 5
-    jne .Lmiss                          # the no-jmp8 mutation: a 2-byte site is not ours
-.Lemulate:
     movzx eax, byte ptr [r9+17]
     cmp eax, 0xcc
     je .Lmiss                           # a new int3 is not ours to consume
