@@ -146,6 +146,8 @@ def test_bad_configurations_are_refused():
         Scenario(client="jump-label", kernel="asm")
     with pytest.raises(ConfigError, match="ftrace-linux"):
         LatencyConfig(client="jump-label", protocol="ftrace-linux")
+    with pytest.raises(ConfigError, match="compiled code only"):
+        Scenario(int3="emulate-no-jmp8")  # the assembly kernel has no 2-byte sites, nor this entry
 
 
 @pytest.mark.parametrize("protocol,syncs", [("bp", 15), ("bp-batch", 3)])

@@ -868,6 +868,8 @@ def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
         sites = reachable_sites(g, sym)
         rows.append((f"NMI {name} ({sym})", ", ".join(f"{n} {a:#x}" for n, a in sites.items()) or "none"))
     for mode, sym in BP_ENTRIES.items():
+        if sym not in kernel.symbols:
+            continue  # a mutation only kernels with compiled code have
         sites = reachable_sites(g, sym)
         rows.append((f"#BP {mode} ({sym})", ", ".join(sites) or "none"))
     workload_only = sorted(set(kernel.sites) - set(reachable_sites(g, "nmi_handler")))

@@ -77,6 +77,8 @@ BP_ENTRIES = {
     # only 5-byte instructions and so dies on an int3 over a 2-byte site
     "emulate-no-jmp8": "bp_entry_emulate_nojmp8",
 }
+#: the #BP modes whose entries only kernels with compiled code have (their mutations concern its sites)
+BP_COMPILED_ONLY = frozenset({"emulate-no-jmp8"})
 #: NMI entry variant -> (symbol, IST index of its gate: 0 = the interrupted stack, as on i386)
 NMI_ENTRIES: dict[str, tuple[str, int]] = {
     "naive": ("nmi_entry_naive", 2),
