@@ -155,3 +155,20 @@ def test_latency_counts_three_syncs_per_key_one_by_one_and_three_batched(protoco
     row = measure(LatencyConfig(client="jump-label", kernel="c", protocol=protocol, cpus=3, sites=5, functions=8))
     assert row.syncs == syncs and row.client == "jump-label"
     assert row.ipis == 2 * syncs
+
+
+def test_latency_command_takes_the_client_and_its_json_says_so(tmp_path):
+    import json
+
+    from textpoke.cli import main
+
+    out = tmp_path / "lat.json"
+    argv = ["latency", "--client", "jump-label", "--protocols", "bp", "bp-batch", "--cpus", "2", "--sites", "2"]
+    argv += ["--seeds", "1", "--jobs", "1", "--quiet", "--json", str(out), "--out", str(tmp_path / "plots")]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["client"] == "jump-label"
+    assert [(r["protocol"], r["syncs"], r["client"]) for r in data["rows"]] == [
+        ("bp", 6, "jump-label"),
+        ("bp-batch", 3, "jump-label"),
+    ]

@@ -557,10 +557,12 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     t0 = time.perf_counter()
     objects = tuple(args.object)
     what = f"the functions of {', '.join(objects)}" if objects else "32 traced functions"
+    done_to = {"ftrace": "ftrace enabled then disabled on every site"}.get(
+        args.client, f"{args.client}: every site switched on then off"
+    )
     out.print(
         f"[bold]textpoke[/bold]: {len(demo_rows)} runs of 4 CPUs (cpu0 patches), {what}, "
-        "NMIs on every CPU; ftrace enabled then disabled on every site. seed "
-        f"{args.seed}"
+        f"NMIs on every CPU; {done_to}. seed {args.seed}"
     )
     with out.status("running the scenarios...") as status:
 
@@ -568,7 +570,16 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             status.update(f"done: {escape(row.label)}")
 
         with executor(args.jobs) as ex:
-            rows = run_demo(args.seed, ex, tick, demo_rows, args.perfetto, objects=objects, kernel=kernel_choice(args))
+            rows = run_demo(
+                args.seed,
+                ex,
+                tick,
+                demo_rows,
+                args.perfetto,
+                objects=objects,
+                kernel=kernel_choice(args),
+                client=args.client,
+            )
     cols = ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested")
     table_rows = []
     for r in rows:
@@ -606,7 +617,8 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         if draw
     ]
     try:
-        path = plot_timeline(panels, args.out / "timeline.png", "enabling ftrace on 32 sites while the workloads run")
+        what = "enabling ftrace on 32 sites" if args.client == "ftrace" else f"switching on 32 {args.client} sites"
+        path = plot_timeline(panels, args.out / "timeline.png", f"{what} while the workloads run")
     except OSError as err:
         raise ConfigError(f"cannot write {args.out / 'timeline.png'}: {err.strerror or err}") from None
     out.print(f"timeline of the enable operation: {path}", markup=False)
@@ -974,6 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _format_arg(sp)
 
+    from .clients import client_names
+
     run = sub.add_parser("run", help="the default scenario: every protocol and NMI entry, judged and timed")
     run.add_argument("--seed", type=_seed, default=0, help="scenario seed (default 0)")
     run.add_argument("--out", type=output_dir("--out"), default="textpoke-out", help="where to write the timeline")
@@ -981,6 +995,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", type=output_file("--json"), default=None, help="also write the rows as JSON here")
     _format_arg(run)
     _object_arg(run)
+    run.add_argument(
+        "--client",
+        choices=client_names(),
+        default="ftrace",
+        help="what every row patches: " + ", ".join(client_names()) + " (default ftrace)",
+    )
     run.add_argument(
         "--protocol",
         action="append",
@@ -1039,8 +1059,6 @@ def build_parser() -> argparse.ArgumentParser:
     pat.add_argument("--strict", action="store_true", help="exit 1 when the oracle found a violation")
     _object_arg(pat)
     pat.set_defaults(func=cmd_patch)
-
-    from .clients import client_names
 
     lat = sub.add_parser("latency", help="stop_machine against text_poke_bp as CPUs and batches grow")
     lat.add_argument(
