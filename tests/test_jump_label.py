@@ -172,3 +172,35 @@ def test_latency_command_takes_the_client_and_its_json_says_so(tmp_path):
         ("bp", 6, "jump-label"),
         ("bp-batch", 3, "jump-label"),
     ]
+
+
+def _ring_with_jump_label_bytes(new: bytes) -> bytes:
+    """tests/objects/gcc/ring.o with the instruction of its one jump label (after the block break
+    `eb 00`, a near jmp `eb rel8`) replaced by `new`."""
+    import io
+    from pathlib import Path
+
+    from elftools.elf.elffile import ELFFile
+
+    raw = bytearray((Path(__file__).resolve().parent / "objects" / "gcc" / "ring.o").read_bytes())
+    text = ELFFile(io.BytesIO(bytes(raw))).get_section_by_name(".text")
+    lo, hi = text["sh_offset"], text["sh_offset"] + text["sh_size"]
+    at = [i for i in range(lo, hi - 3) if raw[i : i + 3] == b"\xeb\x00\xeb"]
+    assert len(at) == 1
+    raw[at[0] + 2 : at[0] + 4] = new
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    "new,words",
+    [
+        (b"\x90\x90", "holds 90 90 .*: not a jmp to its target 0x[0-9a-f]+ nor a 2- or 5-byte nop"),
+        (b"\x66\x90", "asks for its jmp to become a nop, but it is not a jmp"),
+    ],
+)
+def test_loader_refuses_a_jump_label_that_does_not_hold_its_instruction(new, words):
+    from textpoke.elfobj import ObjectError, link, read_object
+
+    obj = read_object(_ring_with_jump_label_bytes(new), "bad.o")
+    with pytest.raises(ObjectError, match=words):
+        link([obj], TEXT_VA, 0xFFFFFFFF82100000)
