@@ -69,13 +69,13 @@ def test_committed_c_kernel_records_how_it_was_built():
 
 
 def test_c_kernel_rebuilds_to_the_same_bytes(tmp_path):
-    from textpoke.cc import compile_objects, find_compiler
+    from textpoke.cc import compile_objects, kernel_compiler
 
     record = json.loads((C_DIR / "BUILD.json").read_text())
     name = record["compiler"]["name"]
     if name == "gcc" and not shutil.which("gcc"):
         pytest.skip("gcc is not installed")
-    cc = find_compiler(name)
+    cc = kernel_compiler(name)
     if cc.version != record["compiler"]["version"]:
         pytest.skip(f"{cc.version} is not the recorded {record['compiler']['version']}")
     compile_objects([C_DIR / "kernel.c"], tmp_path, cc)

@@ -20,13 +20,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 from cpus.errors import TextpokeError
 
-__all__ = ["COMMON_FLAGS", "CcError", "Compiler", "compile_objects", "find_compiler", "include_dir"]
+__all__ = [
+    "COMMON_FLAGS",
+    "CcError",
+    "Compiler",
+    "compile_objects",
+    "find_compiler",
+    "include_dir",
+    "kernel_compiler",
+]
 
 #: flags every compiler gets
 COMMON_FLAGS = (
@@ -44,6 +52,9 @@ COMMON_FLAGS = (
 )
 #: gcc also records its sites and leaves nops (what Linux uses when the compiler can)
 GCC_FLAGS = ("-mrecord-mcount", "-mnop-mcount")
+#: the C kernel only: its traced functions must stay in source (index) order, which gcc otherwise
+#: changes for the functions whose jump label branches call a cold function (clang keeps the order)
+KERNEL_FLAGS = {"gcc": ("-fno-toplevel-reorder",)}
 
 
 class CcError(TextpokeError):
@@ -97,6 +108,12 @@ def find_compiler(prefer: str | None = None) -> Compiler:
             raise CcError(f"unknown compiler {name!r}; choose gcc, clang or zig")
     wanted = prefer or "gcc, clang or zig (pip install 'textpoke[cc]')"
     raise CcError(f"no C compiler found: install {wanted}")
+
+
+def kernel_compiler(prefer: str | None = None) -> Compiler:
+    """The compiler `find_compiler` picks, with the C kernel's own flags (KERNEL_FLAGS) added."""
+    cc = find_compiler(prefer)
+    return replace(cc, flags=cc.flags + KERNEL_FLAGS.get(cc.name, ()))
 
 
 def compile_objects(sources: list[Path], out_dir: Path, compiler: Compiler | None = None) -> dict:

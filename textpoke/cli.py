@@ -567,10 +567,12 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     t0 = time.perf_counter()
     objects = tuple(args.object)
     what = f"the functions of {', '.join(objects)}" if objects else "32 traced functions"
+    done_to = {"ftrace": "ftrace enabled then disabled on every site"}.get(
+        args.client, f"{args.client}: every site switched on then off"
+    )
     out.print(
         f"[bold]textpoke[/bold]: {len(demo_rows)} runs of 4 CPUs (cpu0 patches), {what}, "
-        "NMIs on every CPU; ftrace enabled then disabled on every site. seed "
-        f"{args.seed}"
+        f"NMIs on every CPU; {done_to}. seed {args.seed}"
     )
     with out.status("running the scenarios...") as status:
 
@@ -578,7 +580,16 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             status.update(f"done: {escape(row.label)}")
 
         with executor(args.jobs) as ex:
-            rows = run_demo(args.seed, ex, tick, demo_rows, args.perfetto, objects=objects, kernel=kernel_choice(args))
+            rows = run_demo(
+                args.seed,
+                ex,
+                tick,
+                demo_rows,
+                args.perfetto,
+                objects=objects,
+                kernel=kernel_choice(args),
+                client=args.client,
+            )
     cols = ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested")
     table_rows = []
     for r in rows:
@@ -616,7 +627,8 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         if draw
     ]
     try:
-        path = plot_timeline(panels, args.out / "timeline.png", "enabling ftrace on 32 sites while the workloads run")
+        what = "enabling ftrace on 32 sites" if args.client == "ftrace" else f"switching on 32 {args.client} sites"
+        path = plot_timeline(panels, args.out / "timeline.png", f"{what} while the workloads run")
     except OSError as err:
         raise ConfigError(f"cannot write {args.out / 'timeline.png'}: {err.strerror or err}") from None
     out.print(f"timeline of the enable operation: {path}", markup=False)
@@ -702,6 +714,7 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             ipi_shorthand=args.ipi == "shorthand",
             preempt_off_cpu=args.preempt_off_cpu,
             preempt_off_len=args.irqoff_len,
+            client=args.client,
         )
         for p in args.protocols
         for c in args.cpus
@@ -808,6 +821,7 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
         out.print(f"wrote {args.markdown}", markup=False)
     if args.json:
         data = {
+            "client": args.client,
             "costs": asdict(costs),
             "rows": [{k: v for k, v in r.items() if k != "phases"} for r in rows],
             "summary": summary,
@@ -876,6 +890,8 @@ def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
         sites = reachable_sites(g, sym)
         rows.append((f"NMI {name} ({sym})", ", ".join(f"{n} {a:#x}" for n, a in sites.items()) or "none"))
     for mode, sym in BP_ENTRIES.items():
+        if sym not in kernel.symbols:
+            continue  # a mutation only kernels with compiled code have
         sites = reachable_sites(g, sym)
         rows.append((f"#BP {mode} ({sym})", ", ".join(sites) or "none"))
     workload_only = sorted(set(kernel.sites) - set(reachable_sites(g, "nmi_handler")))
@@ -913,13 +929,14 @@ def _print_object_functions(out: Console, kernel, g) -> None:
 
 def cmd_cc(args: argparse.Namespace, out: Console) -> int:
     """Compile C sources with the kernel's flags into objects `--object` accepts."""
-    from .cc import compile_objects, find_compiler, include_dir
+    from .cc import compile_objects, find_compiler, include_dir, kernel_compiler
 
     cc = find_compiler(args.compiler)
     if args.kernel:
         if args.sources:
             raise ConfigError("--kernel rebuilds the C kernel only; give no sources with it")
         args.sources, args.out = [include_dir() / "kernel.c"], include_dir()
+        cc = kernel_compiler(args.compiler)
     elif not args.sources:
         raise ConfigError("give C sources to compile, or --kernel to rebuild the C kernel")
     record = compile_objects(args.sources, args.out, cc)
@@ -979,6 +996,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _format_arg(sp)
 
+    from .clients import client_names
+
     run = sub.add_parser("run", help="the default scenario: every protocol and NMI entry, judged and timed")
     run.add_argument("--seed", type=_seed, default=0, help="scenario seed (default 0)")
     run.add_argument("--out", type=output_dir("--out"), default="textpoke-out", help="where to write the timeline")
@@ -986,6 +1005,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", type=output_file("--json"), default=None, help="also write the rows as JSON here")
     _format_arg(run)
     _object_arg(run)
+    run.add_argument(
+        "--client",
+        choices=client_names(),
+        default="ftrace",
+        help="what every row patches: " + ", ".join(client_names()) + " (default ftrace)",
+    )
     run.add_argument(
         "--protocol",
         action="append",
@@ -1049,6 +1074,12 @@ def build_parser() -> argparse.ArgumentParser:
     pat.set_defaults(func=cmd_patch)
 
     lat = sub.add_parser("latency", help="stop_machine against text_poke_bp as CPUs and batches grow")
+    lat.add_argument(
+        "--client",
+        choices=client_names(),
+        default="ftrace",
+        help="what is patched: " + ", ".join(client_names()) + " (default ftrace); its first --sites sites are enabled",
+    )
     lat.add_argument(
         "--protocols",
         nargs="+",

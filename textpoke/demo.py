@@ -124,14 +124,16 @@ def run_demo(
     perfetto_dir: Path | None = None,
     objects: tuple[str, ...] = (),
     kernel: str = "asm",
+    client: str = "ftrace",
 ) -> list[DemoRow]:
     """Run `rows` (label, scenario, draw); with `perfetto_dir`, one Perfetto trace per row there; with
     `objects`, on a kernel built from those ELF objects; with kernel "c", on the built-in workload and
-    traced functions compiled from C."""
+    traced functions compiled from C; with another `client`, patching its sites instead of ftrace's
+    (`textpoke.clients`: the jump-label client switches the static keys of the rows' sites)."""
     jobs = [
         (
             label,
-            replace(sc, objects=objects, kernel=kernel),
+            replace(sc, objects=objects, kernel=kernel, client=client),
             seed,
             draw,
             perfetto_dir / perfetto_name(i, label) if perfetto_dir else None,

@@ -13,7 +13,10 @@ This is the module loader and the part of `objtool`/`recordmcount` the simulator
      `call __fentry__` with a relocation, which is recorded and turned into the nop, as objtool's
      `--mcount` pass does for Linux. Either way every site boots as the nop.
    * jump labels: `__jump_table`, Linux's relative entries (code, target, key; the key's bit 0 is
-     the branch direction, bit 1 "in init text").
+     the branch direction). The instruction is a 2-byte (`eb` rel8) or 5-byte (`e9` rel32) jmp to
+     the target, as the assembler chose, or a nop of the same size; an entry whose key has bit 1 set
+     is a branch that is off by default: its jmp becomes the nop of its size (`66 90`,
+     `0f 1f 44 00 00`) and the bit is cleared, the step Linux's objtool performs at build time.
    * static calls: `.static_call_sites`, entries of two 32-bit offsets relative to the field (the
      call instruction; the `struct static_call_key`, bit 0 = tail call, bit 1 = init), plus every
      call or jump to a `__SCT__name` trampoline, whose key is `__SCK__name` (what objtool records).
@@ -118,13 +121,15 @@ class ElfObject:
 
 @dataclass(frozen=True, slots=True)
 class JumpEntry:
-    """A `__jump_table` entry: the 5-byte instruction at `code` is a nop or a jmp to `target`."""
+    """A `__jump_table` entry: the `length`-byte instruction at `code` (2 or 5) is a nop or a jmp to
+    `target`."""
 
     code: int
     target: int
     key: int  # address of the struct static_key
-    branch: bool  # bit 0: the branch is taken by default (static_branch_likely on a true key)
-    init: bool  # bit 1: the code is in init text
+    branch: bool  # bit 0: the jmp is the default's side (static_branch_likely)
+    init: bool  # bit 1 left after loading (never, for entries whose jmp the loader made a nop)
+    length: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +418,7 @@ def link(
 
     symbols = dict(globals_) | {n: a for n, (a, _s) in functions.items()}
     key_names = {a: n[len(_SCK) :] for n, a in symbols.items() if n.startswith(_SCK)}
-    jumps = _jump_entries(objects, where, images, in_text)
+    jumps = _jump_entries(objects, where, images, in_text, text, text_base)
     calls = _static_calls(objects, where, images, in_text, key_names)
     calls += _derived_static_calls(objects, where, images, symbols, calls)
     return Linked(
@@ -510,7 +515,13 @@ def _table_u64(objects, where, images, name: str):
             yield oi, addr
 
 
-def _jump_entries(objects, where, images, in_text) -> list[JumpEntry]:
+#: the nops of a jump label, by length (Linux's x86 BYTES_NOP2 and BYTES_NOP5)
+JUMP_NOPS = {2: bytes.fromhex("6690"), 5: FTRACE_NOP}
+
+
+def _jump_entries(objects, where, images, in_text, text: bytearray, text_base: int) -> list[JumpEntry]:
+    """The `__jump_table` entries, each checked against the instruction it names; the jmps of the
+    entries marked off by default (key bit 1) become nops in `text` (objtool's step)."""
     out = []
     for oi, obj, si, _sec in _sections_named(objects, where, _JUMP_TABLE):
         buf, base = images[(oi, si)], where[(oi, si)]
@@ -520,11 +531,39 @@ def _jump_entries(objects, where, images, in_text) -> list[JumpEntry]:
             code, target, key = struct.unpack_from("<iiq", buf, i)
             e = base + i
             k = (e + 8 + key) & (2**64 - 1)
-            entry = JumpEntry(e + code, e + 4 + target, k & ~3, bool(k & 1), bool(k & 2))
-            if not in_text(entry.code, 5) or not in_text(entry.target, 1):
+            at, to = e + code, e + 4 + target
+            if not in_text(at, 2) or not in_text(to, 1):
                 raise ObjectError(f"{obj.name}: {_JUMP_TABLE} entry {i // 16} points outside the kernel text")
-            out.append(entry)
+            n = _jump_label_length(text, text_base, at, to, in_text)
+            if n is None:
+                got = bytes(text[at - text_base : at - text_base + 5])
+                raise ObjectError(
+                    f"{obj.name}: {_JUMP_TABLE} entry {i // 16} at {at:#x} holds {got.hex(' ')}: not a jmp to "
+                    f"its target {to:#x} nor a 2- or 5-byte nop"
+                )
+            if k & 2:
+                if text[at - text_base] not in (0xEB, 0xE9):
+                    raise ObjectError(
+                        f"{obj.name}: {_JUMP_TABLE} entry {i // 16} at {at:#x} asks for its jmp to become a nop, "
+                        "but it is not a jmp"
+                    )
+                text[at - text_base : at - text_base + n] = JUMP_NOPS[n]
+                k &= ~2
+            out.append(JumpEntry(at, to, k & ~3, bool(k & 1), bool(k & 2), n))
     return out
+
+
+def _jump_label_length(text: bytearray, text_base: int, at: int, to: int, in_text) -> int | None:
+    """The length of the jump label instruction at `at`: a jmp to `to` or a nop, 2 or 5 bytes."""
+    off = at - text_base
+    if text[off] == 0xEB and in_text(at, 2) and at + 2 + struct.unpack_from("<b", text, off + 1)[0] == to:
+        return 2
+    if text[off] == 0xE9 and in_text(at, 5) and at + 5 + struct.unpack_from("<i", text, off + 1)[0] == to:
+        return 5
+    for n, nop in JUMP_NOPS.items():
+        if in_text(at, n) and bytes(text[off : off + n]) == nop:
+            return n
+    return None
 
 
 def _static_calls(objects, where, images, in_text, key_names) -> list[StaticCallSite]:

@@ -73,7 +73,12 @@ BP_ENTRIES = {
     "emulate": "bp_entry_emulate",
     "skip": "bp_entry_skip",
     "emulate-nogap": "bp_entry_emulate_nogap",
+    # a mutation for the oracle's tests: a handler from before 2-byte jump labels, which emulates
+    # only 5-byte instructions and so dies on an int3 over a 2-byte site
+    "emulate-no-jmp8": "bp_entry_emulate_nojmp8",
 }
+#: the #BP modes whose entries only kernels with compiled code have (their mutations concern its sites)
+BP_COMPILED_ONLY = frozenset({"emulate-no-jmp8"})
 #: NMI entry variant -> (symbol, IST index of its gate: 0 = the interrupted stack, as on i386)
 NMI_ENTRIES: dict[str, tuple[str, int]] = {
     "naive": ("nmi_entry_naive", 2),
@@ -91,6 +96,10 @@ NMI_ENTRIES: dict[str, tuple[str, int]] = {
 NMI_CHOICES = ("naive", "nested-safe", "latch-cmpxchg", "latch-cmpxchg386", "latch-dec")
 
 _SOURCES = ("entry_bp.S", "entry_nmi.S", "entry_ipi.S", "stopper.S", "ftrace_nmi.S", "workload.S", "rt_task.S")
+#: mutations of the entries for compiled code's sites (2-byte jump labels), assembled after every
+#: other fixed unit of the kernels built with objects (the C kernel's among them), so that they move
+#: no address of the rest; the assembly kernel, which has no such sites, goes without them
+_MUTANT_SOURCES = ("entry_bp_mutants.S",)
 #: kernels built with the user's objects: extra sources, and the template replaced by another
 _OBJECT_SOURCES = ("user_workload.S", "runtime.S")
 _OBJECT_TEMPLATE_SWAP = {"ftrace.S": "ftrace_table.S"}
@@ -104,6 +113,10 @@ RUNTIME = ("memcpy", "memset", "memmove")
 KERNELS = ("asm", "c")
 C_KERNEL_OBJECT = "kernel.o"  # in textpoke/c, built from kernel.c by `textpoke cc --kernel`
 C_NMI_HALF_MAX = 2
+#: the C kernel's static keys: textpoke_jl_keys[JL_KEYS] of struct static_key_false (4 bytes each)
+JL_KEYS = 64
+JL_KEYS_SYMBOL = "textpoke_jl_keys"
+JL_KEY_SIZE = 4
 #: template sources expanded once per variant: suffix -> flags
 _TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
     "ftrace.S": {"": frozenset({"MAIN"}), "_alt": frozenset({"ALT"})},
@@ -162,6 +175,7 @@ class Percpu:
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
     FT_ALT_COUNT = 0x1400  # u64[MAX_TRACED]: calls ftrace_caller_alt saw
     NMI_CALLS = 0x1C00  # u64[MAX_TRACED]: calls the NMI handler made, per traced function
+    JL_TAKEN = 0x2C00  # u64[JL_KEYS]: the C kernel's jump labels: executions that took the jmp, per key
     RT_RING = 0x3000  # (expected, woke) u64 pairs [RT_RING_SIZE]: the RT task's last samples
 
 
@@ -243,10 +257,27 @@ class KernelImage:
 
     @property
     def patchable(self) -> dict[int, bytes]:
-        """Every patchable site -> its bytes at boot (traced sites and the trampolines' calls)."""
+        """Every patchable site -> its bytes at boot (traced sites, the trampolines' calls, and the
+        jump labels: 2 or 5 bytes each)."""
         out = {site: FTRACE_NOP for site in self.sites.values()}
         for site in self.trampoline_sites.values():
             out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
+        for e in self.jump_entries:
+            out[e.code] = self.text[e.code - TEXT_VA : e.code - TEXT_VA + e.length]
+        return out
+
+    @property
+    def jump_label_counters(self) -> dict[int, int]:
+        """The C kernel's jump labels: site -> the per-CPU offset of its key's branch-taken counter
+        (Percpu.JL_TAKEN[key index]). Empty for other kernels: their code keeps no such counts."""
+        base = self.object_symbols.get(JL_KEYS_SYMBOL) if self.config.kernel == "c" else None
+        if base is None:
+            return {}
+        out = {}
+        for e in self.jump_entries:
+            index = (e.key - base) // JL_KEY_SIZE
+            if 0 <= index < JL_KEYS:
+                out[e.code] = Percpu.JL_TAKEN + 8 * index
         return out
 
     @property
@@ -271,6 +302,8 @@ class KernelImage:
         if nmi_entry not in NMI_ENTRIES:
             raise ImageError(f"unknown NMI entry {nmi_entry!r}; choose from {', '.join(NMI_ENTRIES)}")
         sym = self.symbols
+        if BP_ENTRIES[bp_mode] not in sym:
+            raise ImageError(f"int3 mode {bp_mode} exists in kernels with compiled code only (--kernel c, --object)")
         nmi_symbol, nmi_ist = NMI_ENTRIES[nmi_entry]
         gates = {
             int(Vector.BP): Gate(sym[BP_ENTRIES[bp_mode]]),
@@ -565,6 +598,8 @@ def _object_units() -> list[Unit]:
         text = _read_source(src)
         for suffix, flags in variants.items():
             fixed.extend(parse_units(expand_template(text, suffix, flags), f"{src}{{{suffix}}}"))
+    for src in _MUTANT_SOURCES:
+        fixed.extend(parse_units(_read_source(src), src))
     return fixed
 
 

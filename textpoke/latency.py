@@ -1,7 +1,8 @@
 """Latency experiments: what one patch operation costs, as CPUs and batch sizes grow.
 
-One run boots a machine, lets the workloads run, enables ftrace on `sites` sites with one protocol and
-measures, from the patcher's point of view and from every other CPU's:
+One run boots a machine, lets the workloads run, enables ftrace on `sites` sites with one protocol
+(or, with another `client`, enables that client's first `sites` sites: the jump-label client's
+static keys, say) and measures, from the patcher's point of view and from every other CPU's:
 
 patch_latency_cycles  from the operation's start to its return, on the patcher CPU
 stall (per CPU)       cycles a CPU spent away from its workload because of the patch: in the sync
@@ -64,8 +65,22 @@ class LatencyConfig:
     #: CPUs running the periodic RT task (not the patcher: it runs the operation as Python code)
     rt_cpus: tuple[int, ...] = ()
     rt_period: int = 10_000
+    #: what is patched (`textpoke.clients`): its "enable" operation on its first `sites` sites
+    client: str = "ftrace"
 
     def __post_init__(self) -> None:
+        from .clients import resolve_client
+
+        client = resolve_client(self.client)
+        if self.client != "ftrace":
+            if "enable" not in client.requests:
+                raise ConfigError(f"client {self.client} has no enable operation to measure")
+            if self.protocol == "ftrace-linux":
+                raise ConfigError("ftrace-linux is ftrace's own sequence; measure the client with a protocol")
+            if client.protocols is not None and self.protocol not in client.protocols:
+                raise ConfigError(
+                    f"client {self.client} is patched with {', '.join(sorted(client.protocols))}, not {self.protocol}"
+                )
         for c in self.rt_cpus:
             if not 1 <= c < self.cpus:
                 raise ConfigError(
@@ -106,6 +121,7 @@ class LatencyRow:
     ipi_sends: int = 0
     #: stop_machine: cycles each multi_cpu_stop stage took, as the caller saw it
     stage_cycles: dict[str, int] = field(default_factory=dict)
+    client: str = "ftrace"
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -118,8 +134,15 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     kernel = build_kernel(
         KernelConfig(objects=cfg.objects) if cfg.objects else KernelConfig(nr_traced=nr, kernel=cfg.kernel)
     )
-    if len(kernel.sites) < cfg.sites:
+    if cfg.client == "ftrace" and len(kernel.sites) < cfg.sites:
         raise ConfigError(f"the objects have {len(kernel.sites)} ftrace sites; cannot patch {cfg.sites}")
+    client_sites: list[int] = []
+    if cfg.client != "ftrace":
+        from .clients import resolve_client
+
+        client_sites = resolve_client(cfg.client).sites(kernel)
+        if len(client_sites) < cfg.sites:
+            raise ConfigError(f"this kernel has {len(client_sites)} {cfg.client} sites; cannot patch {cfg.sites}")
     meter = meter or StallMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
     interruptions = InterruptionMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
     mc = MachineConfig(
@@ -142,7 +165,7 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     if cfg.preempt_off_cpu:
         _irqoff(m, cfg.preempt_off_cpu, mask=1, length=cfg.preempt_off_len)
         m.write(m.layout.percpu_va(cfg.preempt_off_cpu) + Percpu.PREEMPT_OFF, struct.pack("<Q", 1))
-    sites = [kernel.site_of(i) for i in range(cfg.sites)]
+    sites = client_sites[: cfg.sites] if cfg.client != "ftrace" else [kernel.site_of(i) for i in range(cfg.sites)]
     m.watch(sites)
     patcher = Patcher(m, kernel, timeout=2_000_000_000, ipi_shorthand=cfg.ipi_shorthand)
     m.run(cfg.warmup)
@@ -153,6 +176,11 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         warnings.simplefilter("ignore", NmiReachableWarning)  # no NMIs in latency runs
         if cfg.protocol == "ftrace-linux":  # ftrace_modify_all_code's enable
             report = patcher.ftrace_modify_all_code(True, sites)
+        elif cfg.client != "ftrace":
+            from .clients import resolve_client
+
+            reqs = resolve_client(cfg.client).requests["enable"](kernel, sites, {})
+            report = patcher.patch(reqs, protocol=cfg.protocol)
         else:
             report = patcher.enable_ftrace(sites, protocol=cfg.protocol)
     m.run(2_000)  # let the last handlers return
@@ -201,6 +229,7 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         rt_overruns=sum(overruns(m, c) for c in rt_cpus) - rt_overruns,
         ipi_sends=report.ipi_sends,
         stage_cycles={name: end - start for name, start, end in report.stages},
+        client=cfg.client,
     )
 
 

@@ -18,6 +18,9 @@ stale-after-completion  a CPU executed a transitional or old instruction after t
 missed-call             a traced call that did not reach a tracer: counted when skip mode drops a
                         call -> call site, and when a tracer saw fewer calls than were executed
 extra-call              a tracer saw more calls than CPUs executed traced sites
+branch-miscount         a jump label's branch ran, on a CPU, a different number of times than that
+                        CPU executed the site as its jmp (a jmp fetched, or an int3 the #BP handler
+                        emulated as the jmp): the C kernel's per-CPU, per-key counts
 nmi-corruption, lost-nmi  the NMI classes (see `textpoke.nmi_oracle`)
 
 Cross-modifying-code rules
@@ -41,7 +44,9 @@ number of site executions per CPU and function equals the workload's plus the NM
 counts of calls, and the calls each tracer counted equal the executions whose effective instruction
 was a call to it. In a kernel built from the user's objects the compiled code keeps no counts of its
 own, so only the second equation is checked: each tracer's per-CPU, per-site count against the site
-executions that called it.
+executions that called it. Only the sites the machine watched are reconciled (a run watches the
+sites of its client). The C kernel's jump labels count the executions that took their jmp, per CPU
+and key: that count equals the executions of the site whose effective instruction was the jmp.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ CLASSES = (
     "lost-nmi",
     "missed-call",
     "extra-call",
+    "branch-miscount",
 )
 #: classes that are counted, and are violations only where the scenario says the call must not drop
 COUNTED = ("missed-call", "extra-call")
@@ -164,6 +170,9 @@ class SafetyOracle:
         self.fetches: Counter = Counter()  # (cpu, site) -> executions
         self.traced: Counter = Counter()  # (cpu, site, tracer) -> executions that call the tracer
         self.int3_hits: Counter = Counter()  # cpu -> site executions that trapped
+        #: the C kernel's jump labels: site -> per-CPU offset of its branch-taken counter
+        self.jump_counters: dict[int, int] = kernel.jump_label_counters
+        self.jumped: Counter = Counter()  # (cpu, site) -> executions whose effective instruction was the jmp
         self.ops = 0
         self.sinks: list = []  # called with every violation kept (replay listings)
         # NMI verdicts: per CPU, the contexts interrupted by events not yet returned from
@@ -252,7 +261,7 @@ class SafetyOracle:
                 code,
                 "executed (an int3) after its bytes changed without a serializing instruction since (SDM rule)",
             )
-        # what the execution does for the tracers
+        # what the execution does for the tracers and the jump labels' branches
         if first == INT3:
             self.int3_hits[cpu] += 1
             if act is not None:
@@ -262,8 +271,10 @@ class SafetyOracle:
                         self._flag("missed-call", cpu, time, site, code, "int3 skipped a call -> call site")
                 else:
                     self._count_call(cpu, site, new)
+                    self._count_jump(cpu, site, new)
         else:
             self._count_call(cpu, site, code)
+            self._count_jump(cpu, site, code)
             if site in self.dirty.get(cpu, ()):
                 self._flag(
                     "unsynced-modification",
@@ -305,6 +316,10 @@ class SafetyOracle:
             tracer = self.tracers.get(target)
             if tracer:
                 self.traced[(cpu, site, tracer)] += 1
+
+    def _count_jump(self, cpu: int, site: int, insn: bytes) -> None:
+        if insn[0] in (0xEB, 0xE9) and site in self.jump_counters:
+            self.jumped[(cpu, site)] += 1
 
     # -- NMI verdicts --------------------------------------------------------------------------------
     def _nmi_stack(self, cpu: int) -> tuple[int, int]:
@@ -396,11 +411,30 @@ class SafetyOracle:
         k = self.kernel
         rows = []
         exact = True
+        watched = m.watched
         for cpu in m.cpus:
             if cpu.crash is not None:
                 continue
-            calls = fetched = ft = ft_alt = exp_ft = exp_alt = 0
+            calls = fetched = ft = ft_alt = exp_ft = exp_alt = taken = exp_taken = 0
+            for site, offset in self.jump_counters.items():
+                if site not in watched:
+                    continue
+                got, want = m.percpu(cpu.index, offset), self.jumped[(cpu.index, site)]
+                taken += got
+                exp_taken += want
+                if got != want:
+                    exact = False
+                    self._flag(
+                        "branch-miscount",
+                        cpu.index,
+                        cpu.clock,
+                        site,
+                        b"",
+                        f"the branch ran {got} times; the site executed its jmp {want} times",
+                    )
             for i, site in enumerate(k.site_table):
+                if site not in watched:
+                    continue
                 f = self.fetches[(cpu.index, site)]
                 if k.user_code:
                     # compiled code counts nothing itself: each execution of a site is one call
@@ -435,6 +469,8 @@ class SafetyOracle:
                     "ftrace_caller_expected": exp_ft,
                     "ftrace_caller_alt": ft_alt,
                     "ftrace_caller_alt_expected": exp_alt,
+                    "branches_taken": taken,
+                    "branches_taken_expected": exp_taken,
                 }
             )
         return {"exact": exact, "per_cpu": rows}

@@ -20,7 +20,7 @@ from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
 from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS, NMI_CPUS
 
 from .clients import client_names, resolve_client, steps_of
-from .image import BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
+from .image import BP_COMPILED_ONLY, BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
 from .oracle import XMC_RULES, SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .plugins import resolve_mutation, resolve_protocol
@@ -79,6 +79,8 @@ class Scenario:
         protocol = resolve_protocol(self.protocol)  # a built-in, an entry point or module:function
         if self.int3 not in BP_ENTRIES:
             raise ConfigError(f"unknown int3 mode {self.int3!r}; choose from {', '.join(BP_ENTRIES)}")
+        if self.int3 in BP_COMPILED_ONLY and self.kernel == "asm" and not self.objects:
+            raise ConfigError(f"int3 mode {self.int3} exists in kernels with compiled code only: use --kernel c")
         client = resolve_client(self.client)
         steps_of(client, self.operation)
         if client.protocols is not None and protocol.builtin and self.protocol not in client.protocols:

@@ -5,7 +5,8 @@
 # reference only if refs is not zero (inc-not-zero with cmpxchg), looks the trapping address up, and
 # either skips the site (2012 ftrace) or performs the site's new instruction (Linux >= 5.2):
 #   CALL  -> push the address after the site on the interrupted stack, continue at the target
-#   JMP   -> continue at the target (a NOP is published as a JMP to the next instruction)
+#   JMP   -> continue at the target, for a 2-byte jmp8 as for a 5-byte jmp32 (a NOP of either size
+#            is published as a JMP to the next instruction)
 # An int3 the table does not hold is not ours: the kernel would die (`bp_unhandled`).
 #
 # Frame after delivery (interrupt gate, no IST, IF=0): [rsp] RIP (after the int3), CS, RFLAGS, RSP, SS.
@@ -78,7 +79,8 @@ SYM_FUNC_START(bp_unhandled)
     ud2                                 # die(): an int3 nobody owns
 SYM_FUNC_END(bp_unhandled)
 
-# rdi -> orig_ax (RIP at +8, RSP at +32); esi = emulate. Returns rax = 1 when the trap was ours.
+# rdi -> orig_ax (RIP at +8, RSP at +32); esi = emulate. Returns rax = 1 when the trap was ours,
+# with r9 at the descriptor entry it used (entry_bp_mutants.S reads its length).
 # The lookup is Linux's: a binary search when the table holds more than one entry, a direct compare
 # for one.
 # Touches rax, rcx, rdx, r8-r11 only, and calls nothing (it must not hit another int3).

@@ -14,6 +14,15 @@
  *     (textpoke_nmi) and one of the upper half on the irq stack (textpoke_nmi_irq), by direct calls,
  *     counting each call (at most 4 functions: the direct calls are what the call graph sees).
  *
+ *   - jump labels: fn_000 .. fn_063 each hold one static branch on their own key (textpoke_jl_keys[n],
+ *     all off at boot), whose branch counts in this CPU's JL_TAKEN[n] every time the jmp is the
+ *     instruction at the site. Most are static_branch_unlikely (a nop at boot, a jmp once the key is
+ *     on); every eighth from n = 7 is static_branch_likely on the off key (a jmp at boot to the
+ *     counting side, a nop once the key is on). The assembler picks the jmp's size: 2 bytes where
+ *     the branch is near, 5 where it is not, as for every eighth from n = 1, whose branch calls a cold
+ *     function and so lands in .text.unlikely (fn_NNN.cold); the loader turns the off ones into nops
+ *     of the same size, as objtool does for Linux.
+ *
  * The per-CPU offsets are textpoke.image.Percpu's (a test checks they agree).
  */
 #include "textpoke.h"
@@ -24,9 +33,11 @@
 #define PCPU_SCRATCH 0x200
 #define PCPU_WL_COUNT 0x400
 #define PCPU_NMI_CALLS 0x1c00
+#define PCPU_JL_TAKEN 0x2c00
 
 #define NR_FUNCS 256
 #define MAX_NMI_HALF 2
+#define NR_KEYS 64
 
 /* set by the image builder */
 unsigned long textpoke_nr_traced = 32;
@@ -50,10 +61,40 @@ static __always_inline notrace void percpu_inc(unsigned long off)
 	asm volatile("incq %%gs:(%0)" : : "r"(off) : "memory", "cc");
 }
 
+/* One static key per function that has a jump label (fn_000 .. fn_063), all off at boot. */
+struct static_key_false textpoke_jl_keys[NR_KEYS];
+
+/* The branch side of the cold jump labels: a cold function, so that the compiler moves the block
+ * that calls it out of line into .text.unlikely, out of reach of a 2-byte jmp. */
+__attribute__((cold, noinline)) notrace void jl_taken_cold(unsigned long n)
+{
+	percpu_inc(PCPU_JL_TAKEN + 8 * n);
+}
+
+#define JL_LIKELY(n) ((n) % 8 == 7)
+#define JL_COLD(n) ((n) % 8 == 1)
+
+/* Function n's jump label: JL_TAKEN[n] counts the executions that took the jmp. */
+#define JUMP_LABEL(n)                                                           \
+	do {                                                                    \
+		if ((n) >= NR_KEYS)                                             \
+			break;                                                  \
+		if (JL_LIKELY(n)) {                                             \
+			if (!static_branch_likely(&textpoke_jl_keys[(n) % NR_KEYS]))    \
+				percpu_inc(PCPU_JL_TAKEN + 8 * (n));            \
+		} else if (JL_COLD(n)) {                                        \
+			if (static_branch_unlikely(&textpoke_jl_keys[(n) % NR_KEYS]))   \
+				jl_taken_cold(n);                               \
+		} else if (static_branch_unlikely(&textpoke_jl_keys[(n) % NR_KEYS])) { \
+			percpu_inc(PCPU_JL_TAKEN + 8 * (n));                    \
+		}                                                               \
+	} while (0)
+
 #define TRACED(name, n)                                                         \
 	__attribute__((noinline)) unsigned long name(unsigned long x)           \
 	{                                                                       \
 		unsigned long y = x * (2 * (n) + 3) + (n);                      \
+		JUMP_LABEL(n);                                                  \
 		return (y >> 7) ^ y;                                            \
 	}
 

@@ -47,14 +47,20 @@ static __always_inline notrace unsigned long textpoke_random(void)
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Static keys (jump labels). A static_branch_*() test compiles to one 5-byte instruction, a nop
- * while the branch is off and a jmp to the branch when it is on, and records where that
- * instruction is in the `__jump_table` section, so the kernel can switch it by patching the text.
- * Each entry holds three values, each relative to its own field, as Linux's x86 entries do:
- *   s32 code   - the 5-byte instruction
+ * Static keys (jump labels). A static_branch_*() test compiles to one `jmp` to the branch, which
+ * the assembler encodes in 2 bytes (eb rel8) when the branch is within reach and in 5 (e9 rel32)
+ * otherwise, and records where that instruction is in the `__jump_table` section, so the kernel can
+ * switch it by patching the text. A branch that is off by default is marked in its entry (key bit
+ * 1), and the loader turns its jmp into a nop of the same size (66 90, or 0f 1f 44 00 00), as
+ * Linux's objtool does at build time. Each entry holds three values, each relative to its own
+ * field, as Linux's x86 entries do:
+ *   s32 code   - the 2- or 5-byte instruction
  *   s32 target - where it jumps when the branch is on
  *   s64 key    - the struct static_key; bit 0 says the branch is taken by default
- *                (static_branch_likely on a true key), bit 1 is reserved for init code
+ *                (static_branch_likely), bit 1 asks the loader to make the jmp a nop
+ * Entries of older objects whose instruction is already the 5-byte nop (no bit 1) load as they are.
+ * Not in Linux: each site is preceded by a 2-byte `jmp` to it (eb 00). The emulator observes a
+ * patchable site where a translated block starts, and a jmp ends the block before the site.
  * ------------------------------------------------------------------------------------------- */
 struct static_key {
 	int enabled;
@@ -69,14 +75,15 @@ struct static_key_false {
 #define DEFINE_STATIC_KEY_TRUE(name) struct static_key_true name = { .key = { .enabled = 1 } }
 #define DEFINE_STATIC_KEY_FALSE(name) struct static_key_false name = { .key = { .enabled = 0 } }
 
-/* The instruction is a nop at build time: returns 1 only once the text is patched to the jmp. */
+/* The instruction is a nop once loaded: returns 1 only once the text is patched to the jmp. */
 static __always_inline notrace int __textpoke_branch_nop(struct static_key *const key, const int branch)
 {
-	asm goto("1: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n\t"
+	asm goto("jmp 1f\n\t"
+		 "1: jmp %l[yes]\n\t"
 		 ".pushsection __jump_table, \"aw\"\n\t"
 		 ".balign 8\n\t"
 		 ".long 1b - ., %l[yes] - .\n\t"
-		 ".quad %c0 + %c1 - .\n\t"
+		 ".quad %c0 + %c1 + 2 - .\n\t"
 		 ".popsection"
 		 : : "i"(key), "i"(branch) : : yes);
 	return 0;
@@ -87,9 +94,8 @@ yes:
 /* The instruction is a jmp at build time: returns 1 until the text is patched to the nop. */
 static __always_inline notrace int __textpoke_branch_jmp(struct static_key *const key, const int branch)
 {
-	asm goto("1: .byte 0xe9\n\t"
-		 ".long %l[yes] - 2f\n\t"
-		 "2:\n\t"
+	asm goto("jmp 1f\n\t"
+		 "1: jmp %l[yes]\n\t"
 		 ".pushsection __jump_table, \"aw\"\n\t"
 		 ".balign 8\n\t"
 		 ".long 1b - ., %l[yes] - .\n\t"
