@@ -87,6 +87,8 @@ _EV_IPI = 1
 _EV_SNOOP = 2
 _EV_CALL = 3
 
+#: quanta in a row that execute nothing at the same instruction before the CPU is declared stuck
+STUCK_QUANTA = 64
 IST_NMI = 2  # Linux: IST_INDEX_NMI = ESTACK_NMI + 1
 _GDT = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 _CANONICAL_HI = 0xFFFF800000000000
@@ -203,6 +205,7 @@ class Cpu:
         "rip",
         "running",
         "stats",
+        "stuck",
         "tentative",
     )
 
@@ -220,6 +223,7 @@ class Cpu:
         self.extra = 0  # cycles charged by events during the running quantum
         self.rip: int | None = None  # RIP after the last quantum, None when it may have changed since
         self.tentative: tuple[int, int, bytes] | None = None
+        self.stuck = 0  # consecutive quanta that ended where they started with nothing executed
         self.popf_hooks: list[int] = []
         self.halted = False
         self.running = False  # inside a quantum of the exact scheduler: now() counts its instructions
@@ -750,6 +754,30 @@ class Machine:
         m, pa = loc
         return struct.unpack(f"<{n}Q", m.read(pa, 8 * n))
 
+    def _no_progress(self, cpu: Cpu, rip: int) -> None:
+        """A quantum ended where it started. Unicorn may stop quietly, without an error or an
+        interrupt, on an instruction it cannot fetch or decode: the CPU gets the fault it would take.
+        It also stops quietly on some faulting instructions it decodes (a divide error, say): a CPU
+        that executes nothing at the same instruction for `STUCK_QUANTA` quanta in a row dies there,
+        rather than spin without progress until the run's limits."""
+        reason = self._fetch_fault(rip)
+        if reason:
+            self._crash(cpu, reason, rip)
+            return
+        cpu.stuck += 1  # (a loop back to the same instruction lands here too, but not 64 times in a row)
+        if cpu.stuck >= STUCK_QUANTA:
+            code = self.read(rip, 15) if self._phys(rip, 15) is not None else self.read(rip, 1)
+            if code[:2] == b"\xeb\xfe" or code[:5] == b"\xe9\xfb\xff\xff\xff":
+                cpu.stuck = 0  # `jmp .`: it does execute, forever
+                return
+            what = describe(code[: insn_length(code) or 1], rip)
+            self._crash(
+                cpu,
+                f"no progress at {rip:#x} ({what}): the emulator neither executes nor faults it "
+                "(an exception it does not report, such as #DE)",
+                rip,
+            )
+
     def _fetch_fault(self, rip: int) -> str | None:
         """The fault fetching the instruction at `rip` raises, or None when it decodes."""
         if self._phys(rip, 1) is None:
@@ -1024,11 +1052,9 @@ class Machine:
             if stop is not None and cpu.crash is None:
                 self._crash(cpu, f"guest fault: {stop.error}", after)
             elif cpu.crash is None and after == rip:
-                # Unicorn may stop quietly, without an error or an interrupt, on an instruction it
-                # cannot fetch or decode: a CPU that made no progress gets the fault it would take
-                reason = self._fetch_fault(rip)
-                if reason:
-                    self._crash(cpu, reason, rip)
+                self._no_progress(cpu, rip)
+            else:
+                cpu.stuck = 0
             if cpu.tentative is not None:
                 if after == cpu.tentative[1]:
                     cpu.tentative = None  # the count ran out at the block start: not executed

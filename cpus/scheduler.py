@@ -217,9 +217,9 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         if stop is not None and cpu.crash is None:
             m._crash(cpu, f"guest fault: {stop.error}", after)
         elif cpu.crash is None and after == rip and held is None:
-            reason = m._fetch_fault(rip)
-            if reason:
-                m._crash(cpu, reason, rip)
+            m._no_progress(cpu, rip)
+        else:
+            cpu.stuck = 0
         if cpu.tentative is not None:
             if after == cpu.tentative[1]:
                 cpu.tentative = None  # the count ran out at the block start: not executed

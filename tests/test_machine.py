@@ -415,3 +415,16 @@ def test_the_patcher_cpu_takes_nmis_between_agent_steps(make_machine, kernel):
     assert m.percpu(0, Percpu.NMI_COUNT) >= len(nmis)  # the handler ran
     gaps = [b - a for a, b in itertools.pairwise(polls)]
     assert min(gaps) == m.costs.poll and max(gaps) > m.costs.poll + m.costs.event_entry  # NMIs between polls
+
+
+@pytest.mark.parametrize("interleave", ["exact", "fine"])
+def test_an_instruction_the_emulator_neither_runs_nor_faults_is_a_crash(make_machine, kernel, interleave):
+    """Unicorn stops quietly on a divide error inside a watched site's bytes (a torn jump can land
+    there): the CPU must die there, not spin without progress until the run's limits."""
+    m = make_machine(cpus=2, seed=1, interleave=interleave)
+    m.run(2_000)
+    m.write_text(kernel.site_of(0), bytes.fromhex("31dbf6ff90"))  # xor ebx, ebx; idiv bh
+    m.run(200_000)
+    crash = m.cpus[1].crash
+    assert crash is not None and "no progress" in crash.reason and "idiv bh" in crash.reason
+    assert m.cpus[1].stats["quanta"] < 2_000
