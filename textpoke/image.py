@@ -73,6 +73,7 @@ BP_ENTRIES = {
     "emulate": "bp_entry_emulate",
     "skip": "bp_entry_skip",
     "emulate-nogap": "bp_entry_emulate_nogap",
+    "emulate-noret": "bp_entry_emulate_noret",
 }
 #: NMI entry variant -> (symbol, IST index of its gate: 0 = the interrupted stack, as on i386)
 NMI_ENTRIES: dict[str, tuple[str, int]] = {
@@ -104,6 +105,11 @@ RUNTIME = ("memcpy", "memset", "memmove")
 KERNELS = ("asm", "c")
 C_KERNEL_OBJECT = "kernel.o"  # in textpoke/c, built from kernel.c by `textpoke cc --kernel`
 C_NMI_HALF_MAX = 2
+#: the C kernel's static calls sc0 .. sc{C_NR_SC-1}, each with targets sct_K_0 .. sct_K_{C_NR_SC_TARGETS-1}
+C_NR_SC = 8
+C_NR_SC_TARGETS = 4
+#: the name prefix of a static call's trampoline (its key is __SCK__name), as in Linux
+SC_TRAMP_PREFIX = "__SCT__"
 #: template sources expanded once per variant: suffix -> flags
 _TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
     "ftrace.S": {"": frozenset({"MAIN"}), "_alt": frozenset({"ALT"})},
@@ -162,6 +168,8 @@ class Percpu:
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
     FT_ALT_COUNT = 0x1400  # u64[MAX_TRACED]: calls ftrace_caller_alt saw
     NMI_CALLS = 0x1C00  # u64[MAX_TRACED]: calls the NMI handler made, per traced function
+    SC_COUNT = 0x2C00  # u64[NR_SC * NR_SC_TARGETS]: calls each static-call target saw (C kernel)
+    SC_RETURNS = 0x2D00  # u64[NR_SC]: returns from each static call's plain call sites (C kernel)
     RT_RING = 0x3000  # (expected, woke) u64 pairs [RT_RING_SIZE]: the RT task's last samples
 
 
@@ -243,11 +251,20 @@ class KernelImage:
 
     @property
     def patchable(self) -> dict[int, bytes]:
-        """Every patchable site -> its bytes at boot (traced sites and the trampolines' calls)."""
+        """Every patchable site -> its bytes at boot (traced sites, the ftrace trampolines' calls, the
+        static call sites and the static call trampolines' jumps)."""
         out = {site: FTRACE_NOP for site in self.sites.values()}
         for site in self.trampoline_sites.values():
             out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
+        for site in [c.addr for c in self.static_calls] + list(self.static_call_trampolines.values()):
+            out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
         return out
+
+    @property
+    def static_call_trampolines(self) -> dict[str, int]:
+        """Static call name -> its trampoline (`__SCT__name`), which is patched like a tail call site."""
+        n = len(SC_TRAMP_PREFIX)
+        return {k[n:]: a for k, a in sorted(self.symbols.items()) if k.startswith(SC_TRAMP_PREFIX)}
 
     @property
     def traced_base(self) -> int:
@@ -538,7 +555,7 @@ def _units(cfg: KernelConfig) -> tuple[list[Unit], list[Unit]]:
 def _c_kernel_fixups(config: KernelConfig, linked: Linked) -> None:
     """The C kernel's shape for `config`: its first nr_traced functions are the traced ones (site
     index i is fn_i, so the workload's per-function counters line up with the site table), and its
-    two knobs in data get their values."""
+    knobs in data get their values (the static calls it runs: the first min(nr_traced, 8))."""
     want = [f"fn_{i:03d}" for i in range(config.nr_traced)]
     missing = [n for n in want if n not in linked.sites]
     if missing:
@@ -548,7 +565,12 @@ def _c_kernel_fixups(config: KernelConfig, linked: Linked) -> None:
         raise ImageError("the C kernel's traced functions are not laid out in index order")
     linked.sites = sites
     data = bytearray(linked.data)
-    for name, value in (("textpoke_nr_traced", config.nr_traced), ("textpoke_nmi_half", config.nmi_funcs // 2)):
+    knobs = (
+        ("textpoke_nr_traced", config.nr_traced),
+        ("textpoke_nmi_half", config.nmi_funcs // 2),
+        ("textpoke_nr_sc", min(config.nr_traced, C_NR_SC)),  # the static calls the workload runs
+    )
+    for name, value in knobs:
         struct.pack_into("<Q", data, linked.symbols[name] - USER_DATA, value)
     linked.data = bytes(data)
 

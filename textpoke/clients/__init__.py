@@ -97,7 +97,7 @@ def client_names() -> list[str]:
 def _load_builtin() -> None:
     if CLIENTS:
         return
-    from . import ftrace  # noqa: F401  (registers itself)
+    from . import ftrace, static_call  # noqa: F401  (register themselves)
 
 
 def steps_of(client: Client, operation: str) -> Sequence[tuple[str, OpFunction]]:
