@@ -94,9 +94,15 @@ def client_names() -> list[str]:
     return list(CLIENTS)
 
 
+_builtin_loaded = False
+
+
 def _load_builtin() -> None:
-    if CLIENTS:
+    # a flag, not `if CLIENTS`: importing one client module first must not hide the others
+    global _builtin_loaded
+    if _builtin_loaded:
         return
+    _builtin_loaded = True
     from . import ftrace, static_call  # noqa: F401  (register themselves)
 
 
