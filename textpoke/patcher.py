@@ -162,7 +162,7 @@ def _decode_for_int3(req: PatchRequest) -> tuple[int, int]:
         return bpdesc.OPCODE_JMP, (site + 5 + struct.unpack("<i", new[1:])[0]) & (2**64 - 1)
     if n == 2 and new[0] == 0xEB:
         return bpdesc.OPCODE_JMP, (site + 2 + struct.unpack("<b", new[1:])[0]) & (2**64 - 1)
-    if new[0] == 0xC3 and new[1:] == bytes([0xCC]) * (n - 1):
+    if new[0] == 0xC3 and (new[1:] == bytes([0xCC]) * (n - 1) or _ret_over_first_byte(req)):
         return bpdesc.OPCODE_RET, 0
     raise PatchError(
         f"site {site:#x}: the int3 handler cannot emulate {new.hex(' ')} ({describe(new, site)}); "
@@ -176,6 +176,12 @@ def _int3_padded(new: bytes) -> bool:
     becomes `ret; int3; int3; int3; int3`), and nothing else shorter than the site."""
     n = insn_length(new)
     return n is not None and n < len(new) and new[0] in (0xC3, 0xE9, 0xEB) and set(new[n:]) == {0xCC}
+
+
+def _ret_over_first_byte(req: PatchRequest) -> bool:
+    """A `ret` written over the first byte alone, the old tail left behind: Linux 5.10 to 5.16 set a
+    static call's tail site to NULL this way (a one-byte text_poke_bp), before the int3 padding."""
+    return req.new[0] == 0xC3 and req.new[1:] == req.old[1:]
 
 
 def _phase_name(step: Step) -> str:
@@ -263,7 +269,7 @@ class Patcher:
                 raise PatchError(
                     f"{where} holds {here.hex(' ')} ({describe(here, r.site)}), not the expected {r.old.hex(' ')}"
                 )
-            if insn_length(r.new) != len(r.new) and not _int3_padded(r.new):
+            if insn_length(r.new) != len(r.new) and not _int3_padded(r.new) and not _ret_over_first_byte(r):
                 raise PatchError(
                     f"{where}: {r.new.hex(' ')} is not one {len(r.new)}-byte instruction "
                     "(nor a ret or jmp padded with int3)"

@@ -15,7 +15,9 @@ call's trampoline first, then its sites by address. Operations:
 
 * `retarget` (the default): every static call from its boot function A to another target B, then to
   NULL, then back to A: call -> call, call -> nop / jmp -> ret, and back;
-* `toggle`: to NULL and back (works with the user's objects too, whose targets are not known).
+* `toggle`: to NULL and back (works with the user's objects too, whose targets are not known);
+* `retarget-unpadded`: `retarget`, but a tail site or trampoline set to NULL gets a lone `ret` over
+  its first byte, the old tail left behind, as Linux 5.10 to 5.16 wrote it: no int3 padding.
 
 Protocols: `bp` does what Linux does (one text_poke_bp per site, the trampoline first); `bp-batch`
 patches every site of the step in one batch (Linux does not batch static calls; it shows what a
@@ -93,9 +95,13 @@ def chosen(kernel: KernelImage) -> list[StaticCall]:
     return static_calls(kernel)[: kernel.config.nr_traced]
 
 
-def transform(site: int, func: int | None, tail: bool) -> bytes:
-    """The 5 bytes a static call site (or trampoline, `tail`) holds for `func` (None: NULL)."""
+def transform(site: int, func: int | None, tail: bool, now: bytes | None = None) -> bytes:
+    """The 5 bytes a static call site (or trampoline, `tail`) holds for `func` (None: NULL). Given
+    `now`, a NULL tail site keeps its tail: a lone `ret` over the first byte, as Linux 5.10 to 5.16
+    wrote it before it padded the `ret` with int3."""
     if func is None:
+        if tail and now is not None:
+            return b"\xc3" + now[1:]
         return RET_PADDED if tail else FTRACE_NOP
     rel = func - (site + 5)
     if not -(2**31) <= rel < 2**31:
@@ -177,7 +183,7 @@ def _other_target(kernel: KernelImage, call: StaticCall) -> int:
     return kernel.symbols[name]
 
 
-def _updates(kernel: KernelImage, targets: list[int], now: dict[int, bytes], choose: Choice):
+def _updates(kernel: KernelImage, targets: list[int], now: dict[int, bytes], choose: Choice, padded: bool = True):
     """Per static call touched by `targets`: (key, func, requests in static_call_update's order)."""
     want = set(targets)
     out = []
@@ -188,25 +194,25 @@ def _updates(kernel: KernelImage, targets: list[int], now: dict[int, bytes], cho
         func = choose(kernel, call)
         reqs = []
         for addr, tail in mine:
-            new = transform(addr, func, tail)
+            new = transform(addr, func, tail, None if padded else now[addr])
             if now[addr] != new:  # __static_call_transform leaves a site that already says it alone
                 reqs.append(PatchRequest(addr, now[addr], new))
         out.append((call.key, func, reqs))
     return out
 
 
-def _requests(choose: Choice):
+def _requests(choose: Choice, padded: bool = True):
     def requests(kernel: KernelImage, targets: list[int], now: dict[int, bytes]) -> list[PatchRequest]:
-        return [r for _key, _func, reqs in _updates(kernel, targets, now, choose) for r in reqs]
+        return [r for _key, _func, reqs in _updates(kernel, targets, now, choose, padded) for r in reqs]
 
     return requests
 
 
-def _op(choose: Choice):
+def _op(choose: Choice, padded: bool = True):
     def op(patcher: Patcher, targets: list[int], sc: Scenario) -> PatchReport | None:
         m = patcher.m
         now = {s: m.read(s, 5) for s in targets}
-        updates = _updates(patcher.kernel, targets, now, choose)
+        updates = _updates(patcher.kernel, targets, now, choose, padded)
         reqs = [r for _k, _f, rs in updates for r in rs]
         if not reqs:
             return None
@@ -236,7 +242,7 @@ def _to_boot(kernel: KernelImage, call: StaticCall) -> int | None:
 
 
 def _check(sc: Scenario) -> None:
-    if sc.operation == "retarget" and sc.objects:
+    if sc.operation.startswith("retarget") and sc.objects:
         raise ConfigError("retarget needs the C kernel's known targets; with --object use --operation toggle")
 
 
@@ -248,10 +254,16 @@ STATIC_CALL = register(
         operations={
             "retarget": (("retarget", _op(_to_other)), ("null", _op(_to_null)), ("restore", _op(_to_boot))),
             "toggle": (("null", _op(_to_null)), ("restore", _op(_to_boot))),
+            "retarget-unpadded": (
+                ("retarget", _op(_to_other)),
+                ("null-unpadded", _op(_to_null, padded=False)),
+                ("restore", _op(_to_boot)),
+            ),
         },
         requests={
             "retarget": _requests(_to_other),
             "null": _requests(_to_null),
+            "null-unpadded": _requests(_to_null, padded=False),
             "restore": _requests(_to_boot),
         },
         protocols=PROTOCOLS,
