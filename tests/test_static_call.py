@@ -144,3 +144,22 @@ def test_without_the_int3_padding_nothing_changes_on_this_model():
     sc = Scenario(protocol="bp-batch", operation="retarget-unpadded", **CHEAP)
     v = run_scenario(sc, 0).verdict
     assert v.ok and v.accounting["exact"], v.summary()
+
+
+def test_a_protocol_from_outside_is_checked_against_the_requests_each_step_makes():
+    """Scenario checks a user's protocol before any run, with the requests of every step of the
+    operation (retarget, null, restore), each from the bytes the previous step left."""
+    from textpoke.clients import resolve_client
+
+    client = resolve_client("static-call")
+    k = build_kernel(KernelConfig(kernel="c", nr_traced=2, nmi_funcs=2))
+    sites = client.targets(Scenario(**CHEAP), k)
+    now = {s: k.patchable[s] for s in sites}
+    seen = []
+    for step, _ in client.operations["retarget"]:
+        reqs = client.requests[step](k, sites, now)
+        assert reqs and all(r.old == now[r.site] for r in reqs)
+        seen.append({r.new[0] for r in reqs})
+        now |= {r.site: r.new for r in reqs}
+    assert seen == [{0xE8, 0xE9}, {0x0F, 0xC3}, {0xE8, 0xE9}]
+    Scenario(protocol="textpoke.protocols:text_poke_bp_batch", operation="retarget", **CHEAP)
