@@ -24,6 +24,7 @@ __all__ = ["BP_DESC", "PokeDescriptor", "drop_ref", "pack_entries", "publish", "
 
 OPCODE_CALL = 0xE8
 OPCODE_JMP = 0xE9
+OPCODE_RET = 0xC3  # target unused: the return address is on the interrupted stack
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ class PokeDescriptor:
     address: int
     target: int  # where execution continues (for a nop: address + length)
     length: int
-    opcode: int  # OPCODE_CALL, OPCODE_JMP (also for nops), 0xCC (not consumed)
+    opcode: int  # OPCODE_CALL, OPCODE_JMP (also for nops), OPCODE_RET, 0xCC (not consumed)
 
 
 def pack_entries(entries: list[PokeDescriptor]) -> bytes:

@@ -76,6 +76,7 @@ BP_ENTRIES = {
     # a mutation for the oracle's tests: a handler from before 2-byte jump labels, which emulates
     # only 5-byte instructions and so dies on an int3 over a 2-byte site
     "emulate-no-jmp8": "bp_entry_emulate_nojmp8",
+    "emulate-noret": "bp_entry_emulate_noret",
 }
 #: the #BP modes whose entries only kernels with compiled code have (their mutations concern its sites)
 BP_COMPILED_ONLY = frozenset({"emulate-no-jmp8"})
@@ -117,6 +118,11 @@ C_NMI_HALF_MAX = 2
 JL_KEYS = 64
 JL_KEYS_SYMBOL = "textpoke_jl_keys"
 JL_KEY_SIZE = 4
+#: the C kernel's static calls sc0 .. sc{C_NR_SC-1}, each with targets sct_K_0 .. sct_K_{C_NR_SC_TARGETS-1}
+C_NR_SC = 8
+C_NR_SC_TARGETS = 4
+#: the name prefix of a static call's trampoline (its key is __SCK__name), as in Linux
+SC_TRAMP_PREFIX = "__SCT__"
 #: template sources expanded once per variant: suffix -> flags
 _TEMPLATES: dict[str, dict[str, frozenset[str]]] = {
     "ftrace.S": {"": frozenset({"MAIN"}), "_alt": frozenset({"ALT"})},
@@ -176,6 +182,8 @@ class Percpu:
     FT_ALT_COUNT = 0x1400  # u64[MAX_TRACED]: calls ftrace_caller_alt saw
     NMI_CALLS = 0x1C00  # u64[MAX_TRACED]: calls the NMI handler made, per traced function
     JL_TAKEN = 0x2C00  # u64[JL_KEYS]: the C kernel's jump labels: executions that took the jmp, per key
+    SC_COUNT = 0x2E00  # u64[NR_SC * NR_SC_TARGETS]: calls each static-call target saw (C kernel)
+    SC_RETURNS = 0x2F00  # u64[NR_SC]: returns from each static call's plain call sites (C kernel)
     RT_RING = 0x3000  # (expected, woke) u64 pairs [RT_RING_SIZE]: the RT task's last samples
 
 
@@ -257,13 +265,16 @@ class KernelImage:
 
     @property
     def patchable(self) -> dict[int, bytes]:
-        """Every patchable site -> its bytes at boot (traced sites, the trampolines' calls, and the
-        jump labels: 2 or 5 bytes each)."""
+        """Every patchable site -> its bytes at boot (traced sites, the ftrace trampolines' calls, the
+        jump labels (2 or 5 bytes each), the static call sites and the static call trampolines'
+        jumps)."""
         out = {site: FTRACE_NOP for site in self.sites.values()}
         for site in self.trampoline_sites.values():
             out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
         for e in self.jump_entries:
             out[e.code] = self.text[e.code - TEXT_VA : e.code - TEXT_VA + e.length]
+        for site in [c.addr for c in self.static_calls] + list(self.static_call_trampolines.values()):
+            out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
         return out
 
     @property
@@ -279,6 +290,12 @@ class KernelImage:
             if 0 <= index < JL_KEYS:
                 out[e.code] = Percpu.JL_TAKEN + 8 * index
         return out
+
+    @property
+    def static_call_trampolines(self) -> dict[str, int]:
+        """Static call name -> its trampoline (`__SCT__name`), which is patched like a tail call site."""
+        n = len(SC_TRAMP_PREFIX)
+        return {k[n:]: a for k, a in sorted(self.symbols.items()) if k.startswith(SC_TRAMP_PREFIX)}
 
     @property
     def traced_base(self) -> int:
@@ -571,7 +588,7 @@ def _units(cfg: KernelConfig) -> tuple[list[Unit], list[Unit]]:
 def _c_kernel_fixups(config: KernelConfig, linked: Linked) -> None:
     """The C kernel's shape for `config`: its first nr_traced functions are the traced ones (site
     index i is fn_i, so the workload's per-function counters line up with the site table), and its
-    two knobs in data get their values."""
+    knobs in data get their values (the static calls it runs: the first min(nr_traced, 8))."""
     want = [f"fn_{i:03d}" for i in range(config.nr_traced)]
     missing = [n for n in want if n not in linked.sites]
     if missing:
@@ -581,7 +598,12 @@ def _c_kernel_fixups(config: KernelConfig, linked: Linked) -> None:
         raise ImageError("the C kernel's traced functions are not laid out in index order")
     linked.sites = sites
     data = bytearray(linked.data)
-    for name, value in (("textpoke_nr_traced", config.nr_traced), ("textpoke_nmi_half", config.nmi_funcs // 2)):
+    knobs = (
+        ("textpoke_nr_traced", config.nr_traced),
+        ("textpoke_nmi_half", config.nmi_funcs // 2),
+        ("textpoke_nr_sc", min(config.nr_traced, C_NR_SC)),  # the static calls the workload runs
+    )
+    for name, value in knobs:
         struct.pack_into("<Q", data, linked.symbols[name] - USER_DATA, value)
     linked.data = bytes(data)
 

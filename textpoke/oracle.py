@@ -16,8 +16,9 @@ crash                   any fault of a CPU
 unhandled-int3          an int3 the #BP handler could not attribute (the kernel would die)
 stale-after-completion  a CPU executed a transitional or old instruction after the operation returned
 missed-call             a traced call that did not reach a tracer: counted when skip mode drops a
-                        call -> call site, and when a tracer saw fewer calls than were executed
-extra-call              a tracer saw more calls than CPUs executed traced sites
+                        call -> call site, and when a tracer (or a static call's target) saw fewer
+                        calls than were executed
+extra-call              a tracer (or a static call's target) saw more calls than CPUs executed
 branch-miscount         a jump label's branch ran, on a CPU, a different number of times than that
                         CPU executed the site as its jmp (a jmp fetched, or an int3 the #BP handler
                         emulated as the jmp): the C kernel's per-CPU, per-key counts
@@ -47,6 +48,13 @@ own, so only the second equation is checked: each tracer's per-CPU, per-site cou
 executions that called it. Only the sites the machine watched are reconciled (a run watches the
 sites of its client). The C kernel's jump labels count the executions that took their jmp, per CPU
 and key: that count equals the executions of the site whose effective instruction was the jmp.
+
+Static calls (the C kernel's sc0..sc7): each target function counts its calls per CPU, and that count
+must equal the executions of the static call's sites and trampoline whose effective instruction
+called or jumped to it -- the bytes executed, or, for an int3, the instruction the #BP handler
+emulates (the operation's new one). A `ret` or nop calls nothing. Only static calls whose every site
+was watched from the first site execution on are checked (their executions were all seen); and the
+returns counted after the plain call sites must equal those sites' executions (every call returned).
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ from typing import Any
 from cpus import ConfigError, Crash, Machine
 from cpus.disasm import describe
 
-from .image import KernelImage, Percpu
+from .image import C_NR_SC, C_NR_SC_TARGETS, KernelImage, Percpu
 
 __all__ = ["CLASSES", "COUNTED", "XMC_RULES", "SafetyOracle", "Verdict", "Violation"]
 
@@ -184,6 +192,16 @@ class SafetyOracle:
         self.machine: Machine | None = None
         self.nmi_counts: Counter = Counter()
         self.incomplete: str | None = None  # set when an operation is abandoned before its end
+        # static calls (C kernel): target function -> its counter index; (cpu, target) -> entries
+        self.sc_targets: dict[int, int] = {}
+        if kernel.config.kernel == "c":
+            for k in range(C_NR_SC):
+                for j in range(C_NR_SC_TARGETS):
+                    addr = kernel.symbols.get(f"sct_{k}_{j}")
+                    if addr is not None:
+                        self.sc_targets[addr] = k * C_NR_SC_TARGETS + j
+        self.sc_entries: Counter = Counter()
+        self._watched_from_start: frozenset[int] | None = None
 
     def attach(self, m: Machine) -> None:
         """Give the oracle the machine it judges (stack snapshots) and the handler probe."""
@@ -249,6 +267,8 @@ class SafetyOracle:
             d.clear()
 
     def on_fetch(self, cpu: int, time: int, site: int, code: bytes) -> None:
+        if self._watched_from_start is None and self.machine is not None:
+            self._watched_from_start = self.machine.watched
         self.fetches[(cpu, site)] += 1
         first = code[0]
         act = self.active.get(site)
@@ -311,11 +331,13 @@ class SafetyOracle:
         self._flag("torn-fetch", cpu, time, site, code, f"expected {self.stable[site].hex(' ')}")
 
     def _count_call(self, cpu: int, site: int, insn: bytes) -> None:
-        if insn[0] == 0xE8 and len(insn) == 5:
+        if insn[0] in (0xE8, 0xE9) and len(insn) == 5:
             target = (site + 5 + struct.unpack("<i", insn[1:])[0]) & (2**64 - 1)
-            tracer = self.tracers.get(target)
+            tracer = self.tracers.get(target) if insn[0] == 0xE8 else None
             if tracer:
                 self.traced[(cpu, site, tracer)] += 1
+            if target in self.sc_targets:
+                self.sc_entries[(cpu, target)] += 1
 
     def _count_jump(self, cpu: int, site: int, insn: bytes) -> None:
         if insn[0] in (0xEB, 0xE9) and site in self.jump_counters:
@@ -411,7 +433,9 @@ class SafetyOracle:
         k = self.kernel
         rows = []
         exact = True
-        watched = m.watched
+        if self._watched_from_start is None:
+            self._watched_from_start = m.watched
+        watched = self._watched_from_start
         for cpu in m.cpus:
             if cpu.crash is not None:
                 continue
@@ -434,7 +458,7 @@ class SafetyOracle:
                     )
             for i, site in enumerate(k.site_table):
                 if site not in watched:
-                    continue
+                    continue  # not observed (another client's run): its executions were not seen
                 f = self.fetches[(cpu.index, site)]
                 if k.user_code:
                     # compiled code counts nothing itself: each execution of a site is one call
@@ -459,21 +483,72 @@ class SafetyOracle:
                         self._flag("extra-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got}, ran {want}")
                 if f != wl + nm or a != ea or b != eb:
                     exact = False
-            rows.append(
-                {
-                    "cpu": cpu.index,
-                    "calls": calls,
-                    "site_executions": fetched,
-                    "int3_hits": self.int3_hits[cpu.index],
-                    "ftrace_caller": ft,
-                    "ftrace_caller_expected": exp_ft,
-                    "ftrace_caller_alt": ft_alt,
-                    "ftrace_caller_alt_expected": exp_alt,
-                    "branches_taken": taken,
-                    "branches_taken_expected": exp_taken,
-                }
-            )
+            row = {
+                "cpu": cpu.index,
+                "calls": calls,
+                "site_executions": fetched,
+                "int3_hits": self.int3_hits[cpu.index],
+                "ftrace_caller": ft,
+                "ftrace_caller_expected": exp_ft,
+                "ftrace_caller_alt": ft_alt,
+                "ftrace_caller_alt_expected": exp_alt,
+                "branches_taken": taken,
+                "branches_taken_expected": exp_taken,
+            }
+            if self.sc_targets:
+                sc = self._reconcile_static_calls(m, cpu.index)
+                exact = exact and sc.pop("exact")
+                row |= sc
+            rows.append(row)
         return {"exact": exact, "per_cpu": rows}
+
+    def _static_calls_checked(self) -> list[tuple[int, list[int], list[int]]]:
+        """(index, call sites, every site and the trampoline) of each static call whose sites were
+        all watched from the first site execution on (so every execution of them was seen)."""
+        k = self.kernel
+        watched = self._watched_from_start or frozenset()
+        tramps = k.static_call_trampolines
+        out = []
+        for i in range(C_NR_SC):
+            name = f"sc{i}"
+            if name not in tramps:
+                continue
+            calls = [c.addr for c in k.static_calls if c.name == name and not c.tail]
+            every = [c.addr for c in k.static_calls if c.name == name] + [tramps[name]]
+            if all(s in watched for s in every):
+                out.append((i, calls, every))
+        return out
+
+    def _reconcile_static_calls(self, m: Machine, cpu: int) -> dict[str, Any]:
+        """Each checked static call's targets' counts against the executions that entered them, and
+        its call sites' returns against their executions."""
+        got_all = want_all = returns_all = call_execs = 0
+        exact = True
+        for i, calls, _every in self._static_calls_checked():
+            for j in range(C_NR_SC_TARGETS):
+                name = f"sct_{i}_{j}"
+                addr = self.kernel.symbols[name]
+                got = m.percpu(cpu, Percpu.SC_COUNT + 8 * (i * C_NR_SC_TARGETS + j))
+                want = self.sc_entries[(cpu, addr)]
+                got_all += got
+                want_all += want
+                if got < want:
+                    self._flag("missed-call", cpu, m.cpus[cpu].clock, None, b"", f"{name} saw {got} of {want} calls")
+                elif got > want:
+                    self._flag("extra-call", cpu, m.cpus[cpu].clock, None, b"", f"{name} saw {got}, entered {want}")
+                exact = exact and got == want
+            returns = m.percpu(cpu, Percpu.SC_RETURNS + 8 * i)
+            execs = sum(self.fetches[(cpu, s)] for s in calls)
+            returns_all += returns
+            call_execs += execs
+            exact = exact and returns == execs
+        return {
+            "exact": exact,
+            "static_call_targets": got_all,
+            "static_call_targets_expected": want_all,
+            "static_call_returns": returns_all,
+            "static_call_site_executions": call_execs,
+        }
 
     def verdict(self, m: Machine, seed: int, drained: bool) -> Verdict:
         accounting = self.reconcile(m) if drained and self.incomplete is None else {"exact": None, "per_cpu": []}

@@ -162,10 +162,26 @@ def _decode_for_int3(req: PatchRequest) -> tuple[int, int]:
         return bpdesc.OPCODE_JMP, (site + 5 + struct.unpack("<i", new[1:])[0]) & (2**64 - 1)
     if n == 2 and new[0] == 0xEB:
         return bpdesc.OPCODE_JMP, (site + 2 + struct.unpack("<b", new[1:])[0]) & (2**64 - 1)
+    if new[0] == 0xC3 and (new[1:] == bytes([0xCC]) * (n - 1) or _ret_over_first_byte(req)):
+        return bpdesc.OPCODE_RET, 0
     raise PatchError(
         f"site {site:#x}: the int3 handler cannot emulate {new.hex(' ')} ({describe(new, site)}); "
-        "text_poke_bp handles call, jmp and the 5-byte nop"
+        "text_poke_bp handles call, jmp, ret and the 5-byte nop"
     )
+
+
+def _int3_padded(new: bytes) -> bool:
+    """`new` is one instruction that never falls through (ret, jmp) followed only by int3 padding:
+    Linux's text_poke_bp accepts such a replacement of a longer site (a static call set to NULL
+    becomes `ret; int3; int3; int3; int3`), and nothing else shorter than the site."""
+    n = insn_length(new)
+    return n is not None and n < len(new) and new[0] in (0xC3, 0xE9, 0xEB) and set(new[n:]) == {0xCC}
+
+
+def _ret_over_first_byte(req: PatchRequest) -> bool:
+    """A `ret` written over the first byte alone, the old tail left behind: Linux 5.10 to 5.16 set a
+    static call's tail site to NULL this way (a one-byte text_poke_bp), before the int3 padding."""
+    return req.new[0] == 0xC3 and req.new[1:] == req.old[1:]
 
 
 def _phase_name(step: Step) -> str:
@@ -253,8 +269,11 @@ class Patcher:
                 raise PatchError(
                     f"{where} holds {here.hex(' ')} ({describe(here, r.site)}), not the expected {r.old.hex(' ')}"
                 )
-            if insn_length(r.new) != len(r.new):
-                raise PatchError(f"{where}: {r.new.hex(' ')} is not one {len(r.new)}-byte instruction")
+            if insn_length(r.new) != len(r.new) and not _int3_padded(r.new) and not _ret_over_first_byte(r):
+                raise PatchError(
+                    f"{where}: {r.new.hex(' ')} is not one {len(r.new)}-byte instruction "
+                    "(nor a ret or jmp padded with int3)"
+                )
         return tuple(requests)
 
     def _first_insn(self, site: int) -> str:
@@ -340,6 +359,38 @@ class Patcher:
         if nmi_unsafe(steps, reqs):
             self._warn_nmi_reachable(reqs, protocol)
         return self._run([(reqs, steps)], protocol, mutation)
+
+    def patch_in_turn(
+        self, parts: Sequence[Sequence[PatchRequest]], protocol: str = "bp", mutation: str | None = None
+    ) -> PatchReport:
+        """Perform `protocol` for each list of requests in turn, as one report; listeners see each
+        list as an operation of its own. What static_call_update does: the trampoline, then every
+        site, each its own text_poke_bp. Every list is validated before anything is written."""
+        if self._busy:
+            raise PatchError("an operation is already in progress (text_mutex is held)")
+        parts = [tuple(p) for p in parts if p]
+        if not parts:
+            raise PatchError("nothing to patch: no sites given")
+        built: list[tuple[tuple[PatchRequest, ...], tuple[Step, ...]]] = []
+        seen: set[int] = set()
+        for part in parts:
+            reqs = self.validate(part, protocol)
+            again = seen.intersection(r.site for r in reqs)
+            if again:
+                raise PatchError(f"site {min(again):#x} is patched twice in one operation")
+            seen.update(r.site for r in reqs)
+            try:
+                steps = build(protocol, reqs, mutation)
+            except ValueError as err:
+                raise PatchError(str(err)) from None
+            for step in steps:
+                if isinstance(step, Publish):
+                    for r in step.requests:
+                        _decode_for_int3(r)
+            if nmi_unsafe(steps, reqs):
+                self._warn_nmi_reachable(reqs, protocol)
+            built.append((reqs, steps))
+        return self._run(built, protocol, mutation)
 
     def ftrace_modify_all_code(
         self,

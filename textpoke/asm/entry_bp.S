@@ -7,6 +7,8 @@
 #   CALL  -> push the address after the site on the interrupted stack, continue at the target
 #   JMP   -> continue at the target, for a 2-byte jmp8 as for a 5-byte jmp32 (a NOP of either size
 #            is published as a JMP to the next instruction)
+#   RET   -> pop the return address off the interrupted stack and continue there (a static call
+#            site or trampoline set to NULL: `ret` padded with int3)
 # An int3 the table does not hold is not ours: the kernel would die (`bp_unhandled`).
 #
 # Frame after delivery (interrupt gate, no IST, IF=0): [rsp] RIP (after the int3), CS, RFLAGS, RSP, SS.
@@ -32,13 +34,28 @@ SYM_FUNC_START(bp_entry_emulate_nogap)
     jmp bp_common
 SYM_FUNC_END(bp_entry_emulate_nogap)
 
+# Mutation used by the oracle tests: a handler that does not know RET (Linux before it learnt to
+# emulate RET): an int3 over a site becoming `ret` is not its to handle, and the kernel dies.
+SYM_FUNC_START(bp_entry_emulate_noret)
+    push -1
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    push qword ptr [rsp+40]
+    mov esi, 3
+    jmp bp_common
+SYM_FUNC_END(bp_entry_emulate_noret)
+
 SYM_FUNC_START(bp_entry_skip)
     push -1
     xor esi, esi
     jmp bp_common
 SYM_FUNC_END(bp_entry_skip)
 
-# rsp -> orig_ax, then RIP, CS, RFLAGS, RSP, SS; esi = 1 to emulate, 0 to skip.
+# rsp -> orig_ax, then RIP, CS, RFLAGS, RSP, SS; esi = 1 to emulate, 0 to skip (3: emulate, but
+# not RET).
 SYM_FUNC_START(bp_common)
     push rax
     push rcx
@@ -79,8 +96,9 @@ SYM_FUNC_START(bp_unhandled)
     ud2                                 # die(): an int3 nobody owns
 SYM_FUNC_END(bp_unhandled)
 
-# rdi -> orig_ax (RIP at +8, RSP at +32); esi = emulate. Returns rax = 1 when the trap was ours,
-# with r9 at the descriptor entry it used (entry_bp_mutants.S reads its length).
+# rdi -> orig_ax (RIP at +8, RSP at +32); esi = emulate (bit 0), without RET (bit 1). Returns
+# rax = 1 when the trap was ours, with r9 at the descriptor entry it used (entry_bp_mutants.S reads
+# its length).
 # The lookup is Linux's: a binary search when the table holds more than one entry, a direct compare
 # for one.
 # Touches rax, rcx, rdx, r8-r11 only, and calls nothing (it must not hit another int3).
@@ -131,6 +149,8 @@ SYM_FUNC_START(poke_int3_handler)
     movzx eax, byte ptr [r9+17]
     cmp eax, 0xcc
     je .Lmiss                           # a new int3 is not ours to consume
+    cmp eax, 0xc3
+    je .Lret
     cmp eax, 0xe8
     jne .Ljmp
     mov rax, qword ptr [rdi+32]         # emulate CALL: push the return address ...
@@ -140,6 +160,15 @@ SYM_FUNC_START(poke_int3_handler)
 .Ljmp:
     mov rax, qword ptr [r9+8]           # ... and continue at the target
     mov qword ptr [rdi+8], rax
+    jmp .Lput
+.Lret:
+    test esi, 2
+    jnz .Lmiss                          # (mutation) RET unknown: not ours
+    mov rax, qword ptr [rdi+32]         # emulate RET: pop the return address ...
+    mov r11, qword ptr [rax]
+    add rax, 8
+    mov qword ptr [rdi+32], rax
+    mov qword ptr [rdi+8], r11          # ... and continue there
     jmp .Lput
 .Lskip:
     mov qword ptr [rdi+8], r11

@@ -12,7 +12,14 @@
  *     memory;
  *   - the NMI handler calls one of the lower half of the first nmi_funcs functions on the NMI stack
  *     (textpoke_nmi) and one of the upper half on the irq stack (textpoke_nmi_irq), by direct calls,
- *     counting each call (at most 4 functions: the direct calls are what the call graph sees).
+ *     counting each call (at most 4 functions: the direct calls are what the call graph sees);
+ *   - 8 static calls sc0 .. sc7 (the static-call client's sites), each retargetable among its 4
+ *     targets sct_K_0 .. sct_K_3, which count their calls per CPU in PCPU_SC_COUNT; each iteration
+ *     the workload also runs one static call: as a plain call site, as a tail call site (a
+ *     wrapper whose only instruction is `jmp __SCT__scK`), or through the trampoline by a computed
+ *     call (a caller the text patching does not reach, so that the trampoline is executed too).
+ *     Each site starts a basic block (it follows a conditional branch, or begins its function):
+ *     the machine observes a site where a translated block starts.
  *
  *   - jump labels: fn_000 .. fn_063 each hold one static branch on their own key (textpoke_jl_keys[n],
  *     all off at boot), whose branch counts in this CPU's JL_TAKEN[n] every time the jmp is the
@@ -34,14 +41,19 @@
 #define PCPU_WL_COUNT 0x400
 #define PCPU_NMI_CALLS 0x1c00
 #define PCPU_JL_TAKEN 0x2c00
+#define PCPU_SC_COUNT 0x2e00
+#define PCPU_SC_RETURNS 0x2f00
 
 #define NR_FUNCS 256
 #define MAX_NMI_HALF 2
 #define NR_KEYS 64
+#define NR_SC 8
+#define NR_SC_TARGETS 4
 
 /* set by the image builder */
 unsigned long textpoke_nr_traced = 32;
 unsigned long textpoke_nmi_half = 2;
+unsigned long textpoke_nr_sc = NR_SC;
 
 static __always_inline notrace unsigned long percpu_read(unsigned long off)
 {
@@ -407,6 +419,88 @@ static __always_inline notrace unsigned long call_misaligned(traced_fn fn, unsig
 	return ret;
 }
 
+
+/* ---- static calls ------------------------------------------------------------------------------ */
+#define SC_TARGET(k, j)                                                                 \
+	__attribute__((noinline)) notrace void sct_##k##_##j(void)                    \
+	{                                                                              \
+		percpu_inc(PCPU_SC_COUNT + 8 * ((k) * NR_SC_TARGETS + (j)));           \
+	}
+#define SC_TARGETS(k) SC_TARGET(k, 0) SC_TARGET(k, 1) SC_TARGET(k, 2) SC_TARGET(k, 3)
+
+SC_TARGETS(0)
+SC_TARGETS(1)
+SC_TARGETS(2)
+SC_TARGETS(3)
+SC_TARGETS(4)
+SC_TARGETS(5)
+SC_TARGETS(6)
+SC_TARGETS(7)
+
+DEFINE_STATIC_CALL(sc0, sct_0_0);
+DEFINE_STATIC_CALL(sc1, sct_1_0);
+DEFINE_STATIC_CALL(sc2, sct_2_0);
+DEFINE_STATIC_CALL(sc3, sct_3_0);
+DEFINE_STATIC_CALL(sc4, sct_4_0);
+DEFINE_STATIC_CALL(sc5, sct_5_0);
+DEFINE_STATIC_CALL(sc6, sct_6_0);
+DEFINE_STATIC_CALL(sc7, sct_7_0);
+
+/* A tail call site: the wrapper's only instruction is `jmp __SCT__scK`. */
+#define SC_TAIL(k)                                                                      \
+	__attribute__((noinline)) notrace void sc_tail_##k(void)                      \
+	{                                                                              \
+		static_call(sc##k)();                                                  \
+	}
+SC_TAIL(0)
+SC_TAIL(1)
+SC_TAIL(2)
+SC_TAIL(3)
+SC_TAIL(4)
+SC_TAIL(5)
+SC_TAIL(6)
+SC_TAIL(7)
+
+typedef void (*sc_fn)(void);
+
+/* The trampolines by address: a computed call reaches them whatever the call sites say. */
+static sc_fn const sc_trampolines[NR_SC] = {
+	__SCT__sc0, __SCT__sc1, __SCT__sc2, __SCT__sc3, __SCT__sc4, __SCT__sc5, __SCT__sc6, __SCT__sc7,
+};
+static sc_fn const sc_tails[NR_SC] = {
+	sc_tail_0, sc_tail_1, sc_tail_2, sc_tail_3, sc_tail_4, sc_tail_5, sc_tail_6, sc_tail_7,
+};
+
+/* One static call of the first `textpoke_nr_sc`, picked by `r`: a call site (half the time), a
+ * tail call site or the trampoline. A call site's returns are counted per static call in
+ * PCPU_SC_RETURNS (each case is reached by the switch's computed jump: a block starts at it). */
+static __attribute__((noinline)) notrace void static_calls(unsigned long r)
+{
+	unsigned long k = ((r >> 8) & 0xffff) * textpoke_nr_sc >> 16;
+	unsigned long how = (r >> 24) & 3;
+
+	if (how == 2) {
+		sc_tails[k]();
+		return;
+	}
+	if (how == 3) {
+		sc_trampolines[k]();
+		return;
+	}
+	switch (k) {
+	case 0: static_call(sc0)(); break;
+	case 1: static_call(sc1)(); break;
+	case 2: static_call(sc2)(); break;
+	case 3: static_call(sc3)(); break;
+	case 4: static_call(sc4)(); break;
+	case 5: static_call(sc5)(); break;
+	case 6: static_call(sc6)(); break;
+	case 7: static_call(sc7)(); break;
+	}
+	/* after the call returns: so the site is a call, not a tail jump */
+	percpu_inc(PCPU_SC_RETURNS + 8 * k);
+}
+
 notrace void textpoke_workload(void)
 {
 	unsigned long r = percpu_read(PCPU_RANDOM);
@@ -418,6 +512,7 @@ notrace void textpoke_workload(void)
 		acc = call_misaligned(traced[i], r);
 	else
 		acc = traced[i](r);
+	static_calls(r);
 	for (unsigned long n = (r >> 48) & percpu_read(PCPU_WORK_MASK); n; n--) {
 		unsigned long v = percpu_read(PCPU_SCRATCH + 8 * n) + acc;
 

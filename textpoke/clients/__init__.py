@@ -94,10 +94,16 @@ def client_names() -> list[str]:
     return list(CLIENTS)
 
 
+_builtin_loaded = False
+
+
 def _load_builtin() -> None:
-    if CLIENTS:
+    # a flag, not `if CLIENTS`: importing one client module first must not hide the others
+    global _builtin_loaded
+    if _builtin_loaded:
         return
-    from . import ftrace, jump_label  # noqa: F401  (each registers itself)
+    _builtin_loaded = True
+    from . import ftrace, jump_label, static_call  # noqa: F401  (each registers itself)
 
 
 def steps_of(client: Client, operation: str) -> Sequence[tuple[str, OpFunction]]:
