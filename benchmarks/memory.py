@@ -89,19 +89,28 @@ def main() -> int:
     middle_snapshot = None
     t0 = time.perf_counter()
     last_t, last_n = t0, 0
-    for k in range(args.seeds):
-        run_one(sc, args.seed_start + k)
-        done = k + 1
-        if done % args.every == 0 or done == args.seeds:
-            now = time.perf_counter()
-            samples.append((done, rss_kib()))
-            rate = (done - last_n) / (now - last_t)
-            last_t, last_n = now, done
-            print(f"{done:>7} {samples[-1][1] / 1024:>8.1f} {rate:>8.2f} {now - t0:>10.0f}", flush=True)
-        if args.tracemalloc and done == args.seeds // 2:
-            middle_snapshot = tracemalloc.take_snapshot()
+    done = 0
+    try:
+        for k in range(args.seeds):
+            run_one(sc, args.seed_start + k)
+            done = k + 1
+            if done % args.every == 0 or done == args.seeds:
+                now = time.perf_counter()
+                samples.append((done, rss_kib()))
+                rate = (done - last_n) / (now - last_t)
+                last_t, last_n = now, done
+                print(f"{done:>7} {samples[-1][1] / 1024:>8.1f} {rate:>8.2f} {now - t0:>10.0f}", flush=True)
+            if args.tracemalloc and done == args.seeds // 2:
+                middle_snapshot = tracemalloc.take_snapshot()
+    except KeyboardInterrupt:
+        # a long sweep stopped early still reports on the samples it took
+        print(f"interrupted after {done} seeds: the figures below are over the samples taken", flush=True)
+    if len(samples) < 2:
+        print("too few samples for a slope")
+        return 1
 
-    second_half = [(n, r) for n, r in samples if n >= args.seeds // 2]
+    last = samples[-1][0]
+    second_half = [(n, r) for n, r in samples if n >= last // 2]
     slope = slope_kib_per_1000(second_half)
     peak = max(r for _, r in samples)
     print(
@@ -119,7 +128,8 @@ def main() -> int:
     if args.json:
         result = {
             "scenario": sc.as_dict(),
-            "seeds": args.seeds,
+            "seeds": last,
+            "seeds_requested": args.seeds,
             "seed_start": args.seed_start,
             "every": args.every,
             "rss_source": source,
