@@ -11,6 +11,8 @@ With `--tracemalloc`, Python allocations are traced too (slower) and the source 
 allocations grew most between the middle and the end of the sweep are printed, which tells a leak in
 Python objects from one in native memory (Unicorn), which only RSS shows.
 
+Ctrl-C or SIGTERM stops it early with a report on the samples taken.
+
     python benchmarks/memory.py [--seeds 10000] [--every 250] [--nmi nested-safe --nmi-rate 500]
                                 [--tracemalloc] [--json FILE]
 """
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import resource
+import signal
 import sys
 import time
 import tracemalloc
@@ -63,6 +66,10 @@ def slope_kib_per_1000(points: list[tuple[int, int]]) -> float:
     return 1000 * sxy / sxx if sxx else 0.0
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=10_000, help="seeds to run (default 10000)")
@@ -80,6 +87,7 @@ def main() -> int:
     changes = {k: v for k, v in (("nmi", args.nmi), ("nmi_rate", args.nmi_rate)) if v is not None}
     if changes:
         sc = dataclasses.replace(sc, **changes)
+    signal.signal(signal.SIGTERM, _stop)  # `kill` stops it early, as Ctrl-C does, with a report
     if args.tracemalloc:
         tracemalloc.start(8)
     source = "psutil" if psutil is not None else "/proc/self/status"
