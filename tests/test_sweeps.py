@@ -26,6 +26,18 @@ def test_results_do_not_depend_on_the_executor():
     assert fingerprint(here) == fingerprint(pooled)
 
 
+def test_nmi_sweep_does_not_depend_on_the_pool_size():
+    """NMI sources draw their arrivals from the seed, not from the process that runs it."""
+    nmis = Scenario(sites=2, cpus=2, nmi="nested-safe", nmi_rate=500, warmup=1000, settle=1000)
+    here = sweep(nmis, range(3), jobs=1)
+    assert all(r.nmi_delivered for r in here.results)  # the runs do take NMIs
+    assert len({r.trace_hash for r in here.results}) == 3
+    with ProcessPoolExecutor(max_workers=2) as ex:
+        pooled = sweep(nmis, range(3), executor=ex)
+    assert fingerprint(here) == fingerprint(pooled)
+    assert [r.nmi_delivered for r in here.results] == [r.nmi_delivered for r in pooled.results]
+
+
 def test_dask_cluster_gives_the_same_results():
     distributed = pytest.importorskip("dask.distributed")
     here = sweep(SC, range(3), jobs=1)
