@@ -92,6 +92,8 @@ STUCK_QUANTA = 64
 IST_NMI = 2  # Linux: IST_INDEX_NMI = ESTACK_NMI + 1
 _GDT = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 _CANONICAL_HI = 0xFFFF800000000000
+#: bytes a translated block can span at most (Unicorn/QEMU end one within a page of its start)
+_MAX_BLOCK = 4096 + 16
 _decode_gate = lru_cache(maxsize=256)(decode_gate)  # a descriptor's bytes decide its gate
 
 
@@ -255,7 +257,7 @@ class Cpu:
     def now(self) -> int:
         if self.running:
             eng = self.engine
-            return self.clock + self.extra + (eng._counter.value - eng.hook_adjust) * eng.insn_cost
+            return self.clock + self.extra + (eng.base + eng._counter.value - eng.hook_adjust) * eng.insn_cost
         return self.clock + self.extra
 
 
@@ -361,6 +363,7 @@ class Machine:
         eng.hook_cpuid(self._cpuid_hook(cpu))
         eng.hook_tsc(cpu.now, aux=i)  # a deterministic TSC: the CPU's cycle clock
         eng.hook_mem_write(L.TEXT_PA, L.TEXT_PA + lay.text_size, self._text_store_hook(cpu))
+        eng.on_stop_block = lambda site, cpu=cpu: self._redecode_around(cpu, site, True)
         eng.set_rsp(lay.kstack_top(i))
         eng.set_rflags(0x202)
         for name, value in self.image.boot_regs(i, self.config.seed).items():
@@ -484,6 +487,21 @@ class Machine:
             if real != code:
                 self.mem_text.write(pa, real)
 
+    def _redecode_around(self, cpu: Cpu, site: int, at_site: bool) -> None:
+        """Drop `cpu`'s blocks at and ending at `site` (a block of size 0, the stop block Unicorn
+        translates at an exit, is removed only so), re-install the decoded copies among them (a
+        watched site's block that falls through to `site`), and (`at_site`) decode the block at
+        `site` now: its copy if the CPU holds one, else memory as it is."""
+        eng = cpu.engine
+        eng.drop_decoded(site - 1, site + 1)
+        copies = self.coherence.copies[cpu.index]
+        for s in self.coherence.sites_overlapping(site - _MAX_BLOCK, site + (1 if at_site else 0)):
+            c = copies.get(s)
+            if c is not None:
+                self._install_copy(cpu.index, s, bytes(c.code))
+        if at_site and site not in copies:
+            eng.decode_at(site)
+
     def watch(self, sites: Iterable[int]) -> None:
         """Observe fetches of these patchable sites on every CPU (DESIGN.md 1.6; see coherence).
 
@@ -498,6 +516,12 @@ class Machine:
             length = self.coherence.sites[site]
             handles = [cpu.engine.hook_block_at(site, length, self._site_hook(cpu)) for cpu in self.cpus]
             self._site_hooks[site] = handles
+            for cpu in self.cpus:
+                if cpu.engine.exits_available:
+                    # every execution of the site starts a block, also one reached by falling through
+                    # from the instruction before it (the copies installed next drop the blocks that
+                    # ran through it)
+                    cpu.engine.set_exit(site, True)
             self.coherence.watch(site)  # installs every CPU's copy, now with the hook in it
             self.trace.add((self.now(), -1, "watch", site))
 
@@ -516,6 +540,10 @@ class Machine:
                 cpu.engine.hook_del(handle)
                 cpu.engine.drop_decoded(site, site + length)
             self.coherence.unwatch(site)
+            for cpu in self.cpus:
+                if cpu.engine.exits_available:
+                    cpu.engine.set_exit(site, False)
+                    self._redecode_around(cpu, site, False)  # blocks that stop in front of it
             self.trace.add((self.now(), -1, "unwatch", site))
 
     @property
@@ -1056,7 +1084,7 @@ class Machine:
             else:
                 cpu.stuck = 0
             if cpu.tentative is not None:
-                if after == cpu.tentative[1]:
+                if after == cpu.tentative[1] and not eng.ended_at_exit:
                     cpu.tentative = None  # the count ran out at the block start: not executed
                 else:
                     self._confirm_fetch(cpu)
