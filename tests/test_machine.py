@@ -428,3 +428,37 @@ def test_an_instruction_the_emulator_neither_runs_nor_faults_is_a_crash(make_mac
     crash = m.cpus[1].crash
     assert crash is not None and "no progress" in crash.reason and "idiv bh" in crash.reason
     assert m.cpus[1].stats["quanta"] < 2_000
+
+
+@pytest.mark.parametrize("interleave", ["exact", "fine"])
+def test_a_site_reached_by_falling_through_is_observed_every_time(interleave):
+    """The C kernel's jump labels sit in the middle of their functions, right after an instruction
+    that falls through into them, so without help Unicorn translates each inside the block before
+    it, where no block hook fires. Watching a site makes it start a block of its own on every CPU:
+    each execution is reported (compared with an independent code hook on the sites), also when a
+    quantum stops right in front of one."""
+    from collections import Counter
+
+    from cpus import Machine
+    from cpus.disasm import disasm
+    from textpoke.clients import resolve_client
+    from textpoke.image import KernelConfig, build_kernel
+
+    k = build_kernel(KernelConfig(kernel="c", nr_traced=8))
+    sites = resolve_client("jump-label").sites(k)
+    for n, site in enumerate(sites):  # fn_NNN holds jump label n
+        lo = k.symbols[f"fn_{n:03d}"]
+        before = [t for a, b, t in disasm(k.text[lo - L.TEXT_VA : site - L.TEXT_VA], lo) if a + len(b) == site]
+        assert len(before) == 1 and not before[0].startswith(("j", "ret", "call")), before
+    rec = Recorder()
+    m = Machine(MachineConfig(cpus=3, seed=1, interleave=interleave), k.boot_image(), [rec])
+    executed: Counter = Counter()
+    for cpu in m.cpus:  # before anything is translated: a later code hook misses cached blocks
+        for s in sites:
+            cpu.engine.hook_code_at(s, 1, lambda a, _n, i=cpu.index: executed.update([(i, a)]))
+    m.watch(sites)
+    m.run(200_000)
+    assert not m.crashes
+    fetched = Counter((cpu, site) for cpu, _t, site, _code in rec.fetches)
+    assert {s for _c, s in executed} == set(sites)  # the workers ran every one of them
+    assert fetched == executed
