@@ -830,9 +830,12 @@ class Machine:
                 return
             names = {0: "#DE", 1: "#DB", 6: "#UD", 8: "#DF", 13: "#GP", 14: "#PF", 12: "#SS"}
             reason = f"exception {names.get(intno, intno)}"
+            rip = eng.rip()
             if intno == 14:
-                reason += f" (cr2={eng.cr2():#x})"
-            self._crash(cpu, reason, eng.rip())
+                # a fault on the fetch itself (reported so with exits on) reads as a quiet stop would
+                fetch = self._fetch_fault(rip) if eng.cr2() == rip else None
+                reason = fetch or f"{reason} (cr2={eng.cr2():#x})"
+            self._crash(cpu, reason, rip)
 
         return on_interrupt
 

@@ -419,14 +419,17 @@ def test_the_patcher_cpu_takes_nmis_between_agent_steps(make_machine, kernel):
 
 @pytest.mark.parametrize("interleave", ["exact", "fine"])
 def test_an_instruction_the_emulator_neither_runs_nor_faults_is_a_crash(make_machine, kernel, interleave):
-    """Unicorn stops quietly on a divide error inside a watched site's bytes (a torn jump can land
-    there): the CPU must die there, not spin without progress until the run's limits."""
+    """A divide error inside a watched site's bytes (a torn jump can land there): the CPU must die
+    there, not spin without progress until the run's limits. With exits on, Unicorn reports the #DE;
+    without, it stops quietly on the idiv and the machine names the instruction."""
     m = make_machine(cpus=2, seed=1, interleave=interleave)
     m.run(2_000)
-    m.write_text(kernel.site_of(0), bytes.fromhex("31dbf6ff90"))  # xor ebx, ebx; idiv bh
+    site = kernel.site_of(0)
+    m.write_text(site, bytes.fromhex("31dbf6ff90"))  # xor ebx, ebx; idiv bh
     m.run(200_000)
     crash = m.cpus[1].crash
-    assert crash is not None and "no progress" in crash.reason and "idiv bh" in crash.reason
+    assert crash is not None and crash.rip == site + 2
+    assert crash.reason == "exception #DE" or ("no progress" in crash.reason and "idiv bh" in crash.reason)
     assert m.cpus[1].stats["quanta"] < 2_000
 
 
