@@ -49,6 +49,7 @@ from unicorn import (
     Uc,
     UcError,
 )
+from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import (
     HOOK_CODE_CFUNC,
@@ -56,6 +57,7 @@ from unicorn.unicorn_py3.unicorn import (
     HOOK_INTR_CFUNC,
     HOOK_MEM_ACCESS_CFUNC,
     uc_hook_h,
+    uc_tb,
     uclib,
 )
 
@@ -89,6 +91,12 @@ _RSP = x86.UC_X86_REG_RSP
 _RFLAGS = x86.UC_X86_REG_RFLAGS
 
 _TCG_BUFFER = 16 << 20
+
+# uc_ctl requests the machine makes while it runs, encoded once (the binding's wrappers cost several
+# microseconds a call): set the exit list, remove the blocks of a range, translate a block
+_CTL_SET_EXITS = Uc._Uc__ctl_encode(uc_const.UC_CTL_UC_EXITS, uc_const.UC_CTL_IO_WRITE, 2)  # type: ignore[attr-defined]
+_CTL_REMOVE = Uc._Uc__ctl_encode(uc_const.UC_CTL_TB_REMOVE_CACHE, uc_const.UC_CTL_IO_WRITE, 2)  # type: ignore[attr-defined]
+_CTL_REQUEST = Uc._Uc__ctl_encode(uc_const.UC_CTL_TB_REQUEST_CACHE, uc_const.UC_CTL_IO_READ_WRITE, 2)  # type: ignore[attr-defined]
 
 
 def _find_counter_offset() -> int | None:
@@ -246,6 +254,9 @@ class Engine:
         #: instructions the running quantum completed in its earlier segments (runs split at exits)
         self.base = 0
         self._exits: set[int] = set()
+        #: exit address -> where the block `decode_at` last translated there ends
+        self.block_end: dict[int, int] = {}
+        self._tb = uc_tb()
         self._stopped = False  # `stop()` was called: the quantum ends where it is, even at an exit
         #: the last quantum's count ran out right at an exit, in front of it: unlike a count running
         #: out at a block start, no block hook fired there
@@ -436,7 +447,7 @@ class Engine:
             # from now on `until` is ignored (it is an unmapped address anyway) and the exit list,
             # empty until a site is watched, is what ends translation (`set_exit`)
             self.uc.ctl_exits_enabled(True)
-            self.uc.ctl_set_exits([])
+            self._set_exits(())
 
     @property
     def exits_available(self) -> bool:
@@ -454,13 +465,24 @@ class Engine:
             self._exits.add(address)
         else:
             self._exits.discard(address)
-        self.uc.ctl_set_exits(sorted(self._exits))
+            self.block_end.pop(address, None)
+        self._set_exits(self._exits)
+
+    def _set_exits(self, exits: Iterable[int]) -> None:
+        addrs = sorted(exits)
+        arr = (ctypes.c_uint64 * max(len(addrs), 1))(*addrs)
+        self._ctl(_CTL_SET_EXITS, ctypes.cast(arr, ctypes.c_void_p), ctypes.c_size_t(len(addrs)))
+
+    def _ctl(self, code: int, *args: object) -> None:
+        status = uclib.uc_ctl(self._uch, code, *args)
+        if status:
+            raise UcError(status)
 
     def replace_stop_block(self, address: int) -> None:
         """Drop the stop block at exit `address` and translate a proper one from memory. The removal
         range starts one byte before it (a block of size 0 overlaps no range starting at it), so it
         also drops the block ending at `address`; the machine re-installs a decoded copy there."""
-        self.uc.ctl_remove_cache(address - 1, address + 1)
+        self.drop_decoded(address - 1, address + 1)
         self.decode_at(address)
 
     def run(self, rip: int, until: int, count: int) -> RunStop | None:
@@ -577,19 +599,20 @@ class Engine:
 
     def drop_decoded(self, lo: int, hi: int) -> None:
         """Forget every translated block overlapping [lo, hi): the next fetch decodes memory again."""
-        self.uc.ctl_remove_cache(lo, hi)
+        self._ctl(_CTL_REMOVE, ctypes.c_uint64(lo), ctypes.c_uint64(hi))
 
     def decode_at(self, address: int) -> None:
         """Translate the block at `address` from current memory now (the CPU "decodes" it). At an
         exit the exit is lifted for the translation: a block translated at an exit is a stop block."""
-        if address in self._exits:
-            self.uc.ctl_set_exits(sorted(self._exits - {address}))
-            try:
-                self.uc.ctl_request_cache(address)
-            finally:
-                self.uc.ctl_set_exits(sorted(self._exits))
-        else:
-            self.uc.ctl_request_cache(address)
+        if address not in self._exits:
+            self._ctl(_CTL_REQUEST, ctypes.c_uint64(address), ctypes.byref(self._tb))
+            return
+        self._set_exits(self._exits - {address})
+        try:
+            self._ctl(_CTL_REQUEST, ctypes.c_uint64(address), ctypes.byref(self._tb))
+        finally:
+            self._set_exits(self._exits)
+        self.block_end[address] = address + self._tb.size
 
 
 def pack_frame(rip: int, cs: int, rflags: int, rsp: int, ss: int) -> bytes:

@@ -92,8 +92,6 @@ STUCK_QUANTA = 64
 IST_NMI = 2  # Linux: IST_INDEX_NMI = ESTACK_NMI + 1
 _GDT = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 _CANONICAL_HI = 0xFFFF800000000000
-#: bytes a translated block can span at most (Unicorn/QEMU end one within a page of its start)
-_MAX_BLOCK = 4096 + 16
 _decode_gate = lru_cache(maxsize=256)(decode_gate)  # a descriptor's bytes decide its gate
 
 
@@ -489,18 +487,26 @@ class Machine:
 
     def _redecode_around(self, cpu: Cpu, site: int, at_site: bool) -> None:
         """Drop `cpu`'s blocks at and ending at `site` (a block of size 0, the stop block Unicorn
-        translates at an exit, is removed only so), re-install the decoded copies among them (a
-        watched site's block that falls through to `site`), and (`at_site`) decode the block at
-        `site` now: its copy if the CPU holds one, else memory as it is."""
+        translates at an exit, is removed only so), then (`at_site`) decode the block at `site` now:
+        its copy if the CPU holds one, else memory as it is."""
         eng = cpu.engine
         eng.drop_decoded(site - 1, site + 1)
-        copies = self.coherence.copies[cpu.index]
-        for s in self.coherence.sites_overlapping(site - _MAX_BLOCK, site + (1 if at_site else 0)):
-            c = copies.get(s)
+        self._reinstall_copies_through(cpu, site)
+        if at_site:
+            c = self.coherence.copies[cpu.index].get(site)
             if c is not None:
-                self._install_copy(cpu.index, s, bytes(c.code))
-        if at_site and site not in copies:
-            eng.decode_at(site)
+                self._install_copy(cpu.index, site, bytes(c.code))
+            else:
+                eng.decode_at(site)
+
+    def _reinstall_copies_through(self, cpu: Cpu, addr: int) -> None:
+        """Re-install `cpu`'s decoded copies of other sites whose block ran up to or past `addr`
+        (a site's block falls through into the next site): dropping the blocks at `addr` dropped
+        them too, and a copy must stay what the CPU decoded."""
+        copies = self.coherence.copies[cpu.index]
+        for s, end in list(cpu.engine.block_end.items()):
+            if s < addr <= end and s in copies:
+                self._install_copy(cpu.index, s, bytes(copies[s].code))
 
     def watch(self, sites: Iterable[int]) -> None:
         """Observe fetches of these patchable sites on every CPU (DESIGN.md 1.6; see coherence).
@@ -523,6 +529,8 @@ class Machine:
                     # ran through it)
                     cpu.engine.set_exit(site, True)
             self.coherence.watch(site)  # installs every CPU's copy, now with the hook in it
+            for cpu in self.cpus:
+                self._reinstall_copies_through(cpu, site)  # a copy decoded through it, before
             self.trace.add((self.now(), -1, "watch", site))
 
     def release(self, sites: Iterable[int]) -> None:
