@@ -488,25 +488,20 @@ class Machine:
     def _redecode_around(self, cpu: Cpu, site: int, at_site: bool) -> None:
         """Drop `cpu`'s blocks at and ending at `site` (a block of size 0, the stop block Unicorn
         translates at an exit, is removed only so), then (`at_site`) decode the block at `site` now:
-        its copy if the CPU holds one, else memory as it is."""
+        its copy if the CPU holds one, else memory as it is.
+
+        A site's block may be dropped behind the machine's back (here, with the block ending at the
+        next site; by Unicorn after every run, for a block that falls through into an exit; by the
+        CPU's own store): the next execution of the site then meets a stop block and comes here,
+        so what runs at a site is always the CPU's copy."""
         eng = cpu.engine
         eng.drop_decoded(site - 1, site + 1)
-        self._reinstall_copies_through(cpu, site)
         if at_site:
             c = self.coherence.copies[cpu.index].get(site)
             if c is not None:
                 self._install_copy(cpu.index, site, bytes(c.code))
             else:
                 eng.decode_at(site)
-
-    def _reinstall_copies_through(self, cpu: Cpu, addr: int) -> None:
-        """Re-install `cpu`'s decoded copies of other sites whose block ran up to or past `addr`
-        (a site's block falls through into the next site): dropping the blocks at `addr` dropped
-        them too, and a copy must stay what the CPU decoded."""
-        copies = self.coherence.copies[cpu.index]
-        for s, end in list(cpu.engine.block_end.items()):
-            if s < addr <= end and s in copies:
-                self._install_copy(cpu.index, s, bytes(copies[s].code))
 
     def watch(self, sites: Iterable[int]) -> None:
         """Observe fetches of these patchable sites on every CPU (DESIGN.md 1.6; see coherence).
@@ -529,8 +524,6 @@ class Machine:
                     # ran through it)
                     cpu.engine.set_exit(site, True)
             self.coherence.watch(site)  # installs every CPU's copy, now with the hook in it
-            for cpu in self.cpus:
-                self._reinstall_copies_through(cpu, site)  # a copy decoded through it, before
             self.trace.add((self.now(), -1, "watch", site))
 
     def release(self, sites: Iterable[int]) -> None:
