@@ -465,3 +465,35 @@ def test_a_site_reached_by_falling_through_is_observed_every_time(interleave):
     fetched = Counter((cpu, site) for cpu, _t, site, _code in rec.fetches)
     assert {s for _c, s in executed} == set(sites)  # the workers ran every one of them
     assert fetched == executed
+
+
+def test_a_stale_copy_of_a_site_reached_by_falling_through_lasts_until_serialization():
+    """The decoded-copy model holds for a site in the middle of a function too: after another CPU
+    switches a jump label (snoops off), a worker keeps running the nop it decoded, though Unicorn
+    drops the block in front of the site after every run, until an IPI serializes it."""
+    from cpus import Machine
+    from textpoke.clients import resolve_client
+    from textpoke.clients.jump_label import jump_bytes
+    from textpoke.image import KernelConfig, build_kernel
+
+    k = build_kernel(KernelConfig(kernel="c", nr_traced=8))
+    site = resolve_client("jump-label").sites(k)[0]
+    entry = next(e for e in k.jump_entries if e.code == site)
+    old, new = jump_bytes(entry, False), jump_bytes(entry, True)
+    taken = k.jump_label_counters[site]
+    rec = Recorder()
+    m = Machine(MachineConfig(cpus=2, seed=5, snoop=SnoopModel(None, None)), k.boot_image(), [rec])
+    m.run(50_000)
+    m.write_text(site, new)
+    t_write = m.cpus[0].now()
+    m.run(300_000)
+    assert m.percpu(1, taken) == 0  # the branch was never taken: it still runs the nop
+    assert m.read(site, len(new)) == new
+    m.send_ipi(0, 1)
+    m.run(300_000)
+    assert m.percpu(1, taken) > 0
+    mine = [(t, code) for cpu, t, s, code in rec.fetches if cpu == 1 and s == site]
+    switch = next(i for i, (_t, code) in enumerate(mine) if code == new)
+    assert sum(1 for t, code in mine[:switch] if t > t_write and code == old) > 10
+    assert all(code == new for _t, code in mine[switch:])
+    assert not m.crashes
