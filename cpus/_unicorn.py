@@ -14,6 +14,21 @@ Measured recipes (UNICORN-NOTES.md) applied here: real paging with 2 MiB-free 4-
 default TLB mode (fastest), a 16 MiB TCG buffer (the default reserves 1 GiB per instance), `until` at an
 unmapped address, every hook added before the first instruction is translated, and the count hook
 installed before any block is translated (`start_counting`).
+
+Block starts at watched addresses (`set_exit`): the machine observes a patchable site with a block
+hook, which fires only where a translated block *starts*, and keeps each CPU's decoded copy of the site
+as the block translated there. Code that reaches a site by falling through from the instruction before
+it would run the site inside an earlier block, unseen. Unicorn 2's exits end translation right before
+an exit address (the block ends with a stop there, the exit itself not included in its size), so every
+block that would run into a watched site ends in front of it; `run` then starts again at the site,
+whose own block runs with its hook, and carries on with the rest of the quantum, so that a stop at an
+exit is neither a finished quantum nor a fault. Two measured Unicorn details shape it: a block
+translated *at* an exit is a stop block of size 0 that executes nothing (so `decode_at` translates a
+site with it taken off the exit list for that moment, and `run` replaces such a block when it meets
+one), and `ctl_remove_cache(lo, hi)` removes it only with a range that starts before it. And after
+every `emu_start` Unicorn removes, for every exit, the block containing the byte before it (the one
+that stops there): each run that falls through into a watched site translates that block again
+(about 40 us measured), and one more exit costs every `emu_start` one such removal.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from unicorn import (
     Uc,
     UcError,
 )
+from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import (
     HOOK_CODE_CFUNC,
@@ -44,8 +60,11 @@ from unicorn.unicorn_py3.unicorn import (
     HOOK_INTR_CFUNC,
     HOOK_MEM_ACCESS_CFUNC,
     uc_hook_h,
+    uc_tb,
     uclib,
 )
+
+from .errors import SimulatorBug
 
 __all__ = ["REGS", "Engine", "HostMemory", "RunStop", "counter_available", "engine_error_name"]
 
@@ -75,6 +94,12 @@ _RSP = x86.UC_X86_REG_RSP
 _RFLAGS = x86.UC_X86_REG_RFLAGS
 
 _TCG_BUFFER = 16 << 20
+
+# uc_ctl requests the machine makes while it runs, encoded once (the binding's wrappers cost several
+# microseconds a call): set the exit list, remove the blocks of a range, translate a block
+_CTL_SET_EXITS = Uc._Uc__ctl_encode(uc_const.UC_CTL_UC_EXITS, uc_const.UC_CTL_IO_WRITE, 2)  # type: ignore[attr-defined]
+_CTL_REMOVE = Uc._Uc__ctl_encode(uc_const.UC_CTL_TB_REMOVE_CACHE, uc_const.UC_CTL_IO_WRITE, 2)  # type: ignore[attr-defined]
+_CTL_REQUEST = Uc._Uc__ctl_encode(uc_const.UC_CTL_TB_REQUEST_CACHE, uc_const.UC_CTL_IO_READ_WRITE, 2)  # type: ignore[attr-defined]
 
 
 def _find_counter_offset() -> int | None:
@@ -229,22 +254,34 @@ class Engine:
         #: instruction it stands at), 0 in block hooks (called before the block's first count)
         self.hook_adjust = 0
         self.insn_cost = 1  # cycles per instruction (the machine's cost model)
+        #: instructions the running quantum completed in its earlier segments (runs split at exits)
+        self.base = 0
+        self._exits: set[int] = set()
+        self._tb = uc_tb()
+        self._stopped = False  # `stop()` was called: the quantum ends where it is, even at an exit
+        #: the last quantum's count ran out right at an exit, in front of it: unlike a count running
+        #: out at a block start, no block hook fired there
+        self.ended_at_exit = False
+        #: called with an exit address whose block is a stop block (translated while the address was
+        #: an exit): it must leave a proper block there (`replace_stop_block` by default)
+        self.on_stop_block: Callable[[int], None] = self.replace_stop_block
 
     def executed(self) -> int:
         """Instructions of the running quantum completed before the one being hooked (exact only
         after `start_counting`, on a build where `counter_available()`)."""
-        return self._counter.value - self.hook_adjust  # type: ignore[union-attr]
+        return self.base + self._counter.value - self.hook_adjust  # type: ignore[union-attr]
 
     def cut(self, count: int) -> None:
         """End the running quantum after `count` instructions in all (if that is sooner): Unicorn
         checks its count before every instruction, against the field next to its counter."""
+        count -= self.base  # the running segment's own count
         if count < self._limit.value:  # type: ignore[union-attr]
             self._limit.value = count  # type: ignore[union-attr]
 
     def completed(self) -> int:
         """Instructions the last quantum completed, when it ended by its count or stopped in a
         block hook (the counter is one past the count when the count ran out)."""
-        return min(self._counter.value, self._limit.value)  # type: ignore[union-attr]
+        return self.base + min(self._counter.value, self._limit.value)  # type: ignore[union-attr]
 
     # -- hooks ----------------------------------------------------------------------------------
     # Callbacks go straight from ctypes to ours (the binding's generic wrappers cost several
@@ -408,12 +445,60 @@ class Engine:
             base = ctypes.cast(self._uch, ctypes.c_void_p).value
             self._counter = ctypes.c_uint64.from_address(base + off)
             self._limit = ctypes.c_uint64.from_address(base + off + 8)
+            # from now on `until` is ignored (it is an unmapped address anyway) and the exit list,
+            # empty until a site is watched, is what ends translation (`set_exit`)
+            self.uc.ctl_exits_enabled(True)
+            self._set_exits(())
+
+    @property
+    def exits_available(self) -> bool:
+        """Whether `set_exit` works: it needs the running quantum's count (`counter_available`) to
+        carry on with a quantum stopped at an exit."""
+        return self._counter is not None
+
+    def set_exit(self, address: int, on: bool) -> None:
+        """Make translation end right before `address` (on), so that every execution of it starts a
+        block (and fires a block hook there), or stop doing so. Blocks translated earlier keep their
+        shape: the caller drops those that run through `address` (on), or end at it (off)."""
+        if self._counter is None:
+            raise SimulatorBug("exits need the running quantum's count (check exits_available)")
+        if on:
+            self._exits.add(address)
+        else:
+            self._exits.discard(address)
+        self._set_exits(self._exits)
+
+    def _set_exits(self, exits: Iterable[int]) -> None:
+        addrs = sorted(exits)
+        arr = (ctypes.c_uint64 * max(len(addrs), 1))(*addrs)
+        self._ctl(_CTL_SET_EXITS, ctypes.cast(arr, ctypes.c_void_p), ctypes.c_size_t(len(addrs)))
+
+    def _ctl(self, code: int, *args: object) -> None:
+        status = uclib.uc_ctl(self._uch, code, *args)
+        if status:
+            raise UcError(status)
+
+    def replace_stop_block(self, address: int) -> None:
+        """Drop the stop block at exit `address` and translate a proper one from memory. The removal
+        range starts one byte before it (a block of size 0 overlaps no range starting at it), so it
+        also drops the block ending at `address` (the machine's version decodes its copy instead)."""
+        self.drop_decoded(address - 1, address + 1)
+        self.decode_at(address)
 
     def run(self, rip: int, until: int, count: int) -> RunStop | None:
-        """Execute up to `count` instructions from `rip`; a guest fault ends it early."""
+        """Execute up to `count` instructions from `rip`; a guest fault ends it early.
+
+        A stop at an exit (`set_exit`) with count left starts the engine again right there, for the
+        rest of the count: one quantum may take several `emu_start` calls (`base` counts the
+        instructions of the earlier ones). `stop()`, a fault or a hook's exception end it for good."""
         global _emulating, _interrupt_deferred
         _emulating = True
+        self.base = 0
+        self._stopped = False
+        self.ended_at_exit = False
         status = uclib.uc_emu_start(self._uch, rip, until, 0, count)
+        if self._exits:
+            status = self._through_exits(rip, until, status)
         _emulating = False
         if _interrupt_deferred:
             _interrupt_deferred = False
@@ -425,7 +510,36 @@ class Engine:
             return RunStop(engine_error_name(status), status)
         return None
 
+    def _through_exits(self, rip: int, until: int, status: int) -> int:
+        """Carry on with a quantum that stopped at an exit (see `run`); returns the last status."""
+        counter, limit = self._counter, self._limit
+        replaced = False
+        while not status and self.hook_error is None and not self._stopped and not _interrupt_deferred:
+            done = counter.value  # type: ignore[union-attr]
+            left = limit.value - done  # type: ignore[union-attr]
+            if left < 0:
+                break  # the count ran out (the counter is then one past it)
+            at = self.rip()
+            if at not in self._exits:
+                break  # some other quiet stop: the machine deals with it
+            if left == 0:
+                self.ended_at_exit = True  # the count ends right at the exit: no block started there
+                break
+            if done == 0 and at == rip:
+                # started at the exit and ran nothing: the block there is a stop block
+                if replaced:
+                    break
+                self.on_stop_block(at)
+                replaced = True
+            else:
+                replaced = False
+            self.base += done
+            rip = at
+            status = uclib.uc_emu_start(self._uch, at, until, 0, left)
+        return status
+
     def stop(self) -> None:
+        self._stopped = True
         uclib.uc_emu_stop(self._uch)
 
     def close(self) -> None:
@@ -485,11 +599,19 @@ class Engine:
 
     def drop_decoded(self, lo: int, hi: int) -> None:
         """Forget every translated block overlapping [lo, hi): the next fetch decodes memory again."""
-        self.uc.ctl_remove_cache(lo, hi)
+        self._ctl(_CTL_REMOVE, ctypes.c_uint64(lo), ctypes.c_uint64(hi))
 
     def decode_at(self, address: int) -> None:
-        """Translate the block at `address` from current memory now (the CPU "decodes" it)."""
-        self.uc.ctl_request_cache(address)
+        """Translate the block at `address` from current memory now (the CPU "decodes" it). At an
+        exit the exit is lifted for the translation: a block translated at an exit is a stop block."""
+        if address not in self._exits:
+            self._ctl(_CTL_REQUEST, ctypes.c_uint64(address), ctypes.byref(self._tb))
+            return
+        self._set_exits(self._exits - {address})
+        try:
+            self._ctl(_CTL_REQUEST, ctypes.c_uint64(address), ctypes.byref(self._tb))
+        finally:
+            self._set_exits(self._exits)
 
 
 def pack_frame(rip: int, cs: int, rflags: int, rsp: int, ss: int) -> bytes:

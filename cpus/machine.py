@@ -255,7 +255,7 @@ class Cpu:
     def now(self) -> int:
         if self.running:
             eng = self.engine
-            return self.clock + self.extra + (eng._counter.value - eng.hook_adjust) * eng.insn_cost
+            return self.clock + self.extra + (eng.base + eng._counter.value - eng.hook_adjust) * eng.insn_cost
         return self.clock + self.extra
 
 
@@ -361,6 +361,7 @@ class Machine:
         eng.hook_cpuid(self._cpuid_hook(cpu))
         eng.hook_tsc(cpu.now, aux=i)  # a deterministic TSC: the CPU's cycle clock
         eng.hook_mem_write(L.TEXT_PA, L.TEXT_PA + lay.text_size, self._text_store_hook(cpu))
+        eng.on_stop_block = lambda site, cpu=cpu: self._redecode_around(cpu, site, True)
         eng.set_rsp(lay.kstack_top(i))
         eng.set_rflags(0x202)
         for name, value in self.image.boot_regs(i, self.config.seed).items():
@@ -484,6 +485,24 @@ class Machine:
             if real != code:
                 self.mem_text.write(pa, real)
 
+    def _redecode_around(self, cpu: Cpu, site: int, at_site: bool) -> None:
+        """Drop `cpu`'s blocks at and ending at `site` (a block of size 0, the stop block Unicorn
+        translates at an exit, is removed only so), then (`at_site`) decode the block at `site` now:
+        its copy if the CPU holds one, else memory as it is.
+
+        A site's block may be dropped behind the machine's back (here, with the block ending at the
+        next site; by Unicorn after every run, for a block that falls through into an exit; by the
+        CPU's own store): the next execution of the site then meets a stop block and comes here,
+        so what runs at a site is always the CPU's copy."""
+        eng = cpu.engine
+        eng.drop_decoded(site - 1, site + 1)
+        if at_site:
+            c = self.coherence.copies[cpu.index].get(site)
+            if c is not None:
+                self._install_copy(cpu.index, site, bytes(c.code))
+            else:
+                eng.decode_at(site)
+
     def watch(self, sites: Iterable[int]) -> None:
         """Observe fetches of these patchable sites on every CPU (DESIGN.md 1.6; see coherence).
 
@@ -498,6 +517,12 @@ class Machine:
             length = self.coherence.sites[site]
             handles = [cpu.engine.hook_block_at(site, length, self._site_hook(cpu)) for cpu in self.cpus]
             self._site_hooks[site] = handles
+            for cpu in self.cpus:
+                if cpu.engine.exits_available:
+                    # every execution of the site starts a block, also one reached by falling through
+                    # from the instruction before it (the copies installed next drop the blocks that
+                    # ran through it)
+                    cpu.engine.set_exit(site, True)
             self.coherence.watch(site)  # installs every CPU's copy, now with the hook in it
             self.trace.add((self.now(), -1, "watch", site))
 
@@ -516,6 +541,10 @@ class Machine:
                 cpu.engine.hook_del(handle)
                 cpu.engine.drop_decoded(site, site + length)
             self.coherence.unwatch(site)
+            for cpu in self.cpus:
+                if cpu.engine.exits_available:
+                    cpu.engine.set_exit(site, False)
+                    self._redecode_around(cpu, site, False)  # blocks that stop in front of it
             self.trace.add((self.now(), -1, "unwatch", site))
 
     @property
@@ -802,9 +831,12 @@ class Machine:
                 return
             names = {0: "#DE", 1: "#DB", 6: "#UD", 8: "#DF", 13: "#GP", 14: "#PF", 12: "#SS"}
             reason = f"exception {names.get(intno, intno)}"
+            rip = eng.rip()
             if intno == 14:
-                reason += f" (cr2={eng.cr2():#x})"
-            self._crash(cpu, reason, eng.rip())
+                # a fault on the fetch itself (reported so with exits on) reads as a quiet stop would
+                fetch = self._fetch_fault(rip) if eng.cr2() == rip else None
+                reason = fetch or f"{reason} (cr2={eng.cr2():#x})"
+            self._crash(cpu, reason, rip)
 
         return on_interrupt
 
@@ -1056,7 +1088,7 @@ class Machine:
             else:
                 cpu.stuck = 0
             if cpu.tentative is not None:
-                if after == cpu.tentative[1]:
+                if after == cpu.tentative[1] and not eng.ended_at_exit:
                     cpu.tentative = None  # the count ran out at the block start: not executed
                 else:
                     self._confirm_fetch(cpu)

@@ -221,7 +221,7 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         else:
             cpu.stuck = 0
         if cpu.tentative is not None:
-            if after == cpu.tentative[1]:
+            if after == cpu.tentative[1] and not eng.ended_at_exit:
                 cpu.tentative = None  # the count ran out at the block start: not executed
             else:
                 m._confirm_fetch(cpu)

@@ -39,7 +39,7 @@ def test_c_kernel_has_jump_labels_of_both_sizes_as_the_loader_left_them():
         assert patchable[e.code] == code
         fn = k.symbols[f"fn_{n:03d}"]
         assert fn < e.code < fn + k.sizes[f"fn_{n:03d}"]
-        assert k.text[e.code - 2 - TEXT_VA : e.code - TEXT_VA] == b"\xeb\x00"  # the block break before it
+        assert k.text[e.code - 2 - TEXT_VA : e.code - TEXT_VA] != b"\xeb\x00"  # no block break before it
         # off by default: unlikely branches are the nop (the loader's objtool step), likely ones the jmp
         assert code == jump_bytes(e, e.branch)
         assert e.branch == (n % 8 == 7)
@@ -175,19 +175,20 @@ def test_latency_command_takes_the_client_and_its_json_says_so(tmp_path):
 
 
 def _ring_with_jump_label_bytes(new: bytes) -> bytes:
-    """tests/objects/gcc/ring.o with the instruction of its one jump label (after the block break
-    `eb 00`, a near jmp `eb rel8`) replaced by `new`."""
+    """tests/objects/gcc/ring.o with the instruction of its one jump label (a near jmp `eb rel8`,
+    where the code field of its `__jump_table` entry points) replaced by `new`."""
     import io
     from pathlib import Path
 
     from elftools.elf.elffile import ELFFile
 
     raw = bytearray((Path(__file__).resolve().parent / "objects" / "gcc" / "ring.o").read_bytes())
-    text = ELFFile(io.BytesIO(bytes(raw))).get_section_by_name(".text")
-    lo, hi = text["sh_offset"], text["sh_offset"] + text["sh_size"]
-    at = [i for i in range(lo, hi - 3) if raw[i : i + 3] == b"\xeb\x00\xeb"]
-    assert len(at) == 1
-    raw[at[0] + 2 : at[0] + 4] = new
+    elf = ELFFile(io.BytesIO(bytes(raw)))
+    text = elf.get_section_by_name(".text")
+    (code,) = [r for r in elf.get_section_by_name(".rela__jump_table").iter_relocations() if r["r_offset"] == 0]
+    at = text["sh_offset"] + code["r_addend"]
+    assert raw[at] == 0xEB
+    raw[at : at + 2] = new
     return bytes(raw)
 
 

@@ -419,12 +419,81 @@ def test_the_patcher_cpu_takes_nmis_between_agent_steps(make_machine, kernel):
 
 @pytest.mark.parametrize("interleave", ["exact", "fine"])
 def test_an_instruction_the_emulator_neither_runs_nor_faults_is_a_crash(make_machine, kernel, interleave):
-    """Unicorn stops quietly on a divide error inside a watched site's bytes (a torn jump can land
-    there): the CPU must die there, not spin without progress until the run's limits."""
+    """A divide error inside a watched site's bytes (a torn jump can land there): the CPU must die
+    there, not spin without progress until the run's limits. With exits on, Unicorn reports the #DE;
+    without, it stops quietly on the idiv and the machine names the instruction."""
     m = make_machine(cpus=2, seed=1, interleave=interleave)
     m.run(2_000)
-    m.write_text(kernel.site_of(0), bytes.fromhex("31dbf6ff90"))  # xor ebx, ebx; idiv bh
+    site = kernel.site_of(0)
+    m.write_text(site, bytes.fromhex("31dbf6ff90"))  # xor ebx, ebx; idiv bh
     m.run(200_000)
     crash = m.cpus[1].crash
-    assert crash is not None and "no progress" in crash.reason and "idiv bh" in crash.reason
+    assert crash is not None and crash.rip == site + 2
+    assert crash.reason == "exception #DE" or ("no progress" in crash.reason and "idiv bh" in crash.reason)
     assert m.cpus[1].stats["quanta"] < 2_000
+
+
+@pytest.mark.parametrize("interleave", ["exact", "fine"])
+def test_a_site_reached_by_falling_through_is_observed_every_time(interleave):
+    """The C kernel's jump labels sit in the middle of their functions, right after an instruction
+    that falls through into them, so without help Unicorn translates each inside the block before
+    it, where no block hook fires. Watching a site makes it start a block of its own on every CPU:
+    each execution is reported (compared with an independent code hook on the sites), also when a
+    quantum stops right in front of one."""
+    from collections import Counter
+
+    from cpus import Machine
+    from cpus.disasm import disasm
+    from textpoke.clients import resolve_client
+    from textpoke.image import KernelConfig, build_kernel
+
+    k = build_kernel(KernelConfig(kernel="c", nr_traced=8))
+    sites = resolve_client("jump-label").sites(k)
+    for n, site in enumerate(sites):  # fn_NNN holds jump label n
+        lo = k.symbols[f"fn_{n:03d}"]
+        before = [t for a, b, t in disasm(k.text[lo - L.TEXT_VA : site - L.TEXT_VA], lo) if a + len(b) == site]
+        assert len(before) == 1 and not before[0].startswith(("j", "ret", "call")), before
+    rec = Recorder()
+    m = Machine(MachineConfig(cpus=3, seed=1, interleave=interleave), k.boot_image(), [rec])
+    executed: Counter = Counter()
+    for cpu in m.cpus:  # before anything is translated: a later code hook misses cached blocks
+        for s in sites:
+            cpu.engine.hook_code_at(s, 1, lambda a, _n, i=cpu.index: executed.update([(i, a)]))
+    m.watch(sites)
+    m.run(200_000)
+    assert not m.crashes
+    fetched = Counter((cpu, site) for cpu, _t, site, _code in rec.fetches)
+    assert {s for _c, s in executed} == set(sites)  # the workers ran every one of them
+    assert fetched == executed
+
+
+def test_a_stale_copy_of_a_site_reached_by_falling_through_lasts_until_serialization():
+    """The decoded-copy model holds for a site in the middle of a function too: after another CPU
+    switches a jump label (snoops off), a worker keeps running the nop it decoded, though Unicorn
+    drops the block in front of the site after every run, until an IPI serializes it."""
+    from cpus import Machine
+    from textpoke.clients import resolve_client
+    from textpoke.clients.jump_label import jump_bytes
+    from textpoke.image import KernelConfig, build_kernel
+
+    k = build_kernel(KernelConfig(kernel="c", nr_traced=8))
+    site = resolve_client("jump-label").sites(k)[0]
+    entry = next(e for e in k.jump_entries if e.code == site)
+    old, new = jump_bytes(entry, False), jump_bytes(entry, True)
+    taken = k.jump_label_counters[site]
+    rec = Recorder()
+    m = Machine(MachineConfig(cpus=2, seed=5, snoop=SnoopModel(None, None)), k.boot_image(), [rec])
+    m.run(50_000)
+    m.write_text(site, new)
+    t_write = m.cpus[0].now()
+    m.run(300_000)
+    assert m.percpu(1, taken) == 0  # the branch was never taken: it still runs the nop
+    assert m.read(site, len(new)) == new
+    m.send_ipi(0, 1)
+    m.run(300_000)
+    assert m.percpu(1, taken) > 0
+    mine = [(t, code) for cpu, t, s, code in rec.fetches if cpu == 1 and s == site]
+    switch = next(i for i, (_t, code) in enumerate(mine) if code == new)
+    assert sum(1 for t, code in mine[:switch] if t > t_write and code == old) > 10
+    assert all(code == new for _t, code in mine[switch:])
+    assert not m.crashes

@@ -49,12 +49,16 @@ def test_sites_of_the_first_sites_static_calls_in_update_order():
     assert sites[0] == k.symbols["__SCT__sc0"]  # the trampoline first, as static_call_update does
 
 
-def test_a_site_inside_a_basic_block_is_refused():
-    """pktfilter.o computes the argument right before its static call: the call does not start a
-    block, so the machine could not observe it."""
+def test_a_site_inside_a_basic_block_is_patched_and_observed():
+    """pktfilter.o computes the argument right before its static call, so code reaches the call by
+    falling through: the machine still observes every execution of it (the site starts a block of
+    its own while watched), and CPUs trap on it while it changes."""
     sc = Scenario(client="static-call", objects=("tests/objects/gcc/pktfilter.o",), operation="toggle")
-    with pytest.raises(ConfigError, match="falling through"):
-        run_scenario(sc, 0)
+    v = run_scenario(sc, 0).verdict
+    assert v.ok, v.summary()
+    workers = v.stats["cpu"][1:]
+    assert all(c["site_exec"] > 0 for c in workers)
+    assert v.stats["int3_hits"] > 0
 
 
 def test_null_becomes_a_nop_or_a_ret_padded_with_int3():

@@ -18,8 +18,6 @@
  *     the workload also runs one static call: as a plain call site, as a tail call site (a
  *     wrapper whose only instruction is `jmp __SCT__scK`), or through the trampoline by a computed
  *     call (a caller the text patching does not reach, so that the trampoline is executed too).
- *     Each site starts a basic block (it follows a conditional branch, or begins its function):
- *     the machine observes a site where a translated block starts.
  *
  *   - jump labels: fn_000 .. fn_063 each hold one static branch on their own key (textpoke_jl_keys[n],
  *     all off at boot), whose branch counts in this CPU's JL_TAKEN[n] every time the jmp is the

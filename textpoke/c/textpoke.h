@@ -59,8 +59,6 @@ static __always_inline notrace unsigned long textpoke_random(void)
  *   s64 key    - the struct static_key; bit 0 says the branch is taken by default
  *                (static_branch_likely), bit 1 asks the loader to make the jmp a nop
  * Entries of older objects whose instruction is already the 5-byte nop (no bit 1) load as they are.
- * Not in Linux: each site is preceded by a 2-byte `jmp` to it (eb 00). The emulator observes a
- * patchable site where a translated block starts, and a jmp ends the block before the site.
  * ------------------------------------------------------------------------------------------- */
 struct static_key {
 	int enabled;
@@ -78,8 +76,7 @@ struct static_key_false {
 /* The instruction is a nop once loaded: returns 1 only once the text is patched to the jmp. */
 static __always_inline notrace int __textpoke_branch_nop(struct static_key *const key, const int branch)
 {
-	asm goto("jmp 1f\n\t"
-		 "1: jmp %l[yes]\n\t"
+	asm goto("1: jmp %l[yes]\n\t"
 		 ".pushsection __jump_table, \"aw\"\n\t"
 		 ".balign 8\n\t"
 		 ".long 1b - ., %l[yes] - .\n\t"
@@ -94,8 +91,7 @@ yes:
 /* The instruction is a jmp at build time: returns 1 until the text is patched to the nop. */
 static __always_inline notrace int __textpoke_branch_jmp(struct static_key *const key, const int branch)
 {
-	asm goto("jmp 1f\n\t"
-		 "1: jmp %l[yes]\n\t"
+	asm goto("1: jmp %l[yes]\n\t"
 		 ".pushsection __jump_table, \"aw\"\n\t"
 		 ".balign 8\n\t"
 		 ".long 1b - ., %l[yes] - .\n\t"

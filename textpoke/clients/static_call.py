@@ -23,10 +23,9 @@ Protocols: `bp` does what Linux does (one text_poke_bp per site, the trampoline 
 patches every site of the step in one batch (Linux does not batch static calls; it shows what a
 batched update would cost); `naive-bytes`, `naive-atomic` and `stop-machine` for comparison.
 
-The machine observes a site where a translated block starts (`cpus.machine`): a site that code can
-reach by falling through from the instruction before it would be executed unobserved. Every site
-of this client is checked to begin its block: it starts a function, or the instruction before it
-transfers control (or is padding after an unconditional one), and that instruction is no site.
+A site may sit anywhere in its function, also where code reaches it by falling through from the
+instruction before it: the machine makes every watched site start a translated block of its own
+(`cpus.machine.Machine.watch`).
 """
 
 from __future__ import annotations
@@ -35,8 +34,6 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_INT, CS_GRP_JUMP, CS_GRP_RET, CS_MODE_64, Cs
 
 from cpus import ConfigError
 from cpus.layout import TEXT_VA
@@ -112,53 +109,8 @@ def transform(site: int, func: int | None, tail: bool, now: bytes | None = None)
 # ------------------------------------------------------------------------------------------------
 # Sites
 # ------------------------------------------------------------------------------------------------
-_CS = Cs(CS_ARCH_X86, CS_MODE_64)
-_CS.detail = True
-_TRANSFER = (CS_GRP_JUMP, CS_GRP_CALL, CS_GRP_RET, CS_GRP_INT)
-_NO_FALLTHROUGH = ("jmp", "ret", "ud2", "int3", "iretq")
-
-
-def _insn_before(kernel: KernelImage, site: int):
-    """The instruction that ends where `site` starts, or None (a symbol start, or none decodes)."""
-    for back in range(1, 16):
-        start = site - back
-        if start not in kernel.boundaries:
-            continue
-        code = kernel.text[start - TEXT_VA : site - TEXT_VA]
-        for insn in _CS.disasm(code, start, 1):
-            if insn.size == back:
-                return insn
-    return None
-
-
-def _block_start(kernel: KernelImage, site: int, sites: set[int]) -> bool:
-    """No instruction falls through into `site` inside one translated block (see the module doc)."""
-    if site in kernel.symbols.values():
-        return True
-    at = site
-    padding = False
-    while True:
-        insn = _insn_before(kernel, at)
-        if insn is None or insn.address in sites:
-            return False
-        if insn.mnemonic.startswith("nop"):
-            padding, at = True, insn.address
-            continue
-        if padding:
-            return insn.mnemonic in _NO_FALLTHROUGH or insn.mnemonic.startswith("jmp")
-        return any(insn.group(g) for g in _TRANSFER) or insn.mnemonic in _NO_FALLTHROUGH
-
-
 def _sites(kernel: KernelImage) -> list[int]:
-    out = [addr for call in chosen(kernel) for addr, _tail in call.patched]
-    every = set(kernel.patchable)
-    for site in out:
-        if not _block_start(kernel, site, every):
-            raise ConfigError(
-                f"static call site {site:#x} can be reached by falling through the instruction before it: "
-                "the machine observes a site only where a translated block starts"
-            )
-    return out
+    return [addr for call in chosen(kernel) for addr, _tail in call.patched]
 
 
 # ------------------------------------------------------------------------------------------------
