@@ -78,7 +78,8 @@ def test_stop_machine_does_not_stop_nmis():
     results = [run_one(Scenario(protocol="stop-machine", nmi="nested-safe", nmi_rate=RATE), s) for s in range(10)]
     hit = [r for r in results if not r.ok]
     assert hit
-    assert all(set(r.counts) <= {"unsynced-modification", "torn-fetch"} for r in hit)
+    # a torn call may land anywhere, in data too (a #PF crash)
+    assert all(set(r.counts) <= {"unsynced-modification", "torn-fetch", "crash"} for r in hit)
 
 
 def test_the_patcher_takes_nmis_and_a_naive_entry_breaks_it_too():
