@@ -425,9 +425,15 @@ class Machine:
         if not self.is_text(addr, len(data)):
             raise ConfigError(f"text write {addr:#x}+{len(data)} is outside the kernel text")
         w = self.config.patcher_cpu if writer is None else writer
-        self.watch(self.coherence.sites_overlapping(addr, addr + len(data)))
+        sites = self.coherence.sites_overlapping(addr, addr + len(data))
+        self.watch(sites)
         now = self.cpus[w].now()
         self.mem_text.write(L.TEXT_PA + (addr - L.TEXT_VA), data)
+        if not sites:
+            # text no site covers (a kprobe's out-of-line slot, say): no decoded copy of it is
+            # modelled, so every CPU decodes the new bytes when it next runs them
+            for cpu in self.cpus:
+                cpu.engine.drop_decoded(addr, addr + len(data))
         self._text_written(w, now, addr, data)
 
     def _text_store_hook(self, cpu: Cpu) -> Callable[[int, int, int], None]:

@@ -67,6 +67,12 @@ MAX_TRACED = 256
 BP_DESC_MAX = 256  # TP_VEC_MAX: PAGE_SIZE / 16-byte entries in Linux; ours are 32 bytes each
 BP_ENTRY_SIZE = 32
 RT_RING_SIZE = 256  # samples the RT task keeps (a power of two)
+#: kprobes a kernel built with probes can hold at once (table entries, slots, detour buffers)
+KPROBE_MAX = 64
+KPROBE_ENTRY_SIZE = 32
+KPROBE_SLOT_SIZE = 16  # Linux: MAX_INSN_SIZE bytes per kprobe instruction slot
+OPTPROBE_SLOT_SIZE = 64  # a detour buffer: the callback part, the copied instructions, the jmp back
+OPTPROBE_JMP_LEN = 5  # the jmp rel32 an optimized probe writes
 
 #: #BP entry variant -> symbol
 BP_ENTRIES = {
@@ -162,6 +168,8 @@ class Percpu:
     FT_COUNT = 0xC00  # u64[MAX_TRACED]: calls ftrace_caller saw, per traced function
     FT_ALT_COUNT = 0x1400  # u64[MAX_TRACED]: calls ftrace_caller_alt saw
     NMI_CALLS = 0x1C00  # u64[MAX_TRACED]: calls the NMI handler made, per traced function
+    KP_HITS = 0x2C00  # u64[KPROBE_MAX]: kprobe callbacks run on this CPU, per probe index
+    KP_RETRY = 0x2E00  # int3 traps sent back to an instruction whose int3 was already removed
     RT_RING = 0x3000  # (expected, woke) u64 pairs [RT_RING_SIZE]: the RT task's last samples
 
 
@@ -178,6 +186,9 @@ class KernelConfig:
     objects: tuple[str, ...] = ()
     #: the built-in workload and traced functions: "asm" (textpoke/asm) or "c" (textpoke/c/kernel.c)
     kernel: str = "asm"
+    #: CONFIG_KPROBES (asm kernel only): the kprobe handler in the #BP chain, the kprobe table, the
+    #: instruction slot areas, and a kprobe point and an optprobe range in every traced function
+    probes: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.objects, (str, bytes)) or not all(isinstance(o, str) for o in self.objects):
@@ -186,6 +197,8 @@ class KernelConfig:
             raise ImageError(f"unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
         if self.kernel == "c" and self.objects:
             raise ImageError("the C kernel has its own workload and traced functions; --object replaces them: pick one")
+        if self.probes and (self.kernel != "asm" or self.objects):
+            raise ImageError("kprobe points exist in the built-in assembly kernel only")
         if self.kernel == "c" and self.nmi_funcs > 2 * C_NMI_HALF_MAX:
             raise ImageError(f"the C kernel's NMI handler calls at most {2 * C_NMI_HALF_MAX} functions")
         if not 1 <= self.nr_traced <= MAX_TRACED:
@@ -231,6 +244,10 @@ class KernelImage:
     static_calls: tuple = ()
     #: every global symbol of the objects (data too: read it with Machine.read after a run)
     object_symbols: dict[str, int] = field(default_factory=dict)
+    #: kernels built with probes: per traced function, its kprobe point (address, instruction length)
+    kprobe_points: tuple[tuple[int, int], ...] = ()
+    #: ... and its optprobe range (address, length of the whole instructions it covers, >= 5)
+    optprobe_ranges: tuple[tuple[int, int], ...] = ()
 
     @property
     def user_code(self) -> bool:
@@ -247,6 +264,11 @@ class KernelImage:
         out = {site: FTRACE_NOP for site in self.sites.values()}
         for site in self.trampoline_sites.values():
             out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
+        # a kprobe site is its one instruction; an optprobe site the 5 bytes its jmp rel32 replaces
+        for site, n in self.kprobe_points:
+            out[site] = self.text[site - TEXT_VA : site - TEXT_VA + n]
+        for site, _n in self.optprobe_ranges:
+            out[site] = self.text[site - TEXT_VA : site - TEXT_VA + OPTPROBE_JMP_LEN]
         return out
 
     @property
@@ -347,7 +369,9 @@ MOD_CODE_NEW = IMAGE_DATA_VA + 0x30
 NMI_UPDATES = IMAGE_DATA_VA + 0x38
 MOD_CODE_WRITE_FLAG = 1 << 31
 BP_DESC = IMAGE_DATA_VA + 0x40  # refs u64, nr_entries u64, entries[BP_DESC_MAX] of 32 bytes
-DATA_SIZE = 0x40 + 16 + BP_DESC_MAX * BP_ENTRY_SIZE
+#: the kprobe table (kprobe.S): nr u64, pad u64, then KPROBE_MAX entries of KPROBE_ENTRY_SIZE bytes
+KPROBE_TABLE = BP_DESC + 16 + BP_DESC_MAX * BP_ENTRY_SIZE
+DATA_SIZE = KPROBE_TABLE - IMAGE_DATA_VA + 16 + KPROBE_MAX * KPROBE_ENTRY_SIZE
 #: kernels built with the user's objects: the sorted ftrace site table, then the objects' data
 SITE_TABLE = IMAGE_DATA_VA + (DATA_SIZE + 63) // 64 * 64
 USER_DATA = SITE_TABLE + MAX_TRACED * 8
@@ -357,6 +381,7 @@ def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
     c = {f"PCPU_{k}": v for k, v in vars(Percpu).items() if k.isupper()}
     c.update(
         BP_DESC=BP_DESC,
+        KPROBE_TABLE=KPROBE_TABLE,
         STOP_STATE=STOP_STATE,
         MULTI_STOP_DISABLE_IRQ=STOP_DISABLE_IRQ,
         MULTI_STOP_EXIT=STOP_EXIT,
@@ -462,6 +487,19 @@ MACROS: dict[str, list[str]] = {
     "FTRACE_NOP": ["    .byte " + ", ".join(f"0x{b:02x}" for b in FTRACE_NOP)],
     "PUSH_CALLER_SAVED": [f"    push {r}" for r in _CALLER_SAVED],
     "POP_CALLER_SAVED": [f"    pop {r}" for r in reversed(_CALLER_SAVED)],
+    "KPROBE_CHAIN": [],  # a kernel without kprobes: an int3 the descriptors miss is nobody's
+}
+
+
+def _int3_fill(n: int) -> list[str]:
+    return [".byte " + ", ".join(["0xcc"] * min(64, n - i)) for i in range(0, n, 64)]
+
+
+#: the macros of a kernel built with probes
+PROBE_MACROS: dict[str, list[str]] = {
+    "KPROBE_CHAIN": ["    call kprobe_int3_handler", "    test rax, rax", "    jnz .Lhandled"],
+    "KPROBE_SLOT_AREA": _int3_fill(KPROBE_MAX * KPROBE_SLOT_SIZE),
+    "OPTPROBE_SLOT_AREA": _int3_fill(KPROBE_MAX * OPTPROBE_SLOT_SIZE),
 }
 
 
@@ -482,7 +520,7 @@ def _callback_chain(name: str, first: int, count: int) -> list[str]:
 
 def _macros(cfg: KernelConfig) -> dict[str, list[str]]:
     half = cfg.nmi_funcs // 2
-    return MACROS | {
+    return MACROS | (PROBE_MACROS if cfg.probes else {}) | {
         "NMI_CALLBACKS_LOW": _callback_chain("nmilow", 0, half),
         "NMI_CALLBACKS_HIGH": _callback_chain("nmihigh", half, half),
     }
@@ -525,7 +563,10 @@ def _units(cfg: KernelConfig) -> tuple[list[Unit], list[Unit]]:
         text = _read_source(src)
         for suffix, flags in variants.items():
             fixed.extend(parse_units(expand_template(text, suffix, flags), f"{src}{{{suffix}}}"))
-    template = parse_units(_read_source("traced.S"), "traced.S")
+    if cfg.probes:
+        fixed.extend(parse_units(_read_source("kprobe.S"), "kprobe.S"))
+    flags = frozenset({"PROBES"}) if cfg.probes else frozenset()
+    template = parse_units(expand_template(_read_source("traced.S"), "", flags), "traced.S")
     if len(template) != 1:
         raise ImageError("traced.S must hold exactly one function template")
     traced = []
@@ -754,7 +795,43 @@ def _build(
     image.popf_sites = found_.popfs
     image.halt_sites = found_.halts
     image.boundaries = found_.boundaries
+    if config.probes:
+        image.kprobe_points, image.optprobe_ranges = probe_points(image, [u.name for u in traced])
     return image
+
+
+#: the kprobe point of a traced function: its instruction at this index (the first of its body,
+#: after the ftrace site, the prologue's push and the jump that starts a block); its optprobe range:
+#: whole instructions from this index on, until they cover OPTPROBE_JMP_LEN bytes
+KPROBE_INSN_INDEX = 3
+OPTPROBE_INSN_INDEX = 7
+
+
+def probe_points(image: KernelImage, functions: list[str]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(kprobe points, optprobe ranges) of the traced `functions`, found by disassembly (see the
+    indices above); every instruction chosen must be one kprobes can run out of line."""
+    from .kprobes import out_of_line_problem
+
+    kp, opt = [], []
+    for name in functions:
+        start = image.symbols[name]
+        code = image.text[start - TEXT_VA : start - TEXT_VA + image.sizes[name]]
+        insns = list(_CS.disasm(code, start))
+        k = insns[KPROBE_INSN_INDEX]
+        chosen = [k]
+        kp.append((k.address, k.size))
+        covered = []
+        for insn in insns[OPTPROBE_INSN_INDEX:]:
+            covered.append(insn)
+            if sum(i.size for i in covered) >= OPTPROBE_JMP_LEN:
+                break
+        chosen += covered
+        opt.append((covered[0].address, sum(i.size for i in covered)))
+        for insn in chosen:
+            why = out_of_line_problem(bytes(insn.bytes), insn.address)
+            if why:
+                raise ImageError(f"{name}: probe instruction at {insn.address:#x} cannot be probed: {why}")
+    return tuple(kp), tuple(opt)
 
 
 @dataclass(frozen=True)

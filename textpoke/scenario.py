@@ -24,7 +24,7 @@ from .image import BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build
 from .oracle import XMC_RULES, SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .plugins import resolve_mutation, resolve_protocol
-from .protocols import build
+from .protocols import PROBE_PROTOCOLS, build
 
 __all__ = ["IPI_MODES", "OPERATIONS", "Outcome", "Scenario", "client_names", "replay_command", "run_scenario"]
 
@@ -83,6 +83,8 @@ class Scenario:
             raise ConfigError(
                 f"client {client.name} is patched with {', '.join(sorted(client.protocols))}, not {self.protocol}"
             )
+        if self.protocol in PROBE_PROTOCOLS and self.protocol not in (client.protocols or ()):
+            raise ConfigError(f"protocol {self.protocol} patches probes only: use it with --client {self.protocol}")
         if client.kernel is not None and not self.objects and self.kernel != client.kernel:
             raise ConfigError(
                 f"client {client.name} has its sites in the {client.kernel} kernel: use --kernel {client.kernel}"
@@ -213,7 +215,8 @@ def _kernel(sc: Scenario):
             raise ConfigError("the objects have no ftrace sites: compile them with -pg -mfentry")
         return kernel
     nmi_funcs = min(4, 1 << (sc.sites.bit_length() - 1))
-    return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=nmi_funcs, kernel=sc.kernel))
+    probes = bool(resolve_client(sc.client).extra.get("probes"))  # CONFIG_KPROBES
+    return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=nmi_funcs, kernel=sc.kernel, probes=probes))
 
 
 def run_scenario(

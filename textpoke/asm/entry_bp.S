@@ -6,7 +6,9 @@
 # either skips the site (2012 ftrace) or performs the site's new instruction (Linux >= 5.2):
 #   CALL  -> push the address after the site on the interrupted stack, continue at the target
 #   JMP   -> continue at the target (a NOP is published as a JMP to the next instruction)
-# An int3 the table does not hold is not ours: the kernel would die (`bp_unhandled`).
+# An int3 the table does not hold goes to the kprobe handler in a kernel built with kprobes (it owns
+# its probes' int3s, and sends a CPU back to an int3 that is already gone); one nobody owns is not
+# ours: the kernel would die (`bp_unhandled`).
 #
 # Frame after delivery (interrupt gate, no IST, IF=0): [rsp] RIP (after the int3), CS, RFLAGS, RSP, SS.
 
@@ -51,7 +53,10 @@ SYM_FUNC_START(bp_common)
     lea rdi, [rsp+72]                   # rdi -> orig_ax of the frame iretq will use
     call poke_int3_handler
     test rax, rax
-    jz bp_unhandled
+    jnz .Lhandled
+    KPROBE_CHAIN                        # a kernel with kprobes: kprobe_int3_handler (kprobe.S) next
+    jmp bp_unhandled
+.Lhandled:
     inc qword ptr gs:[PCPU_BP_COUNT]
     pop rsi
     pop r11

@@ -98,6 +98,7 @@ def _load_builtin() -> None:
     if CLIENTS:
         return
     from . import ftrace  # noqa: F401  (registers itself)
+    from . import kprobe, optprobe  # noqa: F401
 
 
 def steps_of(client: Client, operation: str) -> Sequence[tuple[str, OpFunction]]:
