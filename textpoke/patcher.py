@@ -50,8 +50,8 @@ from cpus.layout import TEXT_ALIAS_VA, TEXT_VA
 from . import bpdesc
 from .image import (
     FTRACE_MODIFYING,
-    KPROBE_TABLE,
     FTRACE_NOP,
+    KPROBE_TABLE,
     MOD_CODE_IP,
     MOD_CODE_NEW,
     MOD_CODE_WRITE_FLAG,
@@ -68,6 +68,8 @@ from .image import (
     Percpu,
     call_bytes,
 )
+from .kprobes import KprobeState, out_of_line_problem
+from .kprobes import probe_spec as kprobe_spec
 from .plugins import resolve_protocol
 from .protocols import (
     INT3,
@@ -88,8 +90,6 @@ from .protocols import (
     ftrace_modify_all_code,
     mutate,
 )
-from .kprobes import KprobeState, out_of_line_problem
-from .kprobes import probe_spec as kprobe_spec
 from .stepcheck import nmi_unsafe
 
 __all__ = ["NMI_UNSAFE_PROTOCOLS", "NmiReachableWarning", "PatchError", "PatchReport", "Patcher", "SyncRecord"]

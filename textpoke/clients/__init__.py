@@ -97,8 +97,7 @@ def client_names() -> list[str]:
 def _load_builtin() -> None:
     if CLIENTS:
         return
-    from . import ftrace  # noqa: F401  (registers itself)
-    from . import kprobe, optprobe  # noqa: F401
+    from . import ftrace, kprobe, optprobe  # noqa: F401  (each registers itself)
 
 
 def steps_of(client: Client, operation: str) -> Sequence[tuple[str, OpFunction]]:
