@@ -520,10 +520,14 @@ def _callback_chain(name: str, first: int, count: int) -> list[str]:
 
 def _macros(cfg: KernelConfig) -> dict[str, list[str]]:
     half = cfg.nmi_funcs // 2
-    return MACROS | (PROBE_MACROS if cfg.probes else {}) | {
-        "NMI_CALLBACKS_LOW": _callback_chain("nmilow", 0, half),
-        "NMI_CALLBACKS_HIGH": _callback_chain("nmihigh", half, half),
-    }
+    return (
+        MACROS
+        | (PROBE_MACROS if cfg.probes else {})
+        | {
+            "NMI_CALLBACKS_LOW": _callback_chain("nmilow", 0, half),
+            "NMI_CALLBACKS_HIGH": _callback_chain("nmihigh", half, half),
+        }
+    )
 
 
 _KS = Ks(KS_ARCH_X86, KS_MODE_64)

@@ -423,6 +423,8 @@ BP_MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
 STOP_MACHINE_MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
     "no-nmi-write": _no_nmi_write,
 }
+
+
 def _drop_grace(label: str) -> Callable[[tuple[Step, ...]], tuple[Step, ...]]:
     def m(steps: tuple[Step, ...]) -> tuple[Step, ...]:
         return tuple(s for s in steps if not (isinstance(s, GracePeriod) and s.label == label))
