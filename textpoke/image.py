@@ -73,6 +73,11 @@ KPROBE_ENTRY_SIZE = 32
 KPROBE_SLOT_SIZE = 16  # Linux: MAX_INSN_SIZE bytes per kprobe instruction slot
 OPTPROBE_SLOT_SIZE = 64  # a detour buffer: the callback part, the copied instructions, the jmp back
 OPTPROBE_JMP_LEN = 5  # the jmp rel32 an optimized probe writes
+#: kernels with probes are preemptible: the scheduler tick's period on every workload CPU (cycles),
+#: and how long the task it switches to runs at least (iterations of a 2-instruction loop; up to
+#: 128 times that, see kprobe.S)
+PREEMPT_TICK_PERIOD = 40_000
+PREEMPT_SPIN = 250
 
 #: #BP entry variant -> symbol
 BP_ENTRIES = {
@@ -170,6 +175,9 @@ class Percpu:
     NMI_CALLS = 0x1C00  # u64[MAX_TRACED]: calls the NMI handler made, per traced function
     KP_HITS = 0x2C00  # u64[KPROBE_MAX]: kprobe callbacks run on this CPU, per probe index
     KP_RETRY = 0x2E00  # int3 traps sent back to an instruction whose int3 was already removed
+    PREEMPT_TICKS = 0x2E08  # kernels with probes: scheduler ticks that preempted this CPU's task
+    PREEMPT_SPIN = 0x2E10  # ... and how long the other task runs (loop iterations, 2 instructions each)
+    PREEMPT_ACTIVE = 0x2E18  # another task runs (the tick handler's spin)
     RT_RING = 0x3000  # (expected, woke) u64 pairs [RT_RING_SIZE]: the RT task's last samples
 
 
@@ -294,14 +302,15 @@ class KernelImage:
             raise ImageError(f"unknown NMI entry {nmi_entry!r}; choose from {', '.join(NMI_ENTRIES)}")
         sym = self.symbols
         nmi_symbol, nmi_ist = NMI_ENTRIES[nmi_entry]
+        cfg = self.config
         gates = {
             int(Vector.BP): Gate(sym[BP_ENTRIES[bp_mode]]),
             int(Vector.NMI): Gate(sym[nmi_symbol], ist=nmi_ist),
             int(Vector.IPI): Gate(sym["ipi_entry"]),
             int(Vector.STOP): Gate(sym["stopper_entry"]),
-            int(Vector.TIMER): Gate(sym["rt_timer_entry"]),
+            # a kernel built with probes is preemptible: its tick preempts (kprobe.S); else the RT task
+            int(Vector.TIMER): Gate(sym["preempt_tick_entry" if cfg.probes else "rt_timer_entry"]),
         }
-        cfg = self.config
 
         def percpu_init(cpu: int, layout: Layout) -> dict[int, int]:
             return {
@@ -309,6 +318,7 @@ class KernelImage:
                 Percpu.IRQ_STACK_TOP: layout.irq_stack_top(cpu),
                 Percpu.NMI_STACK_TOP: layout.nmi_stack_top(cpu),
                 Percpu.WORK_MASK: cfg.work_mask,
+                Percpu.PREEMPT_SPIN: PREEMPT_SPIN if cfg.probes else 0,
             }
 
         def boot_regs(cpu: int, seed: int) -> dict[str, int]:

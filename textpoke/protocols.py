@@ -283,8 +283,8 @@ def _disarms(r: PatchRequest) -> bool:
 def kprobe(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
     """Linux's kprobe arming and disarming: one byte, written alone, then a sync (text_poke and
     text_poke_sync), with no descriptors (the kprobe table owns the int3). Arm: prepare the probe,
-    write int3, sync. Disarm: write the original first byte back, sync; then unlink every probe,
-    wait for a grace period, free their slots (unregister_kprobes: one grace period for the batch)."""
+    write int3, sync. Disarm, one probe at a time (unregister_kprobe): write the original first byte
+    back, sync, unlink the probe, wait for a grace period, free its slot."""
     bad = [r for r in requests if not (_arms(r) or _disarms(r))]
     if bad:
         raise ValueError(
@@ -294,21 +294,17 @@ def kprobe(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
     steps: list[Step] = []
     for r in sorted(filter(_arms, requests), key=lambda r: r.site):
         steps += [KprobeRegister(r.site), Poke(r.site, 0, bytes([INT3]), "int3"), Sync("int3")]
-    removed = sorted(filter(_disarms, requests), key=lambda r: r.site)
-    for r in removed:
-        steps += [Poke(r.site, 0, r.new[:1], "first"), Sync("first")]
-    if removed:
-        steps += [KprobeUnregister(r.site) for r in removed]
-        steps.append(GracePeriod("slots"))
-        steps += [FreeSlot(r.site) for r in removed]
+    for r in sorted(filter(_disarms, requests), key=lambda r: r.site):
+        steps += [Poke(r.site, 0, r.new[:1], "first"), Sync("first"), KprobeUnregister(r.site)]
+        steps += [GracePeriod("slots"), FreeSlot(r.site)]
     return tuple(steps)
 
 
 def optprobe(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
     """Optimizing armed kprobes, and undoing it (kprobe_optimizer). Optimize (the site holds the
     probe's int3, the new bytes are a jmp rel32 to its detour): wait for a grace period
-    (synchronize_rcu_tasks: no CPU may still be interrupted inside a range), then text_poke_bp the
-    jmps in one batch. Unoptimize (jmp -> int3 and the original tail; the kprobe owns the int3):
+    (synchronize_rcu_tasks: no CPU may still be interrupted inside a range), then text_poke_bp each
+    jmp (arch_optimize_kprobes). Unoptimize (jmp -> int3 and the original tail; the kprobe owns the int3):
     int3, sync, the tail, sync, per probe (arch_unoptimize_kprobe)."""
     opt = sorted((r for r in requests if r.old[0] == INT3 and r.new[0] == 0xE9), key=lambda r: r.site)
     unopt = sorted((r for r in requests if r.old[0] == 0xE9 and r.new[0] == INT3), key=lambda r: r.site)
@@ -321,7 +317,7 @@ def optprobe(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
     steps: list[Step] = []
     if opt:
         steps.append(GracePeriod("optimize"))
-        steps += text_poke_bp_batch(opt)
+        steps += text_poke_bp(opt)
     for r in unopt:
         steps += [Poke(r.site, 0, bytes([INT3]), "int3"), Sync("int3"), Poke(r.site, 1, r.new[1:], "tail")]
         steps.append(Sync("tail"))

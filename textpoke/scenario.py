@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
+from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel, TimerSource
 from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS, NMI_CPUS
 
 from .clients import client_names, resolve_client, steps_of
-from .image import BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
+from .image import BP_ENTRIES, KERNELS, NMI_ENTRIES, PREEMPT_TICK_PERIOD, KernelConfig, Percpu, build_kernel
 from .oracle import XMC_RULES, SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .plugins import resolve_mutation, resolve_protocol
@@ -232,6 +232,9 @@ def run_scenario(
         period = max(1, 1_000_000 // sc.nmi_rate)
         sources = (NmiSource("perf", period=period, jitter=0.3), NmiSource("watchdog", period=8 * period, jitter=0.05))
     snoop = SnoopModel(*sc.snoop) if sc.snoop else SnoopModel(None, None)
+    # a kernel built with probes is preemptible: a scheduler tick on every workload CPU
+    workers = tuple(c for c in range(sc.cpus) if c != MachineConfig.patcher_cpu)
+    ticks = (TimerSource("preempt", period=PREEMPT_TICK_PERIOD, cpus=workers),) if kernel.config.probes else ()
     cfg = MachineConfig(
         cpus=sc.cpus,
         seed=seed,
@@ -242,6 +245,7 @@ def run_scenario(
         keep_trace=keep_trace,
         nmi_cpus=sc.nmi_cpus,
         interleave=sc.interleave,
+        timer_sources=ticks,
     )
     oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"

@@ -58,3 +58,35 @@ SYM_FUNC_START(optprobe_insn_slots)
     OPTPROBE_SLOT_AREA
     ud2
 SYM_FUNC_END(optprobe_insn_slots)
+
+# The scheduler tick of a preemptible kernel (CONFIG_PREEMPT), in kernels built with probes: the
+# tick preempts the running task, another task runs for a while with interrupts on (so this CPU
+# takes sync IPIs meanwhile), then the preempted task resumes where it was -- possibly inside an
+# out-of-line slot or an optprobe's range, which is why kprobes wait for a grace period. How long
+# the other task runs: PREEMPT_SPIN iterations times 2**k, k drawn from the preempted workload's own
+# random state (r12's top 3 bits: a seeded, heavy-tailed time off the CPU). A tick while the other
+# task runs only accounts it.
+SYM_FUNC_START(preempt_tick_entry)
+    push rax
+    push rcx
+    cmp qword ptr gs:[PCPU_PREEMPT_ACTIVE], 0
+    jne .Lbusy
+    inc qword ptr gs:[PCPU_PREEMPT_TICKS]
+    inc qword ptr gs:[PCPU_PREEMPT_ACTIVE]
+    mov rcx, r12
+    shr rcx, 61
+    mov rax, qword ptr gs:[PCPU_PREEMPT_SPIN]
+    shl rax, cl
+    pushfq
+    or qword ptr [rsp], 0x200
+    popfq                               # another task runs, interrupts on
+.Lother_task:
+    dec rax
+    jnz .Lother_task
+    cli                                 # schedule() back to the preempted task
+    dec qword ptr gs:[PCPU_PREEMPT_ACTIVE]
+.Lbusy:
+    pop rcx
+    pop rax
+    jmp native_iret
+SYM_FUNC_END(preempt_tick_entry)
