@@ -6,7 +6,8 @@ instruction (int3, sync; its hits already run the detour's copy of the range), t
 period in which every CPU that could be inside the range leaves it, the probe is optimized: the jmp
 is written with text_poke_bp over the armed int3. Unregistering undoes it in reverse: the jmp back to
 int3 and the original tail (int3, sync, tail, sync), the original first byte (sync), a grace period,
-the detour buffer freed. Operations: `toggle` (all four steps) and `enable` (register, optimize).
+the detour buffer freed. Probes are registered (and optimized) one after the other, and unregistered
+likewise. Operations: `toggle` (register, unregister) and `enable` (register).
 """
 
 from __future__ import annotations
@@ -28,7 +29,29 @@ def _sites(kernel: KernelImage) -> list[int]:
 
 
 def _register(patcher: Patcher, targets: list[int], sc: Scenario) -> PatchReport | None:
-    return patcher.patch(patcher.kprobe_requests(targets, arm=True), "kprobe", mutation=sc.mutation)
+    """register_kprobe for each probe, and the optimizer's pass after it: arm, then optimize."""
+    report = None
+    for s in targets:
+        report = patcher.patch(patcher.kprobe_requests([s], arm=True), "kprobe", mutation=sc.mutation)
+        if report.hung or report.incomplete:
+            return report
+        report = _optimize(patcher, [s], sc)
+        if report is None or report.hung or report.incomplete:
+            return report
+    return report
+
+
+def _unregister_all(patcher: Patcher, targets: list[int], sc: Scenario) -> PatchReport | None:
+    """unregister_kprobe for each probe: unoptimize, then disarm and free."""
+    report = None
+    for s in targets:
+        report = _unoptimize(patcher, [s], sc) or report
+        if report is not None and (report.hung or report.incomplete):
+            return report
+        report = _unregister(patcher, [s], sc) or report
+        if report is not None and (report.hung or report.incomplete):
+            return report
+    return report
 
 
 def _optimize(patcher: Patcher, targets: list[int], sc: Scenario) -> PatchReport | None:
@@ -70,15 +93,10 @@ OPTPROBE = register(
         description="armed kprobe -> jmp rel32 to a detour buffer over the whole instructions it covers",
         sites=_sites,
         operations={
-            "toggle": (
-                ("register", _register),
-                ("optimize", _optimize),
-                ("unoptimize", _unoptimize),
-                ("unregister", _unregister),
-            ),
-            "enable": (("register", _register), ("optimize", _optimize)),
+            "toggle": (("register", _register), ("unregister", _unregister_all)),
+            "enable": (("register", _register),),
         },
-        requests={"optimize": _jmp_requests, "unoptimize": _unjmp_requests},
+        requests={"register": _jmp_requests, "unregister": _unjmp_requests},
         protocols=frozenset({"optprobe"}),
         kernel="asm",
         check=lambda sc: check_probe_scenario(sc, "optprobe"),
