@@ -845,6 +845,10 @@ def cmd_explore(args: argparse.Namespace, out: Console) -> int:
         if not 1 <= cpus <= 3 or not 1 <= sites <= 2:
             raise ConfigError("the explorer takes 1 to 3 workload CPUs (--cpus) and 1 or 2 sites (--sites)")
         protocol = args.protocol or "bp"
+        from .protocols import PROBE_PROTOCOLS
+
+        if protocol in PROBE_PROTOCOLS:
+            raise ConfigError(f"the explorer walks ftrace enables; --protocol {protocol} patches probes (use safety)")
         if args.mutation is not None:
             from .protocols import PatchRequest, build
 
