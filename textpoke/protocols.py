@@ -15,6 +15,9 @@ Steps
 ``Release``     stop_machine: acknowledge RUN, pass the EXIT barrier, wait until every stopper is done
 ``ModCode``     stop_machine ftrace (2.6.28-3.4): one site written with NMIs in mind -- wait until no
                 NMI runs while publishing the write to NMIs, write, withdraw it, wait for NMIs again
+``KprobeRegister`` / ``KprobeUnregister`` / ``FreeSlot``  a probe's out-of-line copy and kprobe table
+                entry made, the entry unlinked, the slot poisoned for reuse (the kprobe protocols)
+``GracePeriod`` synchronize_rcu(_tasks): wait until every other CPU passed a quiescent point
 
 text_poke_bp, as Linux does it (arch/x86/kernel/alternative.c), for one site or a batch:
 
