@@ -379,12 +379,14 @@ MOD_CODE_NEW = IMAGE_DATA_VA + 0x30
 NMI_UPDATES = IMAGE_DATA_VA + 0x38
 MOD_CODE_WRITE_FLAG = 1 << 31
 BP_DESC = IMAGE_DATA_VA + 0x40  # refs u64, nr_entries u64, entries[BP_DESC_MAX] of 32 bytes
-#: the kprobe table (kprobe.S): nr u64, pad u64, then KPROBE_MAX entries of KPROBE_ENTRY_SIZE bytes
-KPROBE_TABLE = BP_DESC + 16 + BP_DESC_MAX * BP_ENTRY_SIZE
-DATA_SIZE = KPROBE_TABLE - IMAGE_DATA_VA + 16 + KPROBE_MAX * KPROBE_ENTRY_SIZE
+DATA_SIZE = 0x40 + 16 + BP_DESC_MAX * BP_ENTRY_SIZE
 #: kernels built with the user's objects: the sorted ftrace site table, then the objects' data
 SITE_TABLE = IMAGE_DATA_VA + (DATA_SIZE + 63) // 64 * 64
 USER_DATA = SITE_TABLE + MAX_TRACED * 8
+#: kernels built with probes (never with objects): the kprobe table (kprobe.S) where the site table
+#: would be: nr u64, pad u64, then KPROBE_MAX entries of KPROBE_ENTRY_SIZE bytes
+KPROBE_TABLE = SITE_TABLE
+PROBE_DATA_SIZE = KPROBE_TABLE - IMAGE_DATA_VA + 16 + KPROBE_MAX * KPROBE_ENTRY_SIZE
 
 
 def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
@@ -497,7 +499,7 @@ MACROS: dict[str, list[str]] = {
     "FTRACE_NOP": ["    .byte " + ", ".join(f"0x{b:02x}" for b in FTRACE_NOP)],
     "PUSH_CALLER_SAVED": [f"    push {r}" for r in _CALLER_SAVED],
     "POP_CALLER_SAVED": [f"    pop {r}" for r in reversed(_CALLER_SAVED)],
-    "KPROBE_CHAIN": [],  # a kernel without kprobes: an int3 the descriptors miss is nobody's
+    "KPROBE_CHAIN": ["    jz bp_unhandled"],  # without kprobes: an int3 the descriptors miss is nobody's
 }
 
 
@@ -507,7 +509,12 @@ def _int3_fill(n: int) -> list[str]:
 
 #: the macros of a kernel built with probes
 PROBE_MACROS: dict[str, list[str]] = {
-    "KPROBE_CHAIN": ["    call kprobe_int3_handler", "    test rax, rax", "    jnz .Lhandled"],
+    "KPROBE_CHAIN": [
+        "    jnz .Lhandled",
+        "    call kprobe_int3_handler",
+        "    test rax, rax",
+        "    jz bp_unhandled",
+    ],
     "KPROBE_SLOT_AREA": _int3_fill(KPROBE_MAX * KPROBE_SLOT_SIZE),
     "OPTPROBE_SLOT_AREA": _int3_fill(KPROBE_MAX * OPTPROBE_SLOT_SIZE),
 }
@@ -768,7 +775,7 @@ def _build(
 
     symbols = starts | inner
     sites = {u.name: starts[u.name] for u in traced}
-    data_size, data_init, extra = DATA_SIZE, b"", {}
+    data_size, data_init, extra = PROBE_DATA_SIZE if config.probes else DATA_SIZE, b"", {}
     if linked is not None:
         text[asm_end - TEXT_VA : asm_end - TEXT_VA + len(linked.text)] = linked.text
         symbols |= {n: a for n, (a, _size) in linked.functions.items()}

@@ -53,9 +53,7 @@ SYM_FUNC_START(bp_common)
     lea rdi, [rsp+72]                   # rdi -> orig_ax of the frame iretq will use
     call poke_int3_handler
     test rax, rax
-    jnz .Lhandled
-    KPROBE_CHAIN                        # a kernel with kprobes: kprobe_int3_handler (kprobe.S) next
-    jmp bp_unhandled
+    KPROBE_CHAIN                        # jz bp_unhandled (with kprobes: kprobe_int3_handler first)
 .Lhandled:
     inc qword ptr gs:[PCPU_BP_COUNT]
     pop rsi
