@@ -45,13 +45,16 @@ from .image import (
 )
 
 __all__ = [
+    "KprobeState",
     "ProbeSpec",
     "SlotCache",
     "boosted_slot",
     "detour_buffer",
+    "insn_len",
     "out_of_line_problem",
     "pack_entry",
     "probe_spec",
+    "table_entry",
 ]
 
 INT3 = 0xCC
