@@ -430,9 +430,15 @@ class Machine:
         if not self.is_text(addr, len(data)):
             raise ConfigError(f"text write {addr:#x}+{len(data)} is outside the kernel text")
         w = self.config.patcher_cpu if writer is None else writer
-        self.watch(self.coherence.sites_overlapping(addr, addr + len(data)))
+        sites = self.coherence.sites_overlapping(addr, addr + len(data))
+        self.watch(sites)
         now = self.cpus[w].now()
         self.mem_text.write(L.TEXT_PA + (addr - L.TEXT_VA), data)
+        if not sites:
+            # text no site covers (a kprobe's out-of-line slot, say): no decoded copy of it is
+            # modelled, so every CPU decodes the new bytes when it next runs them
+            for cpu in self.cpus:
+                cpu.engine.drop_decoded(addr, addr + len(data))
         self._text_written(w, now, addr, data)
 
     def _text_store_hook(self, cpu: Cpu) -> Callable[[int, int, int], None]:
@@ -578,6 +584,27 @@ class Machine:
                     return
                 if rng.random() < probability:
                     self.raise_nmi(cpu.index, label)
+
+            cpu.engine.hook_code_at(addr, 1, on_insn)
+            cpu.engine.drop_decoded(addr, addr + 1)
+
+    def aim_irq(self, addr: int, probability: float, vector: int, label: str = "aimed-irq") -> None:
+        """`aim_nmi` for a maskable interrupt: each time a workload CPU (every CPU but the patcher)
+        is about to execute `addr`, `vector` arrives there with `probability` (seeded); it is taken
+        right there when IF=1, else it stays pending like any other."""
+        for cpu in self.cpus:
+            if cpu.index == self.config.patcher_cpu:
+                continue
+            rng = random.Random(f"{self.config.seed}/aim-irq/{label}/{cpu.index}")
+
+            def on_insn(_a: int, _s: int, cpu: Cpu = cpu, rng: random.Random = rng) -> None:
+                if cpu.running and cpu.now() > self.hz_max:
+                    hold(cpu)  # the interrupt it may raise is ordered against the agents
+                    return
+                if rng.random() < probability:
+                    self.raise_irq(cpu.index, vector, label)
+                    if cpu.engine.rflags() & RFLAGS_IF:
+                        self._deliver_pending_irq(cpu, cpu.engine.rip())
 
             cpu.engine.hook_code_at(addr, 1, on_insn)
             cpu.engine.drop_decoded(addr, addr + 1)

@@ -214,9 +214,16 @@ def test_mutations_apply_to_the_int3_protocols():
     """The conflict check must not refuse a mutation where it does something."""
     from textpoke.protocols import MUTATIONS
 
+    probes = {"kprobe-slot-freed-early": "kprobe", "optprobe-no-wait": "optprobe"}  # client = protocol
     for mutation in MUTATIONS:
-        for protocol in ("stop-machine-ftrace",) if mutation == "no-nmi-write" else ("bp", "bp-batch"):
-            args = build_parser().parse_args(["safety", "--protocol", protocol, "--mutation", mutation])
+        if mutation in probes:
+            client = ["--client", probes[mutation]]
+            protocols: tuple[str, ...] = (probes[mutation],)
+        else:
+            client = []
+            protocols = ("stop-machine-ftrace",) if mutation == "no-nmi-write" else ("bp", "bp-batch")
+        for protocol in protocols:
+            args = build_parser().parse_args(["safety", *client, "--protocol", protocol, "--mutation", mutation])
             assert make_scenario(args).mutation == mutation
 
 

@@ -85,6 +85,16 @@ def _protocol_name(text: str) -> str:
     return text
 
 
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability between 0 and 1")
+    return v
+
+
 def _mutation_name(text: str) -> str:
     """A `--mutation` name: built in, an installed entry point, or package.module:function."""
     from .plugins import resolve_mutation
@@ -230,6 +240,13 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
         metavar="M",
         help="break the protocol this way: " + _names(MUTATIONS),
     )
+    g.add_argument(
+        "--preempt-aim",
+        type=_probability,
+        default=0.0,
+        metavar="P",
+        help="probe clients: preempt a workload CPU with probability P right after a probe's first instruction",
+    )
     g.add_argument("--quantum", type=_quantum, default=DEFAULT_QUANTUM, help="mean scheduling quantum (instructions)")
     g.add_argument(
         "--irqoff",
@@ -288,10 +305,10 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
 
 def check_scenario_options(args: argparse.Namespace) -> None:
     """Refuse options that would be silently ignored or that contradict each other."""
-    from .protocols import PatchRequest, build
+    from .protocols import PatchRequest, build, probe_sample
 
     if args.mutation is not None:
-        req = (PatchRequest(0x1000, b"\x0f\x1f\x44\x00\x00", b"\xe8\x00\x00\x00\x00"),)
+        req = probe_sample(args.protocol) or (PatchRequest(0x1000, b"\x0f\x1f\x44\x00\x00", b"\xe8\x00\x00\x00\x00"),)
         if build(args.protocol, req, args.mutation) == build(args.protocol, req):
             raise ConfigError(f"--mutation {args.mutation} changes nothing in --protocol {args.protocol}")
     if args.nmi == "none":
@@ -333,6 +350,7 @@ def make_scenario(args: argparse.Namespace):
         xmc_rule=args.xmc_rule,
         delivery_serializes=args.delivery_serializes,
         ipi=args.ipi,
+        preempt_aim=args.preempt_aim,
     )
 
 
@@ -851,6 +869,10 @@ def cmd_explore(args: argparse.Namespace, out: Console) -> int:
         if not 1 <= cpus <= 3 or not 1 <= sites <= 2:
             raise ConfigError("the explorer takes 1 to 3 workload CPUs (--cpus) and 1 or 2 sites (--sites)")
         protocol = args.protocol or "bp"
+        from .protocols import PROBE_PROTOCOLS
+
+        if protocol in PROBE_PROTOCOLS:
+            raise ConfigError(f"the explorer walks ftrace enables; --protocol {protocol} patches probes (use safety)")
         if args.mutation is not None:
             from .protocols import PatchRequest, build
 

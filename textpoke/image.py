@@ -67,6 +67,17 @@ MAX_TRACED = 256
 BP_DESC_MAX = 256  # TP_VEC_MAX: PAGE_SIZE / 16-byte entries in Linux; ours are 32 bytes each
 BP_ENTRY_SIZE = 32
 RT_RING_SIZE = 256  # samples the RT task keeps (a power of two)
+#: kprobes a kernel built with probes can hold at once (table entries, slots, detour buffers)
+KPROBE_MAX = 64
+KPROBE_ENTRY_SIZE = 32
+KPROBE_SLOT_SIZE = 16  # Linux: MAX_INSN_SIZE bytes per kprobe instruction slot
+OPTPROBE_SLOT_SIZE = 64  # a detour buffer: the callback part, the copied instructions, the jmp back
+OPTPROBE_JMP_LEN = 5  # the jmp rel32 an optimized probe writes
+#: kernels with probes are preemptible: the scheduler tick's period on every workload CPU (cycles),
+#: and how long the task it switches to runs at least (iterations of a 2-instruction loop; up to
+#: 128 times that, see kprobe.S)
+PREEMPT_TICK_PERIOD = 40_000
+PREEMPT_SPIN = 250
 
 #: #BP entry variant -> symbol
 BP_ENTRIES = {
@@ -184,6 +195,11 @@ class Percpu:
     JL_TAKEN = 0x2C00  # u64[JL_KEYS]: the C kernel's jump labels: executions that took the jmp, per key
     SC_COUNT = 0x2E00  # u64[NR_SC * NR_SC_TARGETS]: calls each static-call target saw (C kernel)
     SC_RETURNS = 0x2F00  # u64[NR_SC]: returns from each static call's plain call sites (C kernel)
+    KP_HITS = 0x2400  # u64[KPROBE_MAX]: kprobe callbacks run on this CPU, per probe index
+    KP_RETRY = 0x2600  # int3 traps sent back to an instruction whose int3 was already removed
+    PREEMPT_TICKS = 0x2608  # kernels with probes: scheduler ticks that preempted this CPU's task
+    PREEMPT_SPIN = 0x2610  # ... and how long the other task runs (loop iterations, 2 instructions each)
+    PREEMPT_ACTIVE = 0x2618  # another task runs (the tick handler's spin)
     RT_RING = 0x3000  # (expected, woke) u64 pairs [RT_RING_SIZE]: the RT task's last samples
 
 
@@ -200,6 +216,9 @@ class KernelConfig:
     objects: tuple[str, ...] = ()
     #: the built-in workload and traced functions: "asm" (textpoke/asm) or "c" (textpoke/c/kernel.c)
     kernel: str = "asm"
+    #: CONFIG_KPROBES (asm kernel only): the kprobe handler in the #BP chain, the kprobe table, the
+    #: instruction slot areas, and a kprobe point and an optprobe range in every traced function
+    probes: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.objects, (str, bytes)) or not all(isinstance(o, str) for o in self.objects):
@@ -208,6 +227,8 @@ class KernelConfig:
             raise ImageError(f"unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
         if self.kernel == "c" and self.objects:
             raise ImageError("the C kernel has its own workload and traced functions; --object replaces them: pick one")
+        if self.probes and (self.kernel != "asm" or self.objects):
+            raise ImageError("kprobe points exist in the built-in assembly kernel only")
         if self.kernel == "c" and self.nmi_funcs > 2 * C_NMI_HALF_MAX:
             raise ImageError(f"the C kernel's NMI handler calls at most {2 * C_NMI_HALF_MAX} functions")
         if not 1 <= self.nr_traced <= MAX_TRACED:
@@ -253,6 +274,10 @@ class KernelImage:
     static_calls: tuple = ()
     #: every global symbol of the objects (data too: read it with Machine.read after a run)
     object_symbols: dict[str, int] = field(default_factory=dict)
+    #: kernels built with probes: per traced function, its kprobe point (address, instruction length)
+    kprobe_points: tuple[tuple[int, int], ...] = ()
+    #: ... and its optprobe range (address, length of the whole instructions it covers, >= 5)
+    optprobe_ranges: tuple[tuple[int, int], ...] = ()
 
     @property
     def user_code(self) -> bool:
@@ -275,6 +300,11 @@ class KernelImage:
             out[e.code] = self.text[e.code - TEXT_VA : e.code - TEXT_VA + e.length]
         for site in [c.addr for c in self.static_calls] + list(self.static_call_trampolines.values()):
             out[site] = self.text[site - TEXT_VA : site - TEXT_VA + 5]
+        # a kprobe site is its one instruction; an optprobe site the 5 bytes its jmp rel32 replaces
+        for site, n in self.kprobe_points:
+            out[site] = self.text[site - TEXT_VA : site - TEXT_VA + n]
+        for site, _n in self.optprobe_ranges:
+            out[site] = self.text[site - TEXT_VA : site - TEXT_VA + OPTPROBE_JMP_LEN]
         return out
 
     @property
@@ -322,14 +352,15 @@ class KernelImage:
         if BP_ENTRIES[bp_mode] not in sym:
             raise ImageError(f"int3 mode {bp_mode} exists in kernels with compiled code only (--kernel c, --object)")
         nmi_symbol, nmi_ist = NMI_ENTRIES[nmi_entry]
+        cfg = self.config
         gates = {
             int(Vector.BP): Gate(sym[BP_ENTRIES[bp_mode]]),
             int(Vector.NMI): Gate(sym[nmi_symbol], ist=nmi_ist),
             int(Vector.IPI): Gate(sym["ipi_entry"]),
             int(Vector.STOP): Gate(sym["stopper_entry"]),
-            int(Vector.TIMER): Gate(sym["rt_timer_entry"]),
+            # a kernel built with probes is preemptible: its tick preempts (kprobe.S); else the RT task
+            int(Vector.TIMER): Gate(sym["preempt_tick_entry" if cfg.probes else "rt_timer_entry"]),
         }
-        cfg = self.config
 
         def percpu_init(cpu: int, layout: Layout) -> dict[int, int]:
             return {
@@ -337,6 +368,7 @@ class KernelImage:
                 Percpu.IRQ_STACK_TOP: layout.irq_stack_top(cpu),
                 Percpu.NMI_STACK_TOP: layout.nmi_stack_top(cpu),
                 Percpu.WORK_MASK: cfg.work_mask,
+                Percpu.PREEMPT_SPIN: PREEMPT_SPIN if cfg.probes else 0,
             }
 
         def boot_regs(cpu: int, seed: int) -> dict[str, int]:
@@ -401,12 +433,17 @@ DATA_SIZE = 0x40 + 16 + BP_DESC_MAX * BP_ENTRY_SIZE
 #: kernels built with the user's objects: the sorted ftrace site table, then the objects' data
 SITE_TABLE = IMAGE_DATA_VA + (DATA_SIZE + 63) // 64 * 64
 USER_DATA = SITE_TABLE + MAX_TRACED * 8
+#: kernels built with probes (never with objects): the kprobe table (kprobe.S) where the site table
+#: would be: nr u64, pad u64, then KPROBE_MAX entries of KPROBE_ENTRY_SIZE bytes
+KPROBE_TABLE = SITE_TABLE
+PROBE_DATA_SIZE = KPROBE_TABLE - IMAGE_DATA_VA + 16 + KPROBE_MAX * KPROBE_ENTRY_SIZE
 
 
 def _constants(cfg: KernelConfig, traced_base: int) -> dict[str, int]:
     c = {f"PCPU_{k}": v for k, v in vars(Percpu).items() if k.isupper()}
     c.update(
         BP_DESC=BP_DESC,
+        KPROBE_TABLE=KPROBE_TABLE,
         STOP_STATE=STOP_STATE,
         MULTI_STOP_DISABLE_IRQ=STOP_DISABLE_IRQ,
         MULTI_STOP_EXIT=STOP_EXIT,
@@ -512,6 +549,24 @@ MACROS: dict[str, list[str]] = {
     "FTRACE_NOP": ["    .byte " + ", ".join(f"0x{b:02x}" for b in FTRACE_NOP)],
     "PUSH_CALLER_SAVED": [f"    push {r}" for r in _CALLER_SAVED],
     "POP_CALLER_SAVED": [f"    pop {r}" for r in reversed(_CALLER_SAVED)],
+    "KPROBE_CHAIN": ["    jz bp_unhandled"],  # without kprobes: an int3 the descriptors miss is nobody's
+}
+
+
+def _int3_fill(n: int) -> list[str]:
+    return [".byte " + ", ".join(["0xcc"] * min(64, n - i)) for i in range(0, n, 64)]
+
+
+#: the macros of a kernel built with probes
+PROBE_MACROS: dict[str, list[str]] = {
+    "KPROBE_CHAIN": [
+        "    jnz .Lhandled",
+        "    call kprobe_int3_handler",
+        "    test rax, rax",
+        "    jz bp_unhandled",
+    ],
+    "KPROBE_SLOT_AREA": _int3_fill(KPROBE_MAX * KPROBE_SLOT_SIZE),
+    "OPTPROBE_SLOT_AREA": _int3_fill(KPROBE_MAX * OPTPROBE_SLOT_SIZE),
 }
 
 
@@ -532,10 +587,14 @@ def _callback_chain(name: str, first: int, count: int) -> list[str]:
 
 def _macros(cfg: KernelConfig) -> dict[str, list[str]]:
     half = cfg.nmi_funcs // 2
-    return MACROS | {
-        "NMI_CALLBACKS_LOW": _callback_chain("nmilow", 0, half),
-        "NMI_CALLBACKS_HIGH": _callback_chain("nmihigh", half, half),
-    }
+    return (
+        MACROS
+        | (PROBE_MACROS if cfg.probes else {})
+        | {
+            "NMI_CALLBACKS_LOW": _callback_chain("nmilow", 0, half),
+            "NMI_CALLBACKS_HIGH": _callback_chain("nmihigh", half, half),
+        }
+    )
 
 
 _KS = Ks(KS_ARCH_X86, KS_MODE_64)
@@ -575,7 +634,10 @@ def _units(cfg: KernelConfig) -> tuple[list[Unit], list[Unit]]:
         text = _read_source(src)
         for suffix, flags in variants.items():
             fixed.extend(parse_units(expand_template(text, suffix, flags), f"{src}{{{suffix}}}"))
-    template = parse_units(_read_source("traced.S"), "traced.S")
+    if cfg.probes:
+        fixed.extend(parse_units(_read_source("kprobe.S"), "kprobe.S"))
+    flags = frozenset({"PROBES"}) if cfg.probes else frozenset()
+    template = parse_units(expand_template(_read_source("traced.S"), "", flags), "traced.S")
     if len(template) != 1:
         raise ImageError("traced.S must hold exactly one function template")
     traced = []
@@ -770,7 +832,7 @@ def _build(
 
     symbols = starts | inner
     sites = {u.name: starts[u.name] for u in traced}
-    data_size, data_init, extra = DATA_SIZE, b"", {}
+    data_size, data_init, extra = PROBE_DATA_SIZE if config.probes else DATA_SIZE, b"", {}
     if linked is not None:
         text[asm_end - TEXT_VA : asm_end - TEXT_VA + len(linked.text)] = linked.text
         symbols |= {n: a for n, (a, _size) in linked.functions.items()}
@@ -811,7 +873,43 @@ def _build(
     image.popf_sites = found_.popfs
     image.halt_sites = found_.halts
     image.boundaries = found_.boundaries
+    if config.probes:
+        image.kprobe_points, image.optprobe_ranges = probe_points(image, [u.name for u in traced])
     return image
+
+
+#: the kprobe point of a traced function: its instruction at this index (the first of its body,
+#: after the ftrace site, the prologue's push and the jump that starts a block); its optprobe range:
+#: whole instructions from this index on, until they cover OPTPROBE_JMP_LEN bytes
+KPROBE_INSN_INDEX = 3
+OPTPROBE_INSN_INDEX = 7
+
+
+def probe_points(image: KernelImage, functions: list[str]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(kprobe points, optprobe ranges) of the traced `functions`, found by disassembly (see the
+    indices above); every instruction chosen must be one kprobes can run out of line."""
+    from .kprobes import out_of_line_problem
+
+    kp, opt = [], []
+    for name in functions:
+        start = image.symbols[name]
+        code = image.text[start - TEXT_VA : start - TEXT_VA + image.sizes[name]]
+        insns = list(_CS.disasm(code, start))
+        k = insns[KPROBE_INSN_INDEX]
+        chosen = [k]
+        kp.append((k.address, k.size))
+        covered = []
+        for insn in insns[OPTPROBE_INSN_INDEX:]:
+            covered.append(insn)
+            if sum(i.size for i in covered) >= OPTPROBE_JMP_LEN:
+                break
+        chosen += covered
+        opt.append((covered[0].address, sum(i.size for i in covered)))
+        for insn in chosen:
+            why = out_of_line_problem(bytes(insn.bytes), insn.address)
+            if why:
+                raise ImageError(f"{name}: probe instruction at {insn.address:#x} cannot be probed: {why}")
+    return tuple(kp), tuple(opt)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ returns counted after the plain call sites must equal those sites' executions (e
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -67,7 +68,7 @@ from typing import Any
 from cpus import ConfigError, Crash, Machine
 from cpus.disasm import describe
 
-from .image import C_NR_SC, C_NR_SC_TARGETS, KernelImage, Percpu
+from .image import C_NR_SC, C_NR_SC_TARGETS, KPROBE_MAX, KernelImage, Percpu
 
 __all__ = ["CLASSES", "COUNTED", "XMC_RULES", "SafetyOracle", "Verdict", "Violation"]
 
@@ -190,6 +191,17 @@ class SafetyOracle:
             a for n, a in kernel.symbols.items() if n.startswith("repeat_nmi") and not n.startswith("repeat_nmi_copy")
         }
         self.machine: Machine | None = None
+        # probes (a kernel built with kprobes): executions of probe sites that trapped or jumped
+        self.probe_sites = frozenset(a for a, _n in kernel.kprobe_points) | frozenset(
+            a for a, _n in kernel.optprobe_ranges
+        )
+        self.probe_execs: Counter = Counter()  # cpu -> probe-site executions that reach a callback
+        self.slot_areas = tuple(
+            (kernel.symbols[n], kernel.symbols[n] + kernel.sizes[n])
+            for n in ("kprobe_insn_slots", "optprobe_insn_slots")
+            if n in kernel.symbols
+        )
+        self._site_starts = sorted(self.mem)
         self.nmi_counts: Counter = Counter()
         self.incomplete: str | None = None  # set when an operation is abandoned before its end
         # static calls (C kernel): target function -> its counter index; (cpu, target) -> entries
@@ -282,6 +294,8 @@ class SafetyOracle:
                 "executed (an int3) after its bytes changed without a serializing instruction since (SDM rule)",
             )
         # what the execution does for the tracers and the jump labels' branches
+        if site in self.probe_sites and first in (INT3, 0xE9):
+            self.probe_execs[cpu] += 1  # a trap (kprobe, descriptor, retry) or the jmp to a detour
         if first == INT3:
             self.int3_hits[cpu] += 1
             if act is not None:
@@ -374,6 +388,7 @@ class SafetyOracle:
 
     def on_iret(self, cpu: int, time: int, frame: tuple[int, ...], unblocked: bool) -> None:
         rip, _cs, rflags, rsp, _ss = frame
+        self._check_landing(cpu, time, rip)
         stack = self.contexts.get(cpu)
         if not stack:
             return
@@ -410,20 +425,37 @@ class SafetyOracle:
                 "running the handler again",
             )
 
+    def _check_landing(self, cpu: int, time: int, rip: int) -> None:
+        """A return strictly inside a site whose bytes after the first changed since boot lands in
+        the middle of a new instruction (an optprobe's jmp written while a CPU was interrupted in
+        the range it replaces): the CPU executes the tail of that instruction as code."""
+        i = bisect.bisect_right(self._site_starts, rip) - 1
+        if i < 0:
+            return
+        site = self._site_starts[i]
+        cur = self.mem[site]
+        if site < rip < site + len(cur) and cur[1:] != self.kernel.patchable[site][1:]:
+            code = cur[rip - site :]
+            self._flag(
+                "torn-fetch",
+                cpu,
+                time,
+                site,
+                cur,
+                f"returned to {rip:#x}, inside the site (+{rip - site}), which now holds {cur.hex(' ')}: "
+                f"the CPU runs {code.hex(' ')} as an instruction",
+            )
+
     def on_crash(self, crash: Crash) -> None:
         if self.unhandled_lo <= crash.rip < self.unhandled_hi:
             # the trapping address is in the #BP frame: the last int3 delivery of that CPU
             traps = [r for r in crash.tail if r[2] == "deliver" and r[3] == 3]
             site = traps[-1][4] - 1 if traps else None
             code = self.mem.get(site, b"") if site is not None else b""
-            self._flag(
-                "unhandled-int3",
-                crash.cpu,
-                crash.time,
-                site,
-                code,
-                "the #BP handler found no descriptor for this int3 (the kernel would die)",
-            )
+            why = "the #BP handler found no descriptor for this int3 (the kernel would die)"
+            if site is not None and any(lo <= site < hi for lo, hi in self.slot_areas):
+                why = "a CPU ran a freed out-of-line slot (its int3 poison): the slot was freed while in use"
+            self._flag("unhandled-int3", crash.cpu, crash.time, site, code, why)
         else:
             self._flag("crash", crash.cpu, crash.time, None, crash.code, f"{crash.reason} at {crash.rip:#x}")
 
@@ -481,9 +513,26 @@ class SafetyOracle:
                         self._flag("missed-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got} of {want}")
                     elif got > want:
                         self._flag("extra-call", cpu.index, cpu.clock, site, b"", f"tracer saw {got}, ran {want}")
-                if f != wl + nm or a != ea or b != eb:
+                if (site in watched and f != wl + nm) or a != ea or b != eb:
+                    exact = False  # (a site nobody watched was not counted: only the tracers compare)
+            probe = {}
+            if self.probe_sites:
+                # every trap on a probe site ran a callback (the kprobe handler's, or the detour's
+                # after a descriptor emulated the jmp) or was sent back (retry); every jmp ran one
+                hits = sum(m.percpu(cpu.index, Percpu.KP_HITS + 8 * i) for i in range(KPROBE_MAX))
+                retry = m.percpu(cpu.index, Percpu.KP_RETRY)
+                want = self.probe_execs[cpu.index]
+                if hits + retry < want:
+                    self._flag("missed-call", cpu.index, cpu.clock, None, b"", f"probe callbacks {hits} + retries "
+                               f"{retry} for {want} trapped or jumped probe-site executions")  # fmt: skip
+                elif hits + retry > want:
+                    self._flag("extra-call", cpu.index, cpu.clock, None, b"", f"probe callbacks {hits} + retries "
+                               f"{retry} for {want} trapped or jumped probe-site executions")  # fmt: skip
+                if hits + retry != want:
                     exact = False
+                probe = {"probe_hits": hits, "probe_retries": retry, "probe_executions": want}
             row = {
+                **probe,
                 "cpu": cpu.index,
                 "calls": calls,
                 "site_executions": fetched,

@@ -51,6 +51,7 @@ from . import bpdesc
 from .image import (
     FTRACE_MODIFYING,
     FTRACE_NOP,
+    KPROBE_TABLE,
     MOD_CODE_IP,
     MOD_CODE_NEW,
     MOD_CODE_WRITE_FLAG,
@@ -67,8 +68,15 @@ from .image import (
     Percpu,
     call_bytes,
 )
+from .kprobes import KprobeState, out_of_line_problem
+from .kprobes import probe_spec as kprobe_spec
 from .plugins import resolve_protocol
 from .protocols import (
+    INT3,
+    FreeSlot,
+    GracePeriod,
+    KprobeRegister,
+    KprobeUnregister,
     ModCode,
     PatchRequest,
     Poke,
@@ -136,6 +144,7 @@ class PatchReport:
     incomplete: str | None = None
     #: (start, end, what) for every step the patcher performed: its phases on a timeline
     phases: list[tuple[int, int, str]] = field(default_factory=list)
+    grace_wait: int = 0  # cycles spent waiting for grace periods (kprobe slots, optprobes)
 
     @property
     def latency(self) -> int:
@@ -235,6 +244,7 @@ class Patcher:
         self.reports: list[PatchReport] = []
         self.listeners: list[object] = []
         self._busy = False
+        self._kprobes: KprobeState | None = None
 
     # ------------------------------------------------------------------------------------------
     # Validation
@@ -269,12 +279,23 @@ class Patcher:
                 raise PatchError(
                     f"{where} holds {here.hex(' ')} ({describe(here, r.site)}), not the expected {r.old.hex(' ')}"
                 )
-            if insn_length(r.new) != len(r.new) and not _int3_padded(r.new) and not _ret_over_first_byte(r):
+            if (
+                insn_length(r.new) != len(r.new)
+                and not _int3_padded(r.new)
+                and not _ret_over_first_byte(r)
+                and not self._probe_bytes(r)
+            ):
                 raise PatchError(
                     f"{where}: {r.new.hex(' ')} is not one {len(r.new)}-byte instruction "
                     "(nor a ret or jmp padded with int3)"
                 )
         return tuple(requests)
+
+    def _probe_bytes(self, r: PatchRequest) -> bool:
+        """The new bytes of a probe site are legal without being one instruction: an int3 over the
+        first byte of what is there (a kprobe), or the site's original bytes restored."""
+        boot = self.kernel.patchable.get(r.site)
+        return r.new == boot or (r.new[0] == INT3 and r.new[1:] in (r.old[1:], (boot or b"")[1:]))
 
     def _first_insn(self, site: int) -> str:
         """The disassembly of the one instruction at `site` (text permitting: at most 15 bytes)."""
@@ -612,6 +633,8 @@ class Patcher:
                 if not bpdesc.drop_ref(m):
                     m.trace.add((self._now(), self.cpu, "refs-corrupt", "bp_desc refs already 0 at withdrawal"))
                 yield from self._wait(lambda: bpdesc.read_refs(m) == 0, "bp_desc refs", lambda: bpdesc.read_refs(m))
+            elif isinstance(step, (KprobeRegister, KprobeUnregister, GracePeriod, FreeSlot)):
+                yield from self._probe_step(step, report)
             elif isinstance(step, Rendezvous):
                 t0 = self._now()
                 yield from self._rendezvous(report)
@@ -639,6 +662,106 @@ class Patcher:
         while steps[i - pieces].part:  # type: ignore[union-attr]
             pieces += 1
         return max(insn, self.m.costs.text_write - pieces * insn)
+
+    # -- kprobes ------------------------------------------------------------------------------------
+    @property
+    def kprobes(self) -> KprobeState:
+        if self._kprobes is None:
+            self._kprobes = KprobeState(self.kernel)
+        return self._kprobes
+
+    def _probe_step(self, step, report: PatchReport):
+        m = self.m
+        kp = self.kprobes
+        if isinstance(step, KprobeRegister):
+            spec = kp.spec(step.site)
+            slot, code, resume = kp.prepare(spec, self.m.read(step.site, max(spec.insn_len, spec.copy_len)))
+            yield WriteText(slot, code)  # text_poke of the out-of-line copy
+            entry, data = kp.link(spec, resume)
+            m.write(entry + 8, data[8:])
+            m.write(KPROBE_TABLE, struct.pack("<Q", kp.in_use))
+            m.write(entry, data[:8])  # the address last: the entry is live once it matches
+            yield Delay(m.costs.poll)
+        elif isinstance(step, KprobeUnregister):
+            m.write(kp.unlink(step.site), bytes(8))
+            yield Delay(m.costs.poll)
+        elif isinstance(step, FreeSlot):
+            slot, size = kp.free(step.site)
+            yield WriteText(slot, bytes([INT3]) * size)
+        else:
+            yield from self._grace_period(step.label, report)
+
+    def _grace_period(self, label: str, report: PatchReport):
+        """synchronize_rcu_tasks, as this machine can tell it: every other online CPU has passed a
+        quiescent point since now -- its workload finished an iteration (`Percpu.LOOPS`), so its base
+        context left every probed function and every interrupt, NMI or #BP it was inside has
+        returned --, or it went offline. The patching CPU is in its base context while it waits."""
+        m = self.m
+        targets = self._targets()
+        before = {c: m.percpu(c, Percpu.LOOPS) for c in targets}
+        t0 = self._now()
+        done = self._wait_all(Percpu.LOOPS, before, label)
+        yield from self._wait(done, f"grace period ({label})", self._counter(Percpu.LOOPS, targets))
+        report.grace_wait += self._now() - t0
+
+    def kprobe_requests(self, addresses: Iterable[int], arm: bool) -> list[PatchRequest]:
+        """The requests that arm (or disarm) kprobes at `addresses`, after the checks Linux's
+        register_kprobe makes that apply here: raise `PatchError`, with nothing written, for an
+        address outside the text, not at an instruction boundary, at an instruction a kprobe cannot
+        run out of line, or that is no probe point this kernel watches."""
+        out = []
+        for a in addresses:
+            where = f"address {a:#x}"
+            if not self.m.is_text(a):
+                raise PatchError(f"{where} is not inside the kernel text")
+            if a not in self.kernel.boundaries:
+                raise PatchError(f"{where} is not an instruction boundary")
+            spec = kprobe_spec(self.kernel, a)
+            boot = self.kernel.patchable.get(a) if spec is not None else None
+            code = boot if boot is not None else self.m.read(a, max(1, min(15, self.m.text_hi - a)))
+            why = out_of_line_problem(code, a)
+            if why:
+                raise PatchError(f"{where}: kprobes cannot run it out of line: {why}")
+            if spec is None or boot is None:
+                raise PatchError(
+                    f"{where} ({self._first_insn(a)}) is not a probe point of this kernel: build it with "
+                    "probes (each traced function has a kprobe point and an optprobe range)"
+                )
+            now = self.m.read(a, len(boot))
+            if arm:
+                if now != boot:
+                    raise PatchError(f"{where} is already probed or patched ({now.hex(' ')})")
+                out.append(PatchRequest(a, boot, bytes([INT3]) + boot[1:]))
+            else:
+                if now != bytes([INT3]) + boot[1:]:
+                    raise PatchError(f"{where} holds no armed kprobe ({now.hex(' ')})")
+                out.append(PatchRequest(a, now, boot))
+        return out
+
+    def optprobe_requests(self, addresses: Iterable[int], optimize: bool) -> list[PatchRequest]:
+        """The requests that optimize armed probes at `addresses` (int3 + tail -> jmp rel32 to the
+        detour buffer) or unoptimize them (jmp -> int3 + the original tail)."""
+        out = []
+        for a in addresses:
+            spec = kprobe_spec(self.kernel, a)
+            if spec is None or not spec.optimizable:
+                raise PatchError(f"address {a:#x} is not an optprobe range of this kernel")
+            boot = self.kernel.patchable[a]
+            armed = bytes([INT3]) + boot[1:]
+            now = self.m.read(a, len(boot))
+            buf = self.kprobes.slot_of(a)
+            if buf is None:
+                raise PatchError(f"address {a:#x}: no probe is registered there (register it first)")
+            jmp = b"\xe9" + struct.pack("<i", buf - (a + 5))
+            if optimize:
+                if now != armed:
+                    raise PatchError(f"address {a:#x} holds no armed kprobe ({now.hex(' ')})")
+                out.append(PatchRequest(a, armed, jmp))
+            else:
+                if now != jmp:
+                    raise PatchError(f"address {a:#x} is not optimized ({now.hex(' ')})")
+                out.append(PatchRequest(a, jmp, armed))
+        return out
 
     # -- stop_machine: multi_cpu_stop with the caller taking part ---------------------------------
     def _stop_ack(self, state: int) -> None:

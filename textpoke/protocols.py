@@ -15,6 +15,9 @@ Steps
 ``Release``     stop_machine: acknowledge RUN, pass the EXIT barrier, wait until every stopper is done
 ``ModCode``     stop_machine ftrace (2.6.28-3.4): one site written with NMIs in mind -- wait until no
                 NMI runs while publishing the write to NMIs, write, withdraw it, wait for NMIs again
+``KprobeRegister`` / ``KprobeUnregister`` / ``FreeSlot``  a probe's out-of-line copy and kprobe table
+                entry made, the entry unlinked, the slot poisoned for reuse (the kprobe protocols)
+``GracePeriod`` synchronize_rcu(_tasks): wait until every other CPU passed a quiescent point
 
 text_poke_bp, as Linux does it (arch/x86/kernel/alternative.c), for one site or a batch:
 
@@ -47,9 +50,15 @@ __all__ = [
     "INT3",
     "INT3_PROTOCOLS",
     "MUTATIONS",
+    "PROBE_MUTATIONS",
+    "PROBE_PROTOCOLS",
     "PROTOCOLS",
     "STOP_MACHINE_MUTATIONS",
     "TEXT_POKE_ARRAY_MAX",
+    "FreeSlot",
+    "GracePeriod",
+    "KprobeRegister",
+    "KprobeUnregister",
     "ModCode",
     "PatchRequest",
     "Poke",
@@ -142,7 +151,39 @@ class ModCode:
     nmi_write: bool = True
 
 
-Step = Publish | Poke | Sync | Withdraw | Rendezvous | Release | ModCode
+@dataclass(frozen=True, slots=True)
+class KprobeRegister:
+    """Prepare the probe at `site`: copy its instruction(s) out of line (a boosted slot, or an
+    optprobe's detour buffer; a text write) and enter it in the kprobe table the #BP handler reads."""
+
+    site: int
+
+
+@dataclass(frozen=True, slots=True)
+class KprobeUnregister:
+    """Take the probe at `site` out of the kprobe table (its int3 must already be gone)."""
+
+    site: int
+
+
+@dataclass(frozen=True, slots=True)
+class GracePeriod:
+    """synchronize_rcu(_tasks): wait until every other CPU has passed a quiescent point, so none can
+    still be inside (or interrupted inside) code the next steps free or overwrite."""
+
+    label: str  # "slots" (before freeing out-of-line slots), "optimize" (before writing the jmp)
+
+
+@dataclass(frozen=True, slots=True)
+class FreeSlot:
+    """Free the out-of-line slot of the probe at `site`: poison it with int3 for reuse."""
+
+    site: int
+
+
+Step = (
+    Publish | Poke | Sync | Withdraw | Rendezvous | Release | ModCode | KprobeRegister | KprobeUnregister | GracePeriod
+) | FreeSlot
 
 #: entries per batch (Linux: TP_VEC_MAX / TEXT_POKE_ARRAY_MAX, a page of 16-byte entries)
 TEXT_POKE_ARRAY_MAX = 256
@@ -248,6 +289,68 @@ def naive_atomic(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
     return tuple(Poke(r.site, 0, r.new, "write") for r in sorted(requests, key=lambda r: r.site))
 
 
+def _arms(r: PatchRequest) -> bool:
+    return r.new[0] == INT3 and r.old[0] != INT3 and r.new[1:] == r.old[1:]
+
+
+def _disarms(r: PatchRequest) -> bool:
+    return r.old[0] == INT3 and r.new[0] != INT3 and r.new[1:] == r.old[1:]
+
+
+def kprobe(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
+    """Linux's kprobe arming and disarming: one byte, written alone, then a sync (text_poke and
+    text_poke_sync), with no descriptors (the kprobe table owns the int3). Arm: prepare the probe,
+    write int3, sync. Disarm, one probe at a time (unregister_kprobe): write the original first byte
+    back, sync, unlink the probe, wait for a grace period, free its slot."""
+    bad = [r for r in requests if not (_arms(r) or _disarms(r))]
+    if bad:
+        raise ValueError(
+            f"site {bad[0].site:#x}: the kprobe protocol only inserts an int3 over the first byte of an "
+            f"instruction or removes one ({bad[0].old.hex(' ')} -> {bad[0].new.hex(' ')} is neither)"
+        )
+    steps: list[Step] = []
+    for r in sorted(filter(_arms, requests), key=lambda r: r.site):
+        steps += [KprobeRegister(r.site), Poke(r.site, 0, bytes([INT3]), "int3"), Sync("int3")]
+    for r in sorted(filter(_disarms, requests), key=lambda r: r.site):
+        steps += [Poke(r.site, 0, r.new[:1], "first"), Sync("first"), KprobeUnregister(r.site)]
+        steps += [GracePeriod("slots"), FreeSlot(r.site)]
+    return tuple(steps)
+
+
+def optprobe(requests: Sequence[PatchRequest]) -> tuple[Step, ...]:
+    """Optimizing armed kprobes, and undoing it (kprobe_optimizer). Optimize (the site holds the
+    probe's int3, the new bytes are a jmp rel32 to its detour): wait for a grace period
+    (synchronize_rcu_tasks: no CPU may still be interrupted inside a range), then text_poke_bp each
+    jmp (arch_optimize_kprobes). Unoptimize (jmp -> int3 and the original tail; the kprobe owns the int3):
+    int3, sync, the tail, sync, per probe (arch_unoptimize_kprobe)."""
+    opt = sorted((r for r in requests if r.old[0] == INT3 and r.new[0] == 0xE9), key=lambda r: r.site)
+    unopt = sorted((r for r in requests if r.old[0] == 0xE9 and r.new[0] == INT3), key=lambda r: r.site)
+    if len(opt) + len(unopt) != len(requests):
+        bad = next(r for r in requests if r not in opt and r not in unopt)
+        raise ValueError(
+            f"site {bad.site:#x}: the optprobe protocol turns an armed kprobe (cc ...) into a jmp rel32 "
+            f"or back ({bad.old.hex(' ')} -> {bad.new.hex(' ')} is neither)"
+        )
+    steps: list[Step] = []
+    if opt:
+        steps.append(GracePeriod("optimize"))
+        steps += text_poke_bp(opt)
+    for r in unopt:
+        steps += [Poke(r.site, 0, bytes([INT3]), "int3"), Sync("int3"), Poke(r.site, 1, r.new[1:], "tail")]
+        steps.append(Sync("tail"))
+    return tuple(steps)
+
+
+def probe_sample(protocol: str) -> tuple[PatchRequest, ...] | None:
+    """A request the probe protocol `protocol` performs (to tell whether a mutation changes it), or
+    None for the other protocols."""
+    if protocol == "kprobe":
+        return (PatchRequest(0x1000, b"\xcc\x89\xfb", b"\x48\x89\xfb"),)
+    if protocol == "optprobe":
+        return (PatchRequest(0x1000, b"\xcc\x89\xd8\x48\xc1", b"\xe9\x00\x00\x00\x00"),)
+    return None
+
+
 PROTOCOLS: dict[str, Callable[[Sequence[PatchRequest]], tuple[Step, ...]]] = {
     "bp": text_poke_bp,
     "bp-batch": text_poke_bp_batch,
@@ -255,7 +358,11 @@ PROTOCOLS: dict[str, Callable[[Sequence[PatchRequest]], tuple[Step, ...]]] = {
     "stop-machine-ftrace": stop_machine_ftrace,
     "naive-bytes": naive_bytes,
     "naive-atomic": naive_atomic,
+    "kprobe": kprobe,
+    "optprobe": optprobe,
 }
+#: protocols that patch probes only: the clients that use them name them (`textpoke.clients`)
+PROBE_PROTOCOLS = frozenset({"kprobe", "optprobe"})
 #: the built-in protocols that rely on the #BP handler (they publish descriptors); the patcher decides
 #: from any protocol's steps (`textpoke.stepcheck.publishes`), so a user's protocol needs no list
 INT3_PROTOCOLS = frozenset({"bp", "bp-batch"})
@@ -329,7 +436,21 @@ BP_MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
 STOP_MACHINE_MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
     "no-nmi-write": _no_nmi_write,
 }
-MUTATIONS = BP_MUTATIONS | STOP_MACHINE_MUTATIONS
+
+
+def _drop_grace(label: str) -> Callable[[tuple[Step, ...]], tuple[Step, ...]]:
+    def m(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        return tuple(s for s in steps if not (isinstance(s, GracePeriod) and s.label == label))
+
+    return m
+
+
+#: mutations of the kprobe and optprobe protocols
+PROBE_MUTATIONS: dict[str, Callable[[tuple[Step, ...]], tuple[Step, ...]]] = {
+    "kprobe-slot-freed-early": _drop_grace("slots"),
+    "optprobe-no-wait": _drop_grace("optimize"),
+}
+MUTATIONS = BP_MUTATIONS | STOP_MACHINE_MUTATIONS | PROBE_MUTATIONS
 
 
 def build(protocol: str, requests: Sequence[PatchRequest], mutation: str | None = None) -> tuple[Step, ...]:
@@ -378,6 +499,10 @@ def describe_steps(steps: Sequence[Step], names: Callable[[int], str] = hex) -> 
             out.append(f"modcode {names(s.site)}  {s.data.hex(' ')}  ({how})")
         elif isinstance(s, Publish):
             out.append(f"publish {len(s.requests)} descriptor(s)")
+        elif isinstance(s, (KprobeRegister, KprobeUnregister, FreeSlot)):
+            out.append(f"{type(s).__name__.lower()} {names(s.site)}")
+        elif isinstance(s, GracePeriod):
+            out.append(f"grace period ({s.label})")
         else:
             out.append(type(s).__name__.lower())
     return out

@@ -16,15 +16,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel
+from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel, TimerSource, Vector
 from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS, NMI_CPUS
+from cpus.layout import TEXT_VA
 
 from .clients import client_names, resolve_client, steps_of
-from .image import BP_COMPILED_ONLY, BP_ENTRIES, KERNELS, NMI_ENTRIES, KernelConfig, Percpu, build_kernel
+from .image import (
+    BP_COMPILED_ONLY,
+    BP_ENTRIES,
+    KERNELS,
+    KPROBE_SLOT_SIZE,
+    NMI_ENTRIES,
+    PREEMPT_TICK_PERIOD,
+    KernelConfig,
+    Percpu,
+    build_kernel,
+)
 from .oracle import XMC_RULES, SafetyOracle, Verdict
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .plugins import resolve_mutation, resolve_protocol
-from .protocols import build
+from .protocols import PROBE_PROTOCOLS, build
 
 __all__ = ["IPI_MODES", "OPERATIONS", "Outcome", "Scenario", "client_names", "replay_command", "run_scenario"]
 
@@ -74,6 +85,9 @@ class Scenario:
     delivery_serializes: bool = False
     #: what is patched (`textpoke.clients`): ftrace sites, jump labels, static calls, kprobes ...
     client: str = "ftrace"
+    #: probe clients: the probability that a workload CPU is preempted (the scheduler tick, aimed)
+    #: right after a probe's first instruction -- inside an optprobe's range, or in a kprobe's slot
+    preempt_aim: float = 0.0
 
     def __post_init__(self) -> None:
         protocol = resolve_protocol(self.protocol)  # a built-in, an entry point or module:function
@@ -87,12 +101,18 @@ class Scenario:
             raise ConfigError(
                 f"client {client.name} is patched with {', '.join(sorted(client.protocols))}, not {self.protocol}"
             )
+        if self.protocol in PROBE_PROTOCOLS and self.protocol not in (client.protocols or ()):
+            raise ConfigError(f"protocol {self.protocol} patches probes only: use it with --client {self.protocol}")
         if client.kernel is not None and not self.objects and self.kernel != client.kernel:
             raise ConfigError(
                 f"client {client.name} has its sites in the {client.kernel} kernel: use --kernel {client.kernel}"
             )
         if client.check is not None:
             client.check(self)
+        if not 0.0 <= self.preempt_aim <= 1.0:
+            raise ConfigError(f"preempt_aim is a probability, between 0 and 1, got {self.preempt_aim}")
+        if self.preempt_aim and not client.extra.get("probes"):
+            raise ConfigError("preempt_aim aims the preemptible kernel's tick at probes: use a probe client")
         if self.ipi not in IPI_MODES:
             raise ConfigError(f"unknown IPI mode {self.ipi!r}; choose from {', '.join(IPI_MODES)}")
         if self.nmi != "none" and self.nmi not in NMI_ENTRIES:
@@ -139,6 +159,8 @@ class Scenario:
         ]
         if self.mutation:
             parts.append(f"mutation={self.mutation}")
+        if self.preempt_aim:
+            parts.append(f"preempt-aim={self.preempt_aim}")
         if self.nmi != "none":
             parts.append(f"nmi={self.nmi} rate={self.nmi_rate}")
             if self.nmi_aim:
@@ -219,7 +241,8 @@ def _kernel(sc: Scenario):
             raise ConfigError("the objects have no ftrace sites: compile them with -pg -mfentry")
         return kernel
     nmi_funcs = min(4, 1 << (sc.sites.bit_length() - 1))
-    return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=nmi_funcs, kernel=sc.kernel))
+    probes = bool(resolve_client(sc.client).extra.get("probes"))  # CONFIG_KPROBES
+    return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=nmi_funcs, kernel=sc.kernel, probes=probes))
 
 
 def run_scenario(
@@ -237,6 +260,9 @@ def run_scenario(
     snoop = SnoopModel(*sc.snoop) if sc.snoop else SnoopModel(None, None)
     if sc.xmc_rule == "coherent":
         snoop = SnoopModel(0, 0)  # fetch coherent with stores: every write reaches every copy at once
+    # a kernel built with probes is preemptible: a scheduler tick on every workload CPU
+    workers = tuple(c for c in range(sc.cpus) if c != MachineConfig.patcher_cpu)
+    ticks = (TimerSource("preempt", period=PREEMPT_TICK_PERIOD, cpus=workers),) if kernel.config.probes else ()
     cfg = MachineConfig(
         cpus=sc.cpus,
         seed=seed,
@@ -248,6 +274,7 @@ def run_scenario(
         nmi_cpus=sc.nmi_cpus,
         interleave=sc.interleave,
         delivery_serializes=sc.delivery_serializes,
+        timer_sources=ticks,
     )
     oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
@@ -266,6 +293,9 @@ def run_scenario(
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_MASK, struct.pack("<Q", 7))
             m.write(m.layout.percpu_va(c) + Percpu.IRQOFF_LEN, struct.pack("<Q", sc.irqoff_len))
     m.watch(resolve_client(sc.client).sites(kernel))
+    if sc.preempt_aim:
+        for addr in preempt_aims(kernel, len(_targets(sc, kernel)), sc.client):
+            m.aim_irq(addr, sc.preempt_aim, int(Vector.TIMER), label="preempt-aim")
     # a wait without progress for the patcher's stall window is hung (a CPU never answers); an
     # operation that runs out of its budget (scaled with its work) while progressing is incomplete
     patcher = Patcher(m, kernel, skip_mode=sc.int3 == "skip", ipi_shorthand=sc.ipi == "shorthand")
@@ -294,6 +324,19 @@ def run_scenario(
     if not keep_machine:
         m.close()
     return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
+
+
+def preempt_aims(kernel, count: int, client: str) -> list[int]:
+    """Where aimed preemption strikes: the second instruction of every optprobe range (optprobe),
+    or the jmp back of each of the first `count` kprobe slots (kprobe: slots are handed out in order)."""
+    from .kprobes import insn_len
+
+    text = kernel.text
+    base = kernel.symbols.get("kprobe_insn_slots", 0)
+    if client == "optprobe":
+        return [a + insn_len(text[a - TEXT_VA :], a) for a, _n in kernel.optprobe_ranges]
+    lengths = sorted({n for _a, n in kernel.kprobe_points})
+    return sorted({base + i * KPROBE_SLOT_SIZE + n for i in range(count) for n in lengths})
 
 
 def check_operations(sc: Scenario) -> None:
@@ -349,6 +392,8 @@ def replay_command(sc: Scenario, seed: int) -> str:
         parts.append(f"--interleave {sc.interleave}")
     if sc.ipi != "shorthand":
         parts.append(f"--ipi {sc.ipi}")
+    if sc.preempt_aim:
+        parts.append(f"--preempt-aim {sc.preempt_aim}")
     return " ".join(parts)
 
 

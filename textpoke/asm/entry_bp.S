@@ -9,7 +9,9 @@
 #            is published as a JMP to the next instruction)
 #   RET   -> pop the return address off the interrupted stack and continue there (a static call
 #            site or trampoline set to NULL: `ret` padded with int3)
-# An int3 the table does not hold is not ours: the kernel would die (`bp_unhandled`).
+# An int3 the table does not hold goes to the kprobe handler in a kernel built with kprobes (it owns
+# its probes' int3s, and sends a CPU back to an int3 that is already gone); one nobody owns is not
+# ours: the kernel would die (`bp_unhandled`).
 #
 # Frame after delivery (interrupt gate, no IST, IF=0): [rsp] RIP (after the int3), CS, RFLAGS, RSP, SS.
 
@@ -69,7 +71,8 @@ SYM_FUNC_START(bp_common)
     lea rdi, [rsp+72]                   # rdi -> orig_ax of the frame iretq will use
     call poke_int3_handler
     test rax, rax
-    jz bp_unhandled
+    KPROBE_CHAIN                        # jz bp_unhandled (with kprobes: kprobe_int3_handler first)
+.Lhandled:
     inc qword ptr gs:[PCPU_BP_COUNT]
     pop rsi
     pop r11

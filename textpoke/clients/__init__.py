@@ -103,7 +103,7 @@ def _load_builtin() -> None:
     if _builtin_loaded:
         return
     _builtin_loaded = True
-    from . import ftrace, jump_label, static_call  # noqa: F401  (each registers itself)
+    from . import ftrace, jump_label, kprobe, optprobe, static_call  # noqa: F401  (each registers itself)
 
 
 def steps_of(client: Client, operation: str) -> Sequence[tuple[str, OpFunction]]:
