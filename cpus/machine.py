@@ -574,37 +574,40 @@ class Machine:
         arrives right there with `probability` (seeded). For tests that must hit a window a few
         instructions wide; it costs a check on every instruction of those CPUs."""
         targets = list(cpus) if cpus is not None else list(self.config.nmi_targets())
-        for c in targets:
-            cpu = self.cpus[c]
-            rng = random.Random(f"{self.config.seed}/aim/{label}/{c}")
-
-            def on_insn(_a: int, _s: int, cpu: Cpu = cpu, rng: random.Random = rng) -> None:
-                if cpu.running and cpu.now() > self.hz_max:
-                    hold(cpu)  # the NMI it may raise is ordered against the agents
-                    return
-                if rng.random() < probability:
-                    self.raise_nmi(cpu.index, label)
-
-            cpu.engine.hook_code_at(addr, 1, on_insn)
-            cpu.engine.drop_decoded(addr, addr + 1)
+        self._aim(
+            [self.cpus[c] for c in targets],
+            addr,
+            probability,
+            f"aim/{label}",
+            lambda cpu: self.raise_nmi(cpu.index, label),
+        )
 
     def aim_irq(self, addr: int, probability: float, vector: int, label: str = "aimed-irq") -> None:
         """`aim_nmi` for a maskable interrupt: each time a workload CPU (every CPU but the patcher)
         is about to execute `addr`, `vector` arrives there with `probability` (seeded); it is taken
         right there when IF=1, else it stays pending like any other."""
-        for cpu in self.cpus:
-            if cpu.index == self.config.patcher_cpu:
-                continue
-            rng = random.Random(f"{self.config.seed}/aim-irq/{label}/{cpu.index}")
+
+        def fire(cpu: Cpu) -> None:
+            self.raise_irq(cpu.index, vector, label)
+            if cpu.engine.rflags() & RFLAGS_IF:
+                self._deliver_pending_irq(cpu, cpu.engine.rip())
+
+        workers = [c for c in self.cpus if c.index != self.config.patcher_cpu]
+        self._aim(workers, addr, probability, f"aim-irq/{label}", fire)
+
+    def _aim(self, cpus: list[Cpu], addr: int, probability: float, key: str, fire: Callable[[Cpu], None]) -> None:
+        """A code hook at `addr` on each of `cpus` that calls `fire` with `probability`, from a
+        random stream of its own per CPU (seed/key/cpu); ordered against the agents like any other
+        interaction (the event it raises reaches them)."""
+        for cpu in cpus:
+            rng = random.Random(f"{self.config.seed}/{key}/{cpu.index}")
 
             def on_insn(_a: int, _s: int, cpu: Cpu = cpu, rng: random.Random = rng) -> None:
                 if cpu.running and cpu.now() > self.hz_max:
-                    hold(cpu)  # the interrupt it may raise is ordered against the agents
+                    hold(cpu)
                     return
                 if rng.random() < probability:
-                    self.raise_irq(cpu.index, vector, label)
-                    if cpu.engine.rflags() & RFLAGS_IF:
-                        self._deliver_pending_irq(cpu, cpu.engine.rip())
+                    fire(cpu)
 
             cpu.engine.hook_code_at(addr, 1, on_insn)
             cpu.engine.drop_decoded(addr, addr + 1)
