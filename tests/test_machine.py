@@ -292,16 +292,20 @@ def test_call_at_runs_at_the_exact_cycle(make_machine):
     assert seen == [12_345]
 
 
-def test_an_nmi_handler_runs_what_its_cpu_decoded_delivery_does_not_serialize(make_machine, kernel):
-    """cpu0 changes the tail of every site the NMI handler calls; then an NMI is delivered to cpu1 and
-    its handler executes one of them with no serializing instruction in between: it runs its old
-    decoded copy, an unsynced-modification. (Delivery is not serializing; were it, the handler would
-    decode the new bytes and this would be no unsynced-modification.)"""
+def _nmi_after_tail_writes(make_machine, kernel, **config):
+    """cpu0 changes the tail of every site the NMI handler calls; then an NMI arrives at cpu1's very
+    next instruction boundary (its next sites are the handler's). Returns the machine, oracle,
+    recorder and cpu1's one NMI delivery."""
     oracle = SafetyOracle(kernel, 2)
     rec = Recorder()
-    no_snoop = SnoopModel(None, None)
     m = make_machine(
-        cpus=2, seed=6, nmi_entry="nested-safe", snoop=no_snoop, instruments=[oracle, rec], keep_trace=True
+        cpus=2,
+        seed=6,
+        nmi_entry="nested-safe",
+        snoop=SnoopModel(None, None),
+        instruments=[oracle, rec],
+        keep_trace=True,
+        **config,
     )
     oracle.attach(m)
     m.watch(kernel.sites.values())
@@ -309,9 +313,18 @@ def test_an_nmi_handler_runs_what_its_cpu_decoded_delivery_does_not_serialize(ma
     for i in range(kernel.config.nmi_funcs):
         site = kernel.site_of(i)
         m.write_text(site + 1, call_bytes(site, kernel.symbols["ftrace_caller"])[1:])
-    m.raise_nmi(1)  # at cpu1's very next instruction boundary: its next sites are the handler's
+    m.raise_nmi(1)
     m.run(3_000)
     (nmi,) = [d for d in rec.delivered if d[0] == 1 and d[2] == Vector.NMI]
+    return m, oracle, rec, nmi
+
+
+def test_an_nmi_handler_runs_what_its_cpu_decoded_delivery_does_not_serialize(make_machine, kernel):
+    """cpu0 changes the tail of every site the NMI handler calls; then an NMI is delivered to cpu1 and
+    its handler executes one of them with no serializing instruction in between: it runs its old
+    decoded copy, an unsynced-modification. (Delivery is not serializing; were it, the handler would
+    decode the new bytes and this would be no unsynced-modification.)"""
+    m, oracle, rec, nmi = _nmi_after_tail_writes(make_machine, kernel)
     first = next(v for v in oracle.violations if v.cpu == 1)
     assert first.kind == "unsynced-modification"
     assert first.code == FTRACE_NOP  # the stale copy
@@ -323,26 +336,7 @@ def test_an_nmi_handler_runs_what_its_cpu_decoded_delivery_does_not_serialize(ma
 def test_the_looser_rule_lets_delivery_serialize(make_machine, kernel):
     """The same case under `delivery_serializes` (looser than the SDM): the NMI's delivery drops
     cpu1's stale copies, so its handler decodes the new bytes and nothing is flagged on cpu1."""
-    oracle = SafetyOracle(kernel, 2)
-    rec = Recorder()
-    m = make_machine(
-        cpus=2,
-        seed=6,
-        nmi_entry="nested-safe",
-        snoop=SnoopModel(None, None),
-        instruments=[oracle, rec],
-        keep_trace=True,
-        delivery_serializes=True,
-    )
-    oracle.attach(m)
-    m.watch(kernel.sites.values())
-    m.run(5_000)
-    for i in range(kernel.config.nmi_funcs):
-        site = kernel.site_of(i)
-        m.write_text(site + 1, call_bytes(site, kernel.symbols["ftrace_caller"])[1:])
-    m.raise_nmi(1)
-    m.run(3_000)
-    (_nmi,) = [d for d in rec.delivered if d[0] == 1 and d[2] == Vector.NMI]
+    m, oracle, _rec, _nmi = _nmi_after_tail_writes(make_machine, kernel, delivery_serializes=True)
     assert [r for r in m.trace if r[2] == "serialize" and r[1] == 1 and r[4] == "delivery"]
     assert not [v for v in oracle.violations if v.cpu == 1 and v.kind == "unsynced-modification"]
     assert oracle.fetches  # the handler did execute sites
