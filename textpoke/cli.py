@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cpus import ConfigError, Machine, MachineConfig, NmiSource, SnoopModel, TextpokeError
+from cpus import ConfigError, Machine, MachineConfig, NmiSource, TextpokeError
 from cpus.config import DEFAULT_INTERLEAVE, DEFAULT_QUANTUM, INTERLEAVES, MAX_CPUS
 
 from .cli_support import (
@@ -506,7 +506,7 @@ def _hex_bytes(text: str) -> bytes:
 
 def cmd_patch(args: argparse.Namespace, out: Console) -> int:
     """Boot a machine, patch the given sites while the workloads run, report cost and verdict."""
-    from .oracle import SafetyOracle
+    from .oracle import SafetyOracle, snoop_for
     from .patcher import Patcher, PatchError
     from .protocols import PatchRequest
     from .scenario import drain
@@ -518,8 +518,7 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
         raise PatchError(f"give one --old per --site, or none ({len(args.site)} sites, {len(args.old)} --old)")
     oracle = SafetyOracle(kernel, args.cpus, xmc_rule=args.xmc_rule)
     cfg = MachineConfig(cpus=args.cpus, seed=args.seed)
-    if args.xmc_rule == "coherent":
-        cfg = dataclasses.replace(cfg, snoop=SnoopModel(0, 0))  # every write reaches every copy at once
+    cfg = dataclasses.replace(cfg, snoop=snoop_for(args.xmc_rule, cfg.snoop))
     m = Machine(cfg, kernel.boot_image(args.int3), [oracle])
     m.watch(kernel.sites.values())
     patcher = Patcher(m, kernel, skip_mode=args.int3 == "skip")

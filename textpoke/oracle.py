@@ -65,12 +65,12 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cpus import ConfigError, Crash, Machine
+from cpus import ConfigError, Crash, Machine, SnoopModel
 from cpus.disasm import describe
 
 from .image import C_NR_SC, C_NR_SC_TARGETS, KPROBE_MAX, KernelImage, Percpu
 
-__all__ = ["CLASSES", "COUNTED", "XMC_RULES", "SafetyOracle", "Verdict", "Violation"]
+__all__ = ["CLASSES", "COUNTED", "XMC_RULES", "SafetyOracle", "Verdict", "Violation", "snoop_for"]
 
 CLASSES = (
     "torn-fetch",
@@ -150,6 +150,12 @@ class Verdict:
             return f"seed {self.seed}: ok (trace {self.trace_hash})"
         parts = ", ".join(f"{k} x{self.counts[k]}" for k in self.failed_classes)
         return f"seed {self.seed}: {parts} (trace {self.trace_hash})"
+
+
+def snoop_for(xmc_rule: str, snoop: SnoopModel) -> SnoopModel:
+    """The machine's snoop model a rule judges: `coherent` assumes fetch coherent with stores, so
+    every write reaches every decoded copy at once; the other rules keep `snoop`."""
+    return SnoopModel(0, 0) if xmc_rule == "coherent" else snoop
 
 
 class SafetyOracle:

@@ -32,7 +32,7 @@ from .image import (
     Percpu,
     build_kernel,
 )
-from .oracle import XMC_RULES, SafetyOracle, Verdict
+from .oracle import XMC_RULES, SafetyOracle, Verdict, snoop_for
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .plugins import resolve_mutation, resolve_protocol
 from .protocols import PROBE_PROTOCOLS, build
@@ -257,9 +257,7 @@ def run_scenario(
     if sc.nmi != "none" and sc.nmi_rate:
         period = max(1, 1_000_000 // sc.nmi_rate)
         sources = (NmiSource("perf", period=period, jitter=0.3), NmiSource("watchdog", period=8 * period, jitter=0.05))
-    snoop = SnoopModel(*sc.snoop) if sc.snoop else SnoopModel(None, None)
-    if sc.xmc_rule == "coherent":
-        snoop = SnoopModel(0, 0)  # fetch coherent with stores: every write reaches every copy at once
+    snoop = snoop_for(sc.xmc_rule, SnoopModel(*sc.snoop) if sc.snoop else SnoopModel(None, None))
     # a kernel built with probes is preemptible: a scheduler tick on every workload CPU
     workers = tuple(c for c in range(sc.cpus) if c != MachineConfig.patcher_cpu)
     ticks = (TimerSource("preempt", period=PREEMPT_TICK_PERIOD, cpus=workers),) if kernel.config.probes else ()
