@@ -1,7 +1,7 @@
 """Safety benchmark: every protocol and NMI entry, with its violation rates and 95% intervals, and the
 verdicts of the protocol and NMI work reproduced from one command.
 
-    python benchmarks/safety.py [--seeds N] [--jobs J] [--json FILE] [--markdown FILE]
+    python benchmarks/safety.py [--seeds N] [--jobs J] [--only TEXT] [--json FILE [--resume]] [--markdown FILE]
 
 Each row is a scenario swept over seeds; its expectation is "safe" (no seed may show a violation)
 or "unsafe" (some seed must, with the listed classes among those found). The script prints a table
@@ -137,7 +137,65 @@ ROWS: list[tuple[str, Scenario, str, set[str]]] = [
         "safe",
         set(),
     ),
+    ("jump labels, batched", Scenario(client="jump-label", kernel="c"), "safe", set()),
+    ("jump labels, byte by byte", Scenario(client="jump-label", kernel="c", protocol="naive-bytes"), "unsafe", set()),
+    (
+        "jump labels: no jmp8 emulation",
+        Scenario(client="jump-label", kernel="c", int3="emulate-no-jmp8"),
+        "unsafe",
+        {"unhandled-int3"},
+    ),
+    ("static calls, batched", Scenario(client="static-call", kernel="c"), "safe", set()),
+    ("static calls, one at a time", Scenario(client="static-call", kernel="c", protocol="bp"), "safe", set()),
+    (
+        "static calls: no ret emulation",
+        Scenario(client="static-call", kernel="c", int3="emulate-noret"),
+        "unsafe",
+        {"unhandled-int3"},
+    ),
+    (
+        "static calls: ret without int3 padding",
+        Scenario(client="static-call", kernel="c", operation="retarget-unpadded"),
+        "safe",
+        set(),
+    ),
+    ("kprobes", Scenario(client="kprobe", protocol="kprobe"), "safe", set()),
+    (
+        "kprobes: slot freed early",
+        Scenario(client="kprobe", protocol="kprobe", mutation="kprobe-slot-freed-early"),
+        "unsafe",
+        set(),
+    ),
+    ("optprobes", Scenario(client="optprobe", protocol="optprobe"), "safe", set()),
+    ("optprobes, aimed preemption", Scenario(client="optprobe", protocol="optprobe", preempt_aim=0.5), "safe", set()),
+    (
+        "optprobes: no wait, aimed preemption",
+        Scenario(client="optprobe", protocol="optprobe", mutation="optprobe-no-wait", preempt_aim=0.5),
+        "unsafe",
+        set(),
+    ),
 ]
+
+
+def _row(label: str, expect: str, needed: set[str], d: dict, seeds: int) -> dict:
+    found = {k for k, n in d["violations"].items() if n}
+    ok = not found if expect == "safe" else bool(found) and needed <= found
+    first = d["failing_seeds"][0] if d["failing_seeds"] else None
+    return {
+        "scenario": label,
+        "expected": expect,
+        "check": "PASS" if ok else "FAIL",
+        "seeds": seeds,
+        "failing": d["seeds_with_violation"],
+        "first failing seed": "-" if first is None else first,
+        "classes": ", ".join(
+            f"{k} {d['violations'][k] / seeds:.0%} [{wilson(d['violations'][k], seeds)[0]:.0%}-"
+            f"{wilson(d['violations'][k], seeds)[1]:.0%}]"
+            for k in CLASSES
+            if d["violations"].get(k)
+        )
+        or "none",
+    }
 
 
 def main() -> int:
@@ -145,48 +203,52 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=20, help="seeds per row (default 20)")
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--scheduler", default=None)
-    p.add_argument("--json", type=Path)
+    p.add_argument("--only", action="append", default=[], help="run only the rows whose label contains this")
+    p.add_argument("--json", type=Path, help="results, rewritten after every row")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --json (same seed count) and run the rest"
+    )
     p.add_argument("--markdown", type=Path)
     args = p.parse_args()
+    if args.resume and not args.json:
+        p.error("--resume needs --json")
+    rows = [r for r in ROWS if not args.only or any(o in r[0] for o in args.only)]
+    done: dict[str, dict] = {}
+    if args.resume and args.json.exists():
+        old = json.loads(args.json.read_text())
+        if old.get("seeds") == args.seeds:
+            done = {r["row"]["scenario"]: r for r in old["rows"]}
     t0 = time.perf_counter()
     results = []
-    failures = 0
+
+    def save() -> None:
+        if args.json:
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"seeds": args.seeds, "rows": results}, indent=2) + "\n")
+            tmp.replace(args.json)
+
     with executor(args.jobs, args.scheduler) as ex:
-        for label, sc, expect, needed in ROWS:
-            r = sweep(sc, range(args.seeds), executor=ex, jobs=1)
-            d = r.as_dict()
-            found = {k for k, n in d["violations"].items() if n}
-            ok = not found if expect == "safe" else bool(found) and needed <= found
-            failures += not ok
-            first = d["failing_seeds"][0] if d["failing_seeds"] else None
-            row = {
-                "scenario": label,
-                "expected": expect,
-                "check": "PASS" if ok else "FAIL",
-                "seeds": args.seeds,
-                "failing": d["seeds_with_violation"],
-                "first failing seed": "-" if first is None else first,
-                "classes": ", ".join(
-                    f"{k} {d['violations'][k] / args.seeds:.0%} [{wilson(d['violations'][k], args.seeds)[0]:.0%}-"
-                    f"{wilson(d['violations'][k], args.seeds)[1]:.0%}]"
-                    for k in CLASSES
-                    if d["violations"][k]
-                )
-                or "none",
-            }
+        for label, sc, expect, needed in rows:
+            if label in done:
+                d = done[label]["sweep"]
+            else:
+                t1 = time.perf_counter()
+                d = sweep(sc, range(args.seeds), executor=ex, jobs=1).as_dict()
+                d["wall_s"] = round(time.perf_counter() - t1, 1)
+            row = _row(label, expect, needed, d, args.seeds)
             results.append({"row": row, "sweep": d})
+            save()
             print(f"{row['check']}  {label:45} {row['failing']:>4}/{args.seeds}  {row['classes']}", flush=True)
+    failures = sum(r["row"]["check"] != "PASS" for r in results)
     table = markdown_table(
         [r["row"] for r in results],
         ["scenario", "expected", "check", "failing", "seeds", "first failing seed", "classes"],
     )
     print()
     print(table)
-    print(f"\n{len(ROWS) - failures} of {len(ROWS)} verdicts reproduced; {time.perf_counter() - t0:.0f} s")
+    print(f"\n{len(rows) - failures} of {len(rows)} verdicts reproduced; {time.perf_counter() - t0:.0f} s")
     if args.markdown:
         args.markdown.write_text(table + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"seeds": args.seeds, "rows": results}, indent=2) + "\n")
     return 1 if failures else 0
 
 
