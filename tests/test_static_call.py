@@ -141,13 +141,21 @@ def test_client_needs_the_c_kernel_and_its_protocols():
         Scenario(client="static-call", kernel="c", protocol="stop-machine-ftrace")
 
 
-def test_without_the_int3_padding_nothing_changes_on_this_model():
-    """The padding after a NULL static call's `ret` is never executed: Linux adds it against
-    straight-line speculation, which this model (architectural execution only) does not have. A
-    lone `ret` over the first byte gives the same outcome: safe, and the same accounting."""
+def test_without_the_int3_padding_the_ret_is_an_sls_exposure_and_nothing_else():
+    """The padding after a NULL static call's `ret` is never executed architecturally: Linux adds it
+    against straight-line speculation. A lone `ret` over the first byte (Linux 5.10-5.16) leaves the
+    old call's tail behind it, which the oracle flags as `sls-exposure`, and only that: the same
+    run without the check is safe, with the same accounting and the same trace."""
     sc = Scenario(protocol="bp-batch", operation="retarget-unpadded", **CHEAP)
-    v = run_scenario(sc, 0).verdict
-    assert v.ok and v.accounting["exact"], v.summary()
+    o = run_scenario(sc, 0)
+    v = o.verdict
+    assert v.failed_classes == ["sls-exposure"], v.summary()
+    assert all(x.code[0] == 0xC3 and x.code[1:] != b"\xcc" * 4 for x in v.violations)
+    assert v.accounting["exact"]
+    loose = run_scenario(Scenario(**{**sc.as_dict(), "sls_check": False}), 0)
+    assert loose.verdict.ok and loose.verdict.trace_hash == v.trace_hash, loose.verdict.summary()
+    padded = run_scenario(Scenario(protocol="bp-batch", operation="retarget", **CHEAP), 0).verdict
+    assert padded.ok, padded.summary()
 
 
 def test_a_protocol_from_outside_is_checked_against_the_requests_each_step_makes():

@@ -300,6 +300,12 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
         action="store_true",
         help="looser than the SDM: every interrupt, exception and NMI delivery also serializes the CPU",
     )
+    g.add_argument(
+        "--no-sls-check",
+        dest="sls_check",
+        action="store_false",
+        help="do not flag a `ret` a patch leaves without int3 padding (straight-line speculation exposure)",
+    )
     _object_arg(g)  # type: ignore[arg-type]
 
 
@@ -349,6 +355,7 @@ def make_scenario(args: argparse.Namespace):
         nmi_cpus=args.nmi_cpus,
         xmc_rule=args.xmc_rule,
         delivery_serializes=args.delivery_serializes,
+        sls_check=args.sls_check,
         ipi=args.ipi,
         preempt_aim=args.preempt_aim,
     )

@@ -23,6 +23,13 @@ branch-miscount         a jump label's branch ran, on a CPU, a different number 
                         CPU executed the site as its jmp (a jmp fetched, or an int3 the #BP handler
                         emulated as the jmp): the C kernel's per-CPU, per-key counts
 nmi-corruption, lost-nmi  the NMI classes (see `textpoke.nmi_oracle`)
+sls-exposure            a CPU executed a `ret` that a patch left at the start of a longer site with
+                        bytes other than int3 behind it (a static call set to NULL without Linux's
+                        int3 padding). Nothing goes wrong architecturally, but a CPU may run the bytes
+                        after a `ret` under straight-line speculation (SLS), and these are the old
+                        instruction's tail: a gadget the patch created. Linux pads with int3 (5.17 on)
+                        for that reason. The model executes architecturally only, so this class flags
+                        the exposure, not a speculative execution; `sls_check=False` turns it off.
 
 Cross-modifying-code rules
 --------------------------
@@ -83,10 +90,12 @@ CLASSES = (
     "missed-call",
     "extra-call",
     "branch-miscount",
+    "sls-exposure",
 )
 #: classes that are counted, and are violations only where the scenario says the call must not drop
 COUNTED = ("missed-call", "extra-call")
 INT3 = 0xCC
+RET = 0xC3
 #: cross-modifying-code rules the oracle can judge by (see the module docstring)
 XMC_RULES = ("linux", "sdm", "coherent")
 _MAX_KEPT = 50  # violations kept with details per class (all are counted)
@@ -161,12 +170,13 @@ def snoop_for(xmc_rule: str, snoop: SnoopModel) -> SnoopModel:
 class SafetyOracle:
     """Instrument of the machine and listener of the patcher."""
 
-    def __init__(self, kernel: KernelImage, ncpus: int, xmc_rule: str = "linux") -> None:
+    def __init__(self, kernel: KernelImage, ncpus: int, xmc_rule: str = "linux", sls_check: bool = True) -> None:
         if xmc_rule not in XMC_RULES:
             raise ConfigError(f"unknown cross-modifying-code rule {xmc_rule!r}; choose from {', '.join(XMC_RULES)}")
         self.kernel = kernel
         self.ncpus = ncpus
         self.xmc_rule = xmc_rule
+        self.sls_check = sls_check
         self.tracers = {
             kernel.symbols["ftrace_caller"]: "ftrace_caller",
             kernel.symbols["ftrace_caller_alt"]: "ftrace_caller_alt",
@@ -315,6 +325,15 @@ class SafetyOracle:
         else:
             self._count_call(cpu, site, code)
             self._count_jump(cpu, site, code)
+            if first == RET and self.sls_check and code[1:].strip(b"\xcc"):
+                self._flag(
+                    "sls-exposure",
+                    cpu,
+                    time,
+                    site,
+                    code,
+                    f"a `ret` followed by {code[1:].hex(' ')}, not int3: straight-line speculation runs them",
+                )
             if site in self.dirty.get(cpu, ()):
                 self._flag(
                     "unsynced-modification",

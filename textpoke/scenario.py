@@ -83,6 +83,8 @@ class Scenario:
     ipi: str = "shorthand"
     #: looser than the SDM: every event delivery serializes the CPU that takes it
     delivery_serializes: bool = False
+    #: flag a `ret` a patch left with bytes other than int3 behind it (see oracle: sls-exposure)
+    sls_check: bool = True
     #: what is patched (`textpoke.clients`): ftrace sites, jump labels, static calls, kprobes ...
     client: str = "ftrace"
     #: probe clients: the probability that a workload CPU is preempted (the scheduler tick, aimed)
@@ -177,6 +179,8 @@ class Scenario:
             parts.append(f"xmc={self.xmc_rule}")
         if self.delivery_serializes:
             parts.append("delivery-serializes")
+        if not self.sls_check:
+            parts.append("no-sls-check")
         if self.ipi != "shorthand":
             parts.append(f"ipi={self.ipi}")
         return " ".join(parts)
@@ -274,7 +278,7 @@ def run_scenario(
         delivery_serializes=sc.delivery_serializes,
         timer_sources=ticks,
     )
-    oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule)
+    oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule, sls_check=sc.sls_check)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
     m = Machine(cfg, kernel.boot_image(sc.int3, nmi_entry), [oracle, *extra_instruments])
     oracle.attach(m)
@@ -382,6 +386,8 @@ def replay_command(sc: Scenario, seed: int) -> str:
         parts.append(f"--xmc-rule {sc.xmc_rule}")
     if sc.delivery_serializes:
         parts.append("--delivery-serializes")
+    if not sc.sls_check:
+        parts.append("--no-sls-check")
     if sc.quantum != Scenario().quantum:
         parts.append(f"--quantum {sc.quantum}")
     if sc.irqoff_len:
