@@ -156,8 +156,8 @@ ROWS: list[tuple[str, Scenario, str, set[str]]] = [
     (
         "static calls: ret without int3 padding",
         Scenario(client="static-call", kernel="c", operation="retarget-unpadded"),
-        "safe",
-        set(),
+        "unsafe",
+        {"sls-exposure"},
     ),
     ("kprobes", Scenario(client="kprobe", protocol="kprobe"), "safe", set()),
     (
