@@ -9,7 +9,18 @@ stall (per CPU)       cycles a CPU spent away from its workload because of the p
                       IPI's handler, in the stop_machine stopper, in int3 traps
 total_lost_cycles     the patcher's latency plus every other CPU's stall
 syncs, ipis (IPIs received), ipi_sends (ICR writes), int3_hits, and who the patcher waited for longest;
-stop_machine's stage times; `protocol="ftrace-linux"` measures ftrace_modify_all_code's enable
+stop_machine's stage times; `protocol="ftrace-linux"` measures ftrace_modify_all_code's enable;
+grace_wait            cycles the patcher waited for grace periods (the probe clients: a kprobe's slot
+                      is freed after one, an optprobe's jmp is written after one)
+
+Other clients measure one step of their operation (`step`, `LATENCY_STEPS`): static-call's
+retarget, null or restore of the first `sites` static calls (each its trampoline and call sites),
+the kprobe and optprobe clients' register or unregister of `sites` probes. The steps before the
+measured one (a retarget before a null, a register before an unregister) are performed first and
+the machine left to settle; they are not measured. A probe client's kernel is the assembly kernel
+built with probes, which is preemptible: its local timer is the scheduler tick on every workload
+CPU (as in `textpoke.scenario`), so it has no RT task (`rt_cpus` must be empty) and its
+interruptions include the tick's preemptions.
 
 and from a real-time task's point of view (`metrics.InterruptionMeter`, `textpoke.rt`):
 
@@ -25,17 +36,53 @@ from __future__ import annotations
 import struct
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from cpus import ConfigError, CostModel, Machine, MachineConfig, SnoopModel
+from cpus import ConfigError, CostModel, Machine, MachineConfig, SnoopModel, TextpokeError, TimerSource
 
-from .image import KernelConfig, Percpu, build_kernel
+from .clients import Client, resolve_client
+from .image import KPROBE_MAX, PREEMPT_TICK_PERIOD, KernelConfig, KernelImage, Percpu, build_kernel
 from .metrics import InterruptionMeter, StallMeter
-from .patcher import NmiReachableWarning, Patcher
+from .patcher import NmiReachableWarning, Patcher, PatchReport
+from .protocols import PROBE_PROTOCOLS
 from .rt import lateness_stats, overruns, read_samples, recorded, rt_timer, setup_rt_task
 
-__all__ = ["LatencyConfig", "LatencyRow", "measure", "rt_cpus_for", "rt_summary"]
+__all__ = [
+    "DEFAULT_PROTOCOLS",
+    "LATENCY_STEPS",
+    "LatencyConfig",
+    "LatencyRow",
+    "check",
+    "default_steps",
+    "measure",
+    "rt_cpus_for",
+    "rt_summary",
+]
+
+#: per client: the steps of its operation that can be measured (the operation they belong to)
+LATENCY_STEPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ftrace": ("enable", ("enable",)),
+    "jump-label": ("enable", ("enable",)),
+    "static-call": ("retarget", ("retarget", "null", "restore")),
+    "kprobe": ("toggle", ("register", "unregister")),
+    "optprobe": ("toggle", ("register", "unregister")),
+}
+#: per client: the protocols measured when none are named
+DEFAULT_PROTOCOLS: dict[str, tuple[str, ...]] = {
+    "ftrace": ("bp", "bp-batch", "stop-machine"),
+    "jump-label": ("bp", "bp-batch", "stop-machine"),
+    "static-call": ("bp", "bp-batch", "stop-machine"),
+    "kprobe": ("kprobe",),
+    "optprobe": ("optprobe",),
+}
+
+
+def default_steps(client: str) -> tuple[str, ...]:
+    """The steps measured when none are named: static-call's retarget, both steps of a probe client."""
+    if client == "static-call":
+        return ("retarget",)
+    return LATENCY_STEPS[client][1] if client in LATENCY_STEPS else ("enable",)
 
 
 @dataclass(frozen=True)
@@ -65,28 +112,65 @@ class LatencyConfig:
     #: CPUs running the periodic RT task (not the patcher: it runs the operation as Python code)
     rt_cpus: tuple[int, ...] = ()
     rt_period: int = 10_000
-    #: what is patched (`textpoke.clients`): its "enable" operation on its first `sites` sites
+    #: what is patched (`textpoke.clients`): its "enable" operation on its first `sites` sites, or
+    #: (static-call, kprobe, optprobe) the step `step` of its operation
     client: str = "ftrace"
+    #: the step measured (`LATENCY_STEPS`); None: the client's first
+    step: str | None = None
 
     def __post_init__(self) -> None:
-        from .clients import resolve_client
-
         client = resolve_client(self.client)
+        if self.client not in LATENCY_STEPS:
+            raise ConfigError(f"client {self.client} has no operation latency can measure")
+        if self.step is not None and self.step not in LATENCY_STEPS[self.client][1]:
+            raise ConfigError(
+                f"client {self.client} has no step {self.step!r} to measure; choose from "
+                + ", ".join(LATENCY_STEPS[self.client][1])
+            )
         if self.client != "ftrace":
-            if "enable" not in client.requests:
-                raise ConfigError(f"client {self.client} has no enable operation to measure")
             if self.protocol == "ftrace-linux":
                 raise ConfigError("ftrace-linux is ftrace's own sequence; measure the client with a protocol")
             if client.protocols is not None and self.protocol not in client.protocols:
                 raise ConfigError(
                     f"client {self.client} is patched with {', '.join(sorted(client.protocols))}, not {self.protocol}"
                 )
+        if self.protocol in PROBE_PROTOCOLS and self.client != self.protocol:
+            raise ConfigError(f"protocol {self.protocol} patches probes only: use it with --client {self.protocol}")
+        if client.kernel is not None and not self.objects and self.kernel != client.kernel:
+            raise ConfigError(
+                f"client {self.client} has its sites in the {client.kernel} kernel: use --kernel {client.kernel}"
+            )
+        if self.probes:
+            if self.objects:
+                raise ConfigError(
+                    f"client {self.client} probes the built-in assembly kernel's traced functions; drop --object"
+                )
+            if self.rt_cpus:
+                raise ConfigError(
+                    f"client {self.client} runs on the kernel built with probes, which is preemptible: its local "
+                    "timer is the scheduler tick, and it has no RT task (use --rt-cpus with nothing after it)"
+                )
+            if self.sites > KPROBE_MAX:
+                raise ConfigError(
+                    f"client {self.client} holds at most {KPROBE_MAX} probes at once; use --sites {KPROBE_MAX} or fewer"
+                )
+        if self.client == "static-call" and self.objects:
+            raise ConfigError("static-call latency retargets the C kernel's static calls; drop --object")
         for c in self.rt_cpus:
             if not 1 <= c < self.cpus:
                 raise ConfigError(
                     f"RT task CPU {c}: choose among CPUs 1..{self.cpus - 1} (CPU 0 is the patcher, "
                     "whose work is Python code that takes no interrupts)"
                 )
+
+    @property
+    def probes(self) -> bool:
+        """The kernel is built with probes (a probe client's)."""
+        return bool(resolve_client(self.client).extra.get("probes"))
+
+    @property
+    def measured_step(self) -> str:
+        return self.step if self.step is not None else LATENCY_STEPS[self.client][1][0]
 
 
 @dataclass
@@ -122,6 +206,13 @@ class LatencyRow:
     #: stop_machine: cycles each multi_cpu_stop stage took, as the caller saw it
     stage_cycles: dict[str, int] = field(default_factory=dict)
     client: str = "ftrace"
+    step: str = "enable"
+    #: patch requests the step made (static-call: a trampoline and its call sites per static call)
+    requests: int = 0
+    #: cycles the patcher waited for grace periods (kprobe slots freed, optprobes optimized)
+    grace_wait: int = 0
+    #: patch operations the step took (an optprobe step: two per probe)
+    operations: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -129,22 +220,90 @@ class LatencyRow:
         return d
 
 
-def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
+def _kernel(cfg: LatencyConfig) -> KernelImage:
+    if cfg.objects:
+        return build_kernel(KernelConfig(objects=cfg.objects))
     nr = max(cfg.functions, cfg.sites)
-    kernel = build_kernel(
-        KernelConfig(objects=cfg.objects) if cfg.objects else KernelConfig(nr_traced=nr, kernel=cfg.kernel)
-    )
-    if cfg.client == "ftrace" and len(kernel.sites) < cfg.sites:
-        raise ConfigError(f"the objects have {len(kernel.sites)} ftrace sites; cannot patch {cfg.sites}")
-    client_sites: list[int] = []
-    if cfg.client != "ftrace":
-        from .clients import resolve_client
+    return build_kernel(KernelConfig(nr_traced=nr, kernel=cfg.kernel, probes=cfg.probes))
 
-        client_sites = resolve_client(cfg.client).sites(kernel)
-        if len(client_sites) < cfg.sites:
-            raise ConfigError(f"this kernel has {len(client_sites)} {cfg.client} sites; cannot patch {cfg.sites}")
+
+def _targets(cfg: LatencyConfig, kernel: KernelImage) -> list[int]:
+    """The sites the measured operation patches, or ConfigError when the kernel has too few."""
+    if cfg.client == "ftrace":
+        if len(kernel.sites) < cfg.sites:
+            raise ConfigError(f"the objects have {len(kernel.sites)} ftrace sites; cannot patch {cfg.sites}")
+        return [kernel.site_of(i) for i in range(cfg.sites)]
+    if cfg.client == "static-call":  # a unit is a static call: its trampoline and its call sites
+        from .clients.static_call import static_calls
+
+        calls = static_calls(kernel)
+        if len(calls) < cfg.sites:
+            raise ConfigError(f"this kernel has {len(calls)} static calls; cannot retarget {cfg.sites}")
+        return [addr for call in calls[: cfg.sites] for addr, _tail in call.patched]
+    client_sites = resolve_client(cfg.client).sites(kernel)
+    if len(client_sites) < cfg.sites:
+        raise ConfigError(f"this kernel has {len(client_sites)} {cfg.client} sites; cannot patch {cfg.sites}")
+    return client_sites[: cfg.sites]
+
+
+def check(cfg: LatencyConfig) -> None:
+    """Everything `measure` would refuse about `cfg` before it runs the machine (the kernel is built)."""
+    _targets(cfg, _kernel(cfg))
+
+
+@dataclass(frozen=True)
+class _StepArgs:
+    """What a client's step reads of its scenario: the protocol and the mutation."""
+
+    protocol: str
+    mutation: str | None = None
+
+
+def _run_step(client: Client, name: str, patcher: Patcher, sites: list[int], args: _StepArgs) -> list[PatchReport]:
+    """Perform the client's step `name` on `sites`; its reports (an optprobe step makes two per probe)."""
+    op = dict(client.operations[LATENCY_STEPS[client.name][0]])[name]
+    before = len(patcher.reports)
+    op(patcher, sites, args)  # type: ignore[arg-type]  # a step reads only protocol and mutation
+    reports = patcher.reports[before:]
+    if not reports:
+        raise TextpokeError(f"{client.name} {name}: the step patched nothing")
+    for r in reports:
+        if r.hung or r.incomplete:
+            raise TextpokeError(f"{client.name} {name} with {args.protocol} did not finish: {r.hung or r.incomplete}")
+    return reports
+
+
+def _merge(reports: list[PatchReport]) -> PatchReport:
+    """The operations of one step as one report: from the first's start to the last's end."""
+    if len(reports) == 1:
+        return reports[0]
+    first = reports[0]
+    return replace(
+        first,
+        requests=tuple(q for r in reports for q in r.requests),
+        end=reports[-1].end,
+        syncs=[s for r in reports for s in r.syncs],
+        ipis=sum(r.ipis for r in reports),
+        rendezvous=sum(r.rendezvous for r in reports),
+        release=sum(r.release for r in reports),
+        stages=[s for r in reports for s in r.stages],
+        ipi_sends=sum(r.ipi_sends for r in reports),
+        nmi_wait=sum(r.nmi_wait for r in reports),
+        phases=[p for r in reports for p in r.phases],
+        grace_wait=sum(r.grace_wait for r in reports),
+    )
+
+
+def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
+    kernel = _kernel(cfg)
+    sites = _targets(cfg, kernel)
+    client = resolve_client(cfg.client)
+    step = cfg.measured_step
     meter = meter or StallMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
     interruptions = InterruptionMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
+    timers: tuple[TimerSource, ...] = (rt_timer(cfg.rt_cpus, cfg.rt_period),) if cfg.rt_cpus else ()
+    if cfg.probes:  # the kernel with probes is preemptible: the scheduler tick on every workload CPU
+        timers = (TimerSource("preempt", period=PREEMPT_TICK_PERIOD, cpus=tuple(range(1, cfg.cpus))),)
     mc = MachineConfig(
         cpus=cfg.cpus,
         seed=cfg.seed,
@@ -152,7 +311,7 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         fine_quantum=cfg.fine_quantum,
         costs=cfg.costs,
         snoop=SnoopModel(),
-        timer_sources=(rt_timer(cfg.rt_cpus, cfg.rt_period),) if cfg.rt_cpus else (),
+        timer_sources=timers,
     )
     m = Machine(mc, kernel.boot_image("emulate"), [meter, interruptions])
     interruptions.probe_irqoff(m)
@@ -165,24 +324,32 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     if cfg.preempt_off_cpu:
         _irqoff(m, cfg.preempt_off_cpu, mask=1, length=cfg.preempt_off_len)
         m.write(m.layout.percpu_va(cfg.preempt_off_cpu) + Percpu.PREEMPT_OFF, struct.pack("<Q", 1))
-    sites = client_sites[: cfg.sites] if cfg.client != "ftrace" else [kernel.site_of(i) for i in range(cfg.sites)]
     m.watch(sites)
     patcher = Patcher(m, kernel, timeout=2_000_000_000, ipi_shorthand=cfg.ipi_shorthand)
     m.run(cfg.warmup)
-    meter.reset()
-    rt_before = {c: recorded(m, c) for c in rt_cpus}
-    rt_overruns = sum(overruns(m, c) for c in rt_cpus)
+    args = _StepArgs(cfg.protocol)
+    steps = LATENCY_STEPS[cfg.client][1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NmiReachableWarning)  # no NMIs in latency runs
+        if cfg.client not in ("ftrace", "jump-label") and steps.index(step):
+            for name in steps[: steps.index(step)]:  # the steps before the measured one, unmeasured
+                _run_step(client, name, patcher, sites, args)
+            m.run(cfg.warmup)
+        meter.reset()
+        rt_before = {c: recorded(m, c) for c in rt_cpus}
+        rt_overruns = sum(overruns(m, c) for c in rt_cpus)
+        int3_before = sum(c.stats["int3"] for c in m.cpus)
+        reports: list[PatchReport]
         if cfg.protocol == "ftrace-linux":  # ftrace_modify_all_code's enable
-            report = patcher.ftrace_modify_all_code(True, sites)
-        elif cfg.client != "ftrace":
-            from .clients import resolve_client
-
-            reqs = resolve_client(cfg.client).requests["enable"](kernel, sites, {})
-            report = patcher.patch(reqs, protocol=cfg.protocol)
+            reports = [patcher.ftrace_modify_all_code(True, sites)]
+        elif cfg.client == "jump-label":
+            reqs = client.requests["enable"](kernel, sites, {})
+            reports = [patcher.patch(reqs, protocol=cfg.protocol)]
+        elif cfg.client == "ftrace":
+            reports = [patcher.enable_ftrace(sites, protocol=cfg.protocol)]
         else:
-            report = patcher.enable_ftrace(sites, protocol=cfg.protocol)
+            reports = _run_step(client, step, patcher, sites, args)
+    report = _merge(reports)
     m.run(2_000)  # let the last handlers return
     drained = m.now()
     others = [c for c in range(cfg.cpus) if c != mc.patcher_cpu]
@@ -214,7 +381,7 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         total_lost_cycles=report.latency + sum(stalls),
         syncs=len(report.syncs),
         ipis=report.ipis,
-        int3_hits=sum(c.stats["int3"] for c in m.cpus),
+        int3_hits=sum(c.stats["int3"] for c in m.cpus) - int3_before,
         stall_by_kind=dict(meter.by_kind),
         waited_longest_for=max(last, key=lambda c: (last[c], -c)) if last else None,
         sync_waits=[s.wait for s in report.syncs],
@@ -230,6 +397,10 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         ipi_sends=report.ipi_sends,
         stage_cycles={name: end - start for name, start, end in report.stages},
         client=cfg.client,
+        step=step,
+        requests=len(report.requests),
+        grace_wait=report.grace_wait,
+        operations=len(reports),
     )
 
 
