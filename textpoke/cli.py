@@ -707,20 +707,49 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .clients import resolve_client
     from .costs import load_costs
     from .executors import executor, stream
-    from .latency import LatencyConfig, measure, rt_cpus_for, rt_summary
+    from .latency import (
+        DEFAULT_PROTOCOLS,
+        LATENCY_STEPS,
+        LatencyConfig,
+        check,
+        default_steps,
+        measure,
+        rt_cpus_for,
+        rt_summary,
+    )
     from .report import markdown_table, plot_latency, plot_rt
 
     costs = load_costs(args.config, args.cost)
     _check_pool_options(args)
-    for p in args.protocols:
+    client = args.client
+    protocols = args.protocols if args.protocols is not None else list(DEFAULT_PROTOCOLS[client])
+    for p in protocols:
         if p != "ftrace-linux":  # ftrace_modify_all_code's sequence, not a protocol
             _protocol_name(p)
+    measurable = LATENCY_STEPS[client][1]
+    if args.steps is not None:
+        if len(measurable) == 1:
+            raise ConfigError(
+                f"--steps is for static-call, kprobe and optprobe; {client} measures its {measurable[0]} operation"
+            )
+        bad = [s for s in args.steps if s not in measurable]
+        if bad:
+            raise ConfigError(f"client {client} has no step {bad[0]!r} to measure; choose from {', '.join(measurable)}")
+    steps = list(dict.fromkeys(args.steps)) if args.steps is not None else list(default_steps(client))
+    probes = bool(resolve_client(client).extra.get("probes"))
+    if probes and args.rt_cpus:
+        raise ConfigError(
+            f"--rt-cpus: client {client} runs on the kernel built with probes, which is preemptible: its local "
+            "timer is the scheduler tick, and it has no RT task"
+        )
     if args.irqoff_cpu and any(args.irqoff_cpu >= c for c in args.cpus):
         raise ConfigError(f"--irqoff-cpu {args.irqoff_cpu} does not exist on a {min(args.cpus)}-CPU machine")
     if args.preempt_off_cpu and any(args.preempt_off_cpu >= c for c in args.cpus):
         raise ConfigError(f"--preempt-off-cpu {args.preempt_off_cpu} does not exist on a {min(args.cpus)}-CPU machine")
+    rt_spec = [] if probes else [1, -1] if args.rt_cpus is None else args.rt_cpus
     configs = [
         LatencyConfig(
             protocol=p,
@@ -731,20 +760,34 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
             irqoff_cpu=args.irqoff_cpu,
             irqoff_len=args.irqoff_len,
             costs=costs,
-            rt_cpus=rt_cpus_for([1, -1] if args.rt_cpus is None else args.rt_cpus, c),
+            rt_cpus=rt_cpus_for(rt_spec, c),
             rt_period=args.rt_period,
             objects=tuple(args.object),
             kernel=kernel_choice(args),
             ipi_shorthand=args.ipi == "shorthand",
             preempt_off_cpu=args.preempt_off_cpu,
             preempt_off_len=args.irqoff_len,
-            client=args.client,
+            client=client,
+            step=step if len(measurable) > 1 else None,
         )
-        for p in args.protocols
+        for p in protocols
+        for step in steps
         for c in args.cpus
         for n in args.sites
         for s in range(args.seed_start, args.seed_start + args.seeds)
     ]
+    # what a run would refuse (too few sites in the kernel), refused before anything is printed
+    checked: set[tuple] = set()
+    for cfg in configs:
+        key = (cfg.client, cfg.kernel, cfg.objects, cfg.sites)
+        if key not in checked:
+            checked.add(key)
+            check(cfg)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot write the plots in {args.out}: {err.strerror or err}") from None
+    with_steps = len(measurable) > 1
     t0 = time.perf_counter()
     done: list[tuple[int, object]] = []
     with Progress(
@@ -781,11 +824,11 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
     # mean over seeds per configuration
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["protocol"], r["cpus"], r["sites"]), []).append(r)
+        groups.setdefault((r["protocol"], r["step"], r["cpus"], r["sites"]), []).append(r)
     summary = []
-    for (p, c, n), rs in groups.items():
-        row = {"protocol": p, "cpus": c, "sites": n, "seeds": len(rs)}
-        for m in (*LATENCY_METRICS, "syncs", "ipi_sends"):
+    for (p, step, c, n), rs in groups.items():
+        row = {"protocol": p, "step": step, "cpus": c, "sites": n, "seeds": len(rs)}
+        for m in (*LATENCY_METRICS, "syncs", "ipi_sends", "grace_wait", "requests"):
             row[m] = sum(float(r[m]) for r in rs) / len(rs)
         waits = [w for r in rs for w in r["sync_waits"]]
         row["mean_sync_cycles"] = sum(waits) / len(waits) if waits else 0.0
@@ -799,43 +842,51 @@ def cmd_latency(args: argparse.Namespace, out: Console) -> int:
         summary.append(row)
     cols = [
         "protocol",
+        *(["step"] if with_steps else []),
         "cpus",
         "sites",
+        *(["requests"] if with_steps else []),
         "syncs",
         "mean_sync_cycles",
         "ipi_sends",
         *LATENCY_METRICS,
-        *RT_METRICS,
+        *(["grace_wait"] if with_steps else []),
+        *(RT_METRICS if not probes else RT_METRICS[:1]),
         "waited_for",
     ]
     heads = [col.replace("_cycles", "").replace("_", " ") for col in cols]
+    right = heads[2:] if with_steps else heads[1:]
     title = (
         f"one patch operation, mean of {args.seeds} seed(s) (max interruption: worst; RT lateness: "
         "percentiles of all wake-ups); cycles"
     )
     table_rows = [[r[c] for c in cols] for r in summary]
-    print_table(out, args.format, title, heads, table_rows, right=heads[1:])
+    print_table(out, args.format, title, heads, table_rows, right=right)
     for r in summary:
         stages = [(k[6:], r[k]) for k in r if k.startswith("stage_")]
         if stages:
+            what = f"{r['protocol']} {r['step']}" if with_steps else r["protocol"]
             out.print(
-                f"  {r['protocol']}, {r['cpus']} CPUs, {r['sites']} sites: multi_cpu_stop stages "
+                f"  {what}, {r['cpus']} CPUs, {r['sites']} sites: multi_cpu_stop stages "
                 + ", ".join(f"{name} {v:,.0f}" for name, v in stages)
                 + " cycles"
             )
-    stop = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "stop-machine"}
-    bp = {(r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "bp-batch"}
+    stop = {(r["step"], r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "stop-machine"}
+    bp = {(r["step"], r["cpus"], r["sites"]): r for r in summary if r["protocol"] == "bp-batch"}
     for key in sorted(set(stop) & set(bp)):
         ratio = stop[key]["total_lost_cycles"] / max(bp[key]["total_lost_cycles"], 1)
         worst = stop[key]["max_interruption_cycles"] / max(bp[key]["max_interruption_cycles"], 1)
+        what = f" {key[0]}," if with_steps else ""
         out.print(
-            f"  stop_machine / text_poke_bp (batched), {key[0]} CPUs, {key[1]} sites: total cycles lost {ratio:.2f}, "
-            f"worst interruption {worst:.1f}"
+            f"  stop_machine / text_poke_bp (batched),{what} {key[1]} CPUs, {key[2]} sites: total cycles lost "
+            f"{ratio:.2f}, worst interruption {worst:.1f}"
         )
+    # a line per protocol and step in the plots
+    plotted = [{**r, "protocol": f"{r['protocol']} {r['step']}"} for r in rows] if len(steps) > 1 else rows
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        plot = plot_latency(rows, LATENCY_METRICS, args.out / "latency.png", "one patch operation against CPU count")
-        rt_plot = plot_rt(rows, args.out / "rt.png")
+        plot = plot_latency(plotted, LATENCY_METRICS, args.out / "latency.png", "one patch operation against CPU count")
+        rt_plot = plot_rt(plotted, args.out / "rt.png")
     except OSError as err:
         raise ConfigError(f"cannot write the plots in {args.out}: {err.strerror or err}") from None
     out.print(f"plots: {plot}, {rt_plot}", markup=False)
@@ -1106,14 +1157,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--client",
         choices=client_names(),
         default="ftrace",
-        help="what is patched: " + ", ".join(client_names()) + " (default ftrace); its first --sites sites are enabled",
+        help="what is patched: " + ", ".join(client_names()) + " (default ftrace); its first --sites sites are enabled "
+        "(static-call: the first --sites static calls, each its trampoline and call sites; kprobe, optprobe: "
+        "--sites probes)",
     )
     lat.add_argument(
         "--protocols",
         nargs="+",
         type=_protocol_name,
-        default=["bp", "bp-batch", "stop-machine"],
-        help="protocols to compare (default bp bp-batch stop-machine)",
+        default=None,
+        help="protocols to compare (default bp bp-batch stop-machine; kprobe for --client kprobe, optprobe for "
+        "--client optprobe)",
+    )
+    lat.add_argument(
+        "--steps",
+        nargs="+",
+        default=None,
+        metavar="STEP",
+        help="the steps measured, a row each: static-call retarget (default), null, restore; kprobe and optprobe "
+        "register, unregister (default both). The steps before one measured are performed first, unmeasured",
     )
     lat.add_argument(
         "--cpus", type=bounded(2, MAX_CPUS), nargs="+", default=[2, 4, 8, 16, 32, 64], help="CPU counts (2 to 128)"
@@ -1138,7 +1200,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="*",
         default=None,
-        help="CPUs running the periodic RT task; negative counts from the last CPU (default: 1 -1; none: no task)",
+        help="CPUs running the periodic RT task; negative counts from the last CPU (default: 1 -1; none: no task; "
+        "the probe clients' preemptible kernel has the scheduler tick and no RT task)",
     )
     lat.add_argument("--rt-period", type=_positive, default=10_000, help="the RT task's timer period in cycles")
     lat.add_argument(

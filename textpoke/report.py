@@ -124,7 +124,8 @@ def plot_latency(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: P
         for (protocol, sites), by_cpu in sorted(groups.items()):
             xs = sorted(by_cpu)
             ys = [sum(float(r[metric]) for r in by_cpu[x]) / len(by_cpu[x]) for x in xs]
-            ax.plot(xs, ys, styles.get(protocol, "o-"), label=f"{protocol}, {sites} site(s)", markersize=4)
+            style = styles.get(protocol.split()[0], "o-")  # "bp retarget": a protocol and a step
+            ax.plot(xs, ys, style, label=f"{protocol}, {sites} site(s)", markersize=4)
         ax.set_xscale("log", base=2)
         ax.set_yscale("symlog", linthresh=1)
         ax.set_ylim(bottom=0)
@@ -179,13 +180,14 @@ def plot_rt(rows: Sequence[dict[str, Any]], path: Path, title: str = "what a rea
         for (protocol, v), by in sorted(pooled(key, line, x).items()):
             xs = sorted(by)
             label = f"{protocol}, {v} {'site(s)' if line == 'sites' else 'CPUs'}"
-            ax.plot(xs, [by[k] for k in xs], styles.get(protocol, "o-"), label=label, markersize=4)
+            ax.plot(xs, [by[k] for k in xs], styles.get(protocol.split()[0], "o-"), label=label, markersize=4)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("CPUs" if x == "cpus" else "sites patched in one operation")
         ax.set_title(name, fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.lines:  # no RT task (a probe client's kernel): nothing to tell apart
+            ax.legend(fontsize=6)
     ax = axes[0][2]
     by_protocol: dict[str, list[int]] = {}
     for r in rows:
