@@ -85,6 +85,11 @@ def _protocol_name(text: str) -> str:
     return text
 
 
+def _latency_protocol(text: str) -> str:
+    """A `latency --protocols` name: a protocol, or ftrace-linux (ftrace_modify_all_code's sequence)."""
+    return text if text == "ftrace-linux" else _protocol_name(text)
+
+
 def _probability(text: str) -> float:
     try:
         v = float(text)
@@ -1164,10 +1169,10 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument(
         "--protocols",
         nargs="+",
-        type=_protocol_name,
+        type=_latency_protocol,
         default=None,
         help="protocols to compare (default bp bp-batch stop-machine; kprobe for --client kprobe, optprobe for "
-        "--client optprobe)",
+        "--client optprobe; ftrace-linux: ftrace_modify_all_code's enable)",
     )
     lat.add_argument(
         "--steps",
