@@ -585,23 +585,39 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     """The default scenario: each protocol and NMI entry, a verdict table and a per-CPU timeline."""
     import json
 
-    from .demo import DEFAULT_ROWS, protocol_row, run_demo
+    from .clients import resolve_client, steps_of
+    from .demo import TIMELINE_STEP, prepare_rows, protocol_row, rows_for, run_demo
     from .executors import executor
     from .report import plot_timeline
     from .scenario import replay_command
 
-    demo_rows = [*DEFAULT_ROWS, *(protocol_row(p) for p in args.protocol)]
+    client = args.client
+    if client in ("static-call", "kprobe", "optprobe") and args.object:
+        raise ConfigError(
+            f"--client {client}: its rows run on the built-in {resolve_client(client).kernel} kernel; drop --object"
+        )
+    objects = tuple(args.object)
+    demo_rows = prepare_rows(
+        [*rows_for(client), *(protocol_row(p, client) for p in args.protocol)],
+        objects=objects,
+        kernel=kernel_choice(args),
+        client=client,
+    )
     if args.perfetto is not None and args.perfetto.exists() and not args.perfetto.is_dir():
         raise ConfigError(f"--perfetto {args.perfetto} exists and is not a directory")
     t0 = time.perf_counter()
-    objects = tuple(args.object)
-    what = f"the functions of {', '.join(objects)}" if objects else "32 traced functions"
-    done_to = {"ftrace": "ftrace enabled then disabled on every site"}.get(
-        args.client, f"{args.client}: every site switched on then off"
-    )
+    first = demo_rows[0][1]
+    probes = bool(resolve_client(client).extra.get("probes"))
+    what = f"the functions of {', '.join(objects)}" if objects else f"{first.sites} traced functions"
+    done_to = {
+        "ftrace": "ftrace enabled then disabled on every site",
+        "static-call": "8 static calls (24 sites) retargeted, set to NULL and restored",
+        "kprobe": "a kprobe in every traced function registered, then unregistered",
+        "optprobe": "an optprobe in every traced function registered and optimized, then unoptimized and unregistered",
+    }.get(client, f"{client}: every site switched on then off")
     out.print(
         f"[bold]textpoke[/bold]: {len(demo_rows)} runs of 4 CPUs (cpu0 patches), {what}, "
-        f"NMIs on every CPU; {done_to}. seed {args.seed}"
+        f"NMIs on every CPU{' (first row)' if probes else ''}; {done_to}. seed {args.seed}"
     )
     with out.status("running the scenarios...") as status:
 
@@ -615,21 +631,21 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
                 tick,
                 demo_rows,
                 args.perfetto,
-                objects=objects,
-                kernel=kernel_choice(args),
-                client=args.client,
             )
-    cols = ("scenario", "verdict", "enable", "disable", "syncs", "IPIs", "worst stall", "int3", "NMIs nested")
+    # a column per step of the operation: enable, disable (ftrace, jump-label); retarget, null, restore
+    # (static-call); register, unregister (the probe clients)
+    step_names = [name for name, _ in steps_of(resolve_client(client), first.operation)]
+    cols = ("scenario", "verdict", *step_names, "syncs", "IPIs", "worst stall", "int3", "NMIs nested")
     table_rows = []
     for r in rows:
         verdict = "ok" if r.ok else ", ".join(f"{k} x{n}" for k, n in r.verdict.items())
-        lat: list = [("hung" if h else x) for x, h in zip(r.latencies, r.hung, strict=True)] + ["-", "-"]
+        lat: list = [("hung" if h else x) for x, h in zip(r.latencies, r.hung, strict=True)]
+        lat += ["-"] * (len(step_names) - len(lat))
         table_rows.append(
             (
                 r.label,
                 verdict,
-                lat[0],
-                lat[1],
+                *lat[: len(step_names)],
                 "+".join(map(str, r.syncs)),
                 sum(r.ipis),
                 r.worst_stall,
@@ -656,11 +672,16 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         if draw
     ]
     try:
-        what = "enabling ftrace on 32 sites" if args.client == "ftrace" else f"switching on 32 {args.client} sites"
+        what = {
+            "ftrace": "enabling ftrace on 32 sites",
+            "static-call": "retargeting 8 static calls (24 sites)",
+            "kprobe": f"unregistering {first.sites} kprobes",
+            "optprobe": f"registering and optimizing {first.sites} optprobes",
+        }.get(client, f"switching on 32 {client} sites")
         path = plot_timeline(panels, args.out / "timeline.png", f"{what} while the workloads run")
     except OSError as err:
         raise ConfigError(f"cannot write {args.out / 'timeline.png'}: {err.strerror or err}") from None
-    out.print(f"timeline of the enable operation: {path}", markup=False)
+    out.print(f"timeline of the {TIMELINE_STEP.get(client, step_names[0])} operation: {path}", markup=False)
     out.print("hashes: " + " ".join(f"{r.trace_hash[:12]}" for r in rows) + f"  ({time.perf_counter() - t0:.1f} s)")
     failing = [r for r in rows if not r.ok]
     if failing:
@@ -678,7 +699,9 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
                 "trace_hash": r.trace_hash,
                 "violations": r.verdict,
                 "accounting_exact": r.accounting_exact,
+                "steps": r.steps,
                 "latencies": r.latencies,
+                "grace_wait": r.grace_wait,
                 "syncs": r.syncs,
                 "ipis": r.ipis,
                 "worst_stall": r.worst_stall,

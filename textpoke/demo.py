@@ -4,6 +4,14 @@ Four CPUs (one patcher), 32 traced functions, NMIs at a high rate on every CPU, 
 enabled then disabled on every site, once for each protocol and NMI entry that matters. Every row is a
 seeded scenario judged by the oracle; the table shows its verdict and what the patching cost, and the
 timeline shows the enable operation of three of them, CPU by CPU.
+
+Another client (`rows_for`) has the rows that tell its story: the jump-label client the same rows
+(its static keys switched on and off); static-call its update as Linux does it (a text_poke_bp per
+site), batched, under stop_machine, with the unpadded NULL `ret` of Linux 5.10-5.16, with a #BP
+handler that cannot emulate RET, and unsynchronized; kprobe and optprobe their own protocol with
+NMIs and without, with preemption aimed at the probes, and without the grace period that protects
+them (aimed too, so that every seed finds it), on 8 traced functions. The table has a column per step of the
+operation (enable and disable; retarget, null and restore; register and unregister).
 """
 
 from __future__ import annotations
@@ -18,7 +26,18 @@ from typing import Any
 from .metrics import Interval, StallMeter
 from .scenario import Scenario, run_scenario
 
-__all__ = ["DEFAULT_ROWS", "DemoRow", "perfetto_name", "protocol_row", "run_demo", "run_row"]
+__all__ = [
+    "DEFAULT_ROWS",
+    "STATIC_CALL_ROWS",
+    "TIMELINE_STEP",
+    "DemoRow",
+    "perfetto_name",
+    "prepare_rows",
+    "protocol_row",
+    "rows_for",
+    "run_demo",
+    "run_row",
+]
 
 _COMMON: dict[str, Any] = {"cpus": 4, "sites": 32, "nmi_rate": 300, "operation": "toggle"}
 
@@ -34,10 +53,67 @@ DEFAULT_ROWS: tuple[tuple[str, Scenario, bool], ...] = (
 )
 
 
-def protocol_row(protocol: str) -> tuple[str, Scenario, bool]:
-    """A row for `textpoke run --protocol P`: any protocol (a user's too) in the default scenario, with
-    the nested-safe NMI entry, its timeline drawn."""
-    return (f"{protocol} (nested-safe NMIs)", Scenario(protocol=protocol, nmi="nested-safe", **_COMMON), True)
+_STATIC_CALL: dict[str, Any] = {**_COMMON, "operation": "retarget", "kernel": "c", "client": "static-call"}
+#: static-call: Linux's update, batched, stop_machine, and the two ways it was or can be broken
+STATIC_CALL_ROWS: tuple[tuple[str, Scenario, bool], ...] = (
+    (
+        "static_call_update: text_poke_bp per site",
+        Scenario(protocol="bp", nmi="nested-safe", **_STATIC_CALL),
+        True,
+    ),
+    ("text_poke_bp, batched (not Linux)", Scenario(protocol="bp-batch", nmi="nested-safe", **_STATIC_CALL), True),
+    ("stop_machine", Scenario(protocol="stop-machine", nmi="nested-safe", **_STATIC_CALL), True),
+    (
+        "unpadded NULL ret (Linux 5.10-5.16)",
+        Scenario(protocol="bp", nmi="nested-safe", **{**_STATIC_CALL, "operation": "retarget-unpadded"}),
+        False,
+    ),
+    (
+        "#BP handler without RET emulation",
+        Scenario(protocol="bp", nmi="nested-safe", int3="emulate-noret", **_STATIC_CALL),
+        False,
+    ),
+    ("unsafe: atomic store, no sync", Scenario(protocol="naive-atomic", nmi="nested-safe", **_STATIC_CALL), False),
+)
+
+
+def _probe_rows(client: str, mutation: str, broken: str) -> tuple[tuple[str, Scenario, bool], ...]:
+    """A probe client's rows: its protocol with NMIs (probes hit inside the NMI handler) and without,
+    preemption aimed at the probes, and the mutation without the grace period (aimed, so that the race
+    is found)."""
+    # 8 traced functions, each with its probe: each probe is patched on its own (an unregistration, an
+    # optimization waits for a grace period), so 32 would take four times as long; NMIs at the rate of
+    # the other rows slow a probe operation tenfold, so only the first row has them
+    common: dict[str, Any] = {**_COMMON, "sites": 8, "protocol": client, "client": client}
+    quiet: dict[str, Any] = {**common, "nmi_rate": 0}
+    return (
+        (f"{client} (nested-safe NMIs)", Scenario(nmi="nested-safe", **common), True),
+        (f"{client}, no NMIs", Scenario(**quiet), False),
+        (f"{client}, preemption aimed at the probes", Scenario(preempt_aim=0.5, **quiet), True),
+        (f"unsafe: {broken} (aimed)", Scenario(preempt_aim=0.5, mutation=mutation, **quiet), True),
+    )
+
+
+def rows_for(client: str) -> tuple[tuple[str, Scenario, bool], ...]:
+    """The default rows of `textpoke run --client C` (ftrace and jump-label: `DEFAULT_ROWS`)."""
+    if client == "static-call":
+        return STATIC_CALL_ROWS
+    if client == "kprobe":
+        return _probe_rows("kprobe", "kprobe-slot-freed-early", "slot freed before the grace period")
+    if client == "optprobe":
+        return _probe_rows("optprobe", "optprobe-no-wait", "jmp written without the grace period")
+    return DEFAULT_ROWS
+
+
+def protocol_row(protocol: str, client: str = "ftrace") -> tuple[str, Scenario, bool]:
+    """A row for `textpoke run --protocol P`: any protocol (a user's too) in the default scenario (of
+    `client`: its first row's), with the nested-safe NMI entry, its timeline drawn."""
+    base = rows_for(client)[0][1] if client != "ftrace" else Scenario(**_COMMON)
+    return (f"{protocol} (nested-safe NMIs)", replace(base, protocol=protocol, nmi="nested-safe"), True)
+
+
+#: the step a client's timeline shows when not its first: a kprobe's grace period is in its unregistration
+TIMELINE_STEP = {"kprobe": "unregister"}
 
 
 def perfetto_name(index: int, label: str) -> str:
@@ -53,6 +129,7 @@ class DemoRow:
     trace_hash: str
     verdict: dict[str, int]
     accounting_exact: bool | None
+    #: per step performed (`steps`): its latency, whether it hung, its syncs and IPIs
     latencies: list[int]
     hung: list[bool]
     syncs: list[int]
@@ -66,6 +143,8 @@ class DemoRow:
     window: tuple[int, int] = (0, 0)
     violations: list[tuple[int, int, str]] = field(default_factory=list)
     perfetto: Path | None = None
+    steps: list[str] = field(default_factory=list)
+    grace_wait: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -91,8 +170,12 @@ def run_row(label: str, sc: Scenario, seed: int, record: bool, perfetto: Path | 
     v = out.verdict
     others = [c for c in range(sc.cpus) if c != 0]
     stalls = [meter.stall.get(c, 0) for c in others]
-    first = out.reports[0] if out.reports else None
-    window = (first.start - 1500, first.end + 1500) if first else (0, 0)
+    # per step: its reports (one, or two per probe for optprobe); a step that patched nothing is left out
+    steps = [(name, out.reports[a:b]) for name, a, b in out.steps if b > a]
+    # the step the timeline shows: the first, or the client's (`TIMELINE_STEP`) when it was performed
+    shown = [rs for name, rs in steps if name == TIMELINE_STEP.get(sc.client)]
+    first = shown[0] if shown else steps[0][1] if steps else []
+    window = (first[0].start - 1500, first[-1].end + 1500) if first else (0, 0)
     return DemoRow(
         label=label,
         scenario=sc,
@@ -100,20 +183,37 @@ def run_row(label: str, sc: Scenario, seed: int, record: bool, perfetto: Path | 
         trace_hash=v.trace_hash,
         verdict=dict(v.counts),
         accounting_exact=v.accounting.get("exact"),
-        latencies=[r.latency for r in out.reports],
-        hung=[r.hung is not None for r in out.reports],
-        syncs=[len(r.syncs) for r in out.reports],
-        ipis=[r.ipis for r in out.reports],
+        latencies=[rs[-1].end - rs[0].start for _, rs in steps],
+        hung=[any(r.hung is not None for r in rs) for _, rs in steps],
+        syncs=[sum(len(r.syncs) for r in rs) for _, rs in steps],
+        ipis=[sum(r.ipis for r in rs) for _, rs in steps],
         worst_stall=max(stalls, default=0),
         mean_stall=sum(stalls) / len(stalls) if stalls else 0.0,
         int3_hits=v.stats.get("int3_hits", 0),
         nmi={k[4:]: v.stats.get(k, 0) for k in ("nmi_delivered", "nmi_nested", "nmi_repeated", "nmi_latched")},
         intervals=[i for i in meter.intervals if window[0] <= i.end and i.start <= window[1]] if record else [],
-        phases=list(first.phases) if first and record else [],
+        phases=[p for r in first for p in r.phases] if record else [],
         window=window,
         violations=[(x.cpu, x.time, x.kind) for x in v.violations],
         perfetto=perfetto,
+        steps=[name for name, _ in steps],
+        grace_wait=[sum(r.grace_wait for r in rs) for _, rs in steps],
     )
+
+
+def prepare_rows(
+    rows: Sequence[tuple[str, Scenario, bool]],
+    objects: tuple[str, ...] = (),
+    kernel: str = "asm",
+    client: str = "ftrace",
+) -> list[tuple[str, Scenario, bool]]:
+    """`rows` on the kernel the command asked for, patching `client`'s sites (a row that names a client
+    already keeps it): every scenario is checked here (`ConfigError`), before any runs."""
+    out = []
+    for label, sc, draw in rows:
+        mine = client if sc.client == "ftrace" else sc.client
+        out.append((label, replace(sc, objects=objects, kernel=kernel, client=mine), draw))
+    return out
 
 
 def run_demo(
@@ -129,16 +229,11 @@ def run_demo(
     """Run `rows` (label, scenario, draw); with `perfetto_dir`, one Perfetto trace per row there; with
     `objects`, on a kernel built from those ELF objects; with kernel "c", on the built-in workload and
     traced functions compiled from C; with another `client`, patching its sites instead of ftrace's
-    (`textpoke.clients`: the jump-label client switches the static keys of the rows' sites)."""
+    (`textpoke.clients`: the jump-label client switches the static keys of the rows' sites). A row
+    whose scenario names a client already (`rows_for`) keeps it."""
     jobs = [
-        (
-            label,
-            replace(sc, objects=objects, kernel=kernel, client=client),
-            seed,
-            draw,
-            perfetto_dir / perfetto_name(i, label) if perfetto_dir else None,
-        )
-        for i, (label, sc, draw) in enumerate(rows, 1)
+        (label, sc, seed, draw, perfetto_dir / perfetto_name(i, label) if perfetto_dir else None)
+        for i, (label, sc, draw) in enumerate(prepare_rows(rows, objects, kernel, client), 1)
     ]
     if executor is None:
         rows = []

@@ -40,6 +40,19 @@ PHASE_COLORS = {
     "rendezvous": "#9b2226",
     "release": "#ae2012",
 }
+#: the probe protocols' own steps (in the legend only when a panel has them)
+PROBE_PHASE_COLORS = {
+    "kproberegister": "#577590",
+    "kprobeunregister": "#4d908e",
+    "graceperiod": "#f9c74f",
+    "freeslot": "#90be6d",
+}
+_PROBE_PHASE_NAMES = {
+    "kproberegister": "register (slot, table)",
+    "kprobeunregister": "unlink",
+    "graceperiod": "grace period",
+    "freeslot": "free slot",
+}
 
 
 def plot_timeline(
@@ -67,7 +80,7 @@ def plot_timeline(
                     ax.broken_barh(
                         [(max(s, start), max(min(e, end) - max(s, start), span / 2000))],
                         (y - 0.4, 0.8),
-                        color=PHASE_COLORS.get(name, COLORS["patcher"]),
+                        color=PHASE_COLORS.get(name, PROBE_PHASE_COLORS.get(name, COLORS["patcher"])),
                     )
                 continue
             ax.broken_barh([(start, span)], (y - 0.4, 0.8), color=COLORS["workload"])
@@ -99,6 +112,10 @@ def plot_timeline(
     handles = [Patch(color=COLORS[k], label=k) for k in ("workload", "int3", "sync IPI", "stopper", "NMI")]
     handles.append(Patch(color="#495057", label="crashed"))
     handles += [Patch(color=c, label=f"patcher: {k}") for k, c in PHASE_COLORS.items() if k != "write write"]
+    seen = {name for p in panels for _s, _e, name in p["phases"]}
+    handles += [
+        Patch(color=c, label=f"patcher: {_PROBE_PHASE_NAMES[k]}") for k, c in PROBE_PHASE_COLORS.items() if k in seen
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)

@@ -197,6 +197,9 @@ class Outcome:
     verdict: Verdict
     reports: list[PatchReport] = field(default_factory=list)
     machine: Machine | None = None
+    #: (step, first report, end) per step performed: that step's reports are reports[first:end] (one
+    #: per step for most clients; an optprobe step makes two per probe)
+    steps: list[tuple[str, int, int]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         v = self.verdict
@@ -309,7 +312,7 @@ def run_scenario(
     with warnings.catch_warnings():
         # the oracle judges what NMIs do to the sites; the patcher's warning would only repeat it
         warnings.simplefilter("ignore", NmiReachableWarning)
-        _operate(sc, m, patcher, targets)
+        steps = _operate(sc, m, patcher, targets)
     drained = drain(m)
     verdict = oracle.verdict(m, seed, drained)
     verdict.stats = {
@@ -325,7 +328,7 @@ def run_scenario(
     }
     if not keep_machine:
         m.close()
-    return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None)
+    return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None, steps)
 
 
 def preempt_aims(kernel, count: int, client: str) -> list[int]:
@@ -401,12 +404,17 @@ def replay_command(sc: Scenario, seed: int) -> str:
     return " ".join(parts)
 
 
-def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> None:
-    for _name, op in steps_of(resolve_client(sc.client), sc.operation):
+def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> list[tuple[str, int, int]]:
+    """Perform the operation's steps; (step, first report, end) for each step performed."""
+    done = []
+    for name, op in steps_of(resolve_client(sc.client), sc.operation):
+        first = len(patcher.reports)
         report = op(patcher, targets, sc)
+        done.append((name, first, len(patcher.reports)))
         m.run(sc.settle)
         if report is None or report.hung or report.incomplete:
             break
+    return done
 
 
 def drain(m: Machine, limit: int = 400_000) -> bool:
