@@ -631,6 +631,9 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
                 tick,
                 demo_rows,
                 args.perfetto,
+                objects=objects,
+                kernel=kernel_choice(args),
+                client=client,
             )
     # a column per step of the operation: enable, disable (ftrace, jump-label); retarget, null, restore
     # (static-call); register, unregister (the probe clients)
