@@ -187,3 +187,17 @@ def test_run_kprobe_has_a_column_per_step_and_catches_the_slot_freed_early(capsy
         else:
             assert grace[0] == 0 < grace[1]
             assert r["violations"] == {}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--client", "kprobe", "--protocol", "naive-bytes"], "client kprobe is patched with kprobe, not naive-bytes"),
+        (["--client", "optprobe", "--kernel", "c"], "use --kernel asm"),
+        (["--client", "static-call", "--object", "tests/objects/pktfilter.c"], "drop --object"),
+    ],
+)
+def test_run_refuses_a_client_it_cannot_run_before_any_output(capsys, tmp_path, argv, message):
+    rc, out, err = run_cli(capsys, "run", *argv, "--out", str(tmp_path))
+    assert rc == 2 and out == ""
+    assert len(err) == 1 and message in err[0]
