@@ -223,7 +223,11 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
         help="what is patched: " + ", ".join(client_names()) + " (default ftrace)",
     )
     g.add_argument(
-        "--protocol", type=_protocol_name, default="bp-batch", metavar="P", help=_protocol_help(PROTOCOLS, "bp-batch")
+        "--protocol",
+        type=_protocol_name,
+        default=None,
+        metavar="P",
+        help=_protocol_help(PROTOCOLS, "bp-batch, or the client's own: kprobe, optprobe"),
     )
     g.add_argument("--int3", choices=list(BP_ENTRIES), default="emulate", help="#BP handler mode")
     g.add_argument(
@@ -316,8 +320,11 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
 
 def check_scenario_options(args: argparse.Namespace) -> None:
     """Refuse options that would be silently ignored or that contradict each other."""
+    from .clients import resolve_client
     from .protocols import PatchRequest, build, probe_sample
 
+    if args.protocol is None:
+        args.protocol = resolve_client(args.client).default_protocol
     if args.mutation is not None:
         req = probe_sample(args.protocol) or (PatchRequest(0x1000, b"\x0f\x1f\x44\x00\x00", b"\xe8\x00\x00\x00\x00"),)
         if build(args.protocol, req, args.mutation) == build(args.protocol, req):

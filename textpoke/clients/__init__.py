@@ -58,6 +58,13 @@ class Client:
     check: Callable[[Scenario], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def default_protocol(self) -> str:
+        """bp-batch where it applies, else the client's own protocol (kprobe, optprobe)."""
+        if self.protocols is None or "bp-batch" in self.protocols:
+            return "bp-batch"
+        return min(self.protocols)
+
     def targets(self, sc: Scenario, kernel: KernelImage) -> list[int]:
         """The sites the scenario patches: all of this client's sites, or those `patch_sites` names."""
         sites = self.sites(kernel)
