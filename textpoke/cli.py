@@ -614,7 +614,6 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
         raise ConfigError(f"--perfetto {args.perfetto} exists and is not a directory")
     t0 = time.perf_counter()
     first = demo_rows[0][1]
-    probes = bool(resolve_client(client).extra.get("probes"))
     what = f"the functions of {', '.join(objects)}" if objects else f"{first.sites} traced functions"
     done_to = {
         "ftrace": "ftrace enabled then disabled on every site",
@@ -624,7 +623,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     }.get(client, f"{client}: every site switched on then off")
     out.print(
         f"[bold]textpoke[/bold]: {len(demo_rows)} runs of 4 CPUs (cpu0 patches), {what}, "
-        f"NMIs on every CPU{' (first row)' if probes else ''}; {done_to}. seed {args.seed}"
+        f"NMIs on every CPU; {done_to}. seed {args.seed}"
     )
     with out.status("running the scenarios...") as status:
 
