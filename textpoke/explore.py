@@ -12,6 +12,14 @@ two workload CPUs, one or two sites) by enumerating every interleaving of:
 * each text write reaching each CPU's decoded copy on its own (byte-granular snoops), as the
   machine's coherence model does.
 
+The sites and operations are a client's (`client_plan`): ftrace's 5-byte nop <-> call, jump labels of
+2 and 5 bytes, a static call's trampoline and call site (retargeted, set to NULL, restored), kprobes
+(an int3 on one instruction, run out of line from a slot that a grace period protects) and optprobes
+(a jmp rel32 over two instructions, where a CPU may stop between them). For the probe clients the
+workload CPUs also trap to the kprobe handler, run slots and detour buffers, stop inside a range and
+pass quiescent points; the README's explorer section says what each client's model includes and
+leaves out.
+
 It is a faithful *abstract* model of the same steps, not the emulator: Unicorn context save/restore
 could snapshot a machine, but a state would then be megabytes of CPU and memory state in which the
 interleavings that matter (which write reached which copy, who has serialized) are buried among
