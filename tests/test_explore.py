@@ -161,6 +161,8 @@ def test_the_explorer_refuses_what_it_does_not_model():
         explore("bp", None, 1, 1, client="kprobe")
     with pytest.raises(ConfigError, match="changes nothing"):
         explore(None, "optprobe-no-wait", 1, 1, client="kprobe")
+    with pytest.raises(ConfigError, match="changes nothing"):  # as safety: judged on optprobe's own steps
+        explore(None, "kprobe-slot-freed-early", 1, 1, client="optprobe")
     with pytest.raises(ConfigError, match="not --int3 skip"):
         explore("bp", None, 1, 1, int3="skip")
     with pytest.raises(ConfigError, match="--int3 emulate"):

@@ -752,8 +752,13 @@ def explore(
         return tuple(steps), ops
 
     steps, ops = steps_of(mutation)
-    if mutation is not None and steps == steps_of(None)[0]:
-        raise ConfigError(f"--mutation {mutation} changes nothing in --protocol {protocol} (client {client})")
+    if mutation is not None:
+        # judged on the operations `protocol` itself performs, as safety judges it (optprobe's
+        # registrations use the kprobe protocol, which a mutation of optprobe's does not name)
+        own = [i for i, spec in enumerate(specs) if spec.protocol == protocol]
+        base, plain = steps_of(None)
+        if all(steps[ops[i].first : ops[i].end] == base[plain[i].first : plain[i].end] for i in own):
+            raise ConfigError(f"--mutation {mutation} changes nothing in --protocol {protocol} (client {client})")
     model = _Model(steps, ops, addrs, boot, cpus, xmc_rule, nmis, int3, probes, client == "optprobe")
     model.count_at_delivery = count_at_delivery
     graph = nx.DiGraph() if keep_graph else None
