@@ -86,6 +86,14 @@ ABUSE = [
     (["explore", "--nmis", "2"], "--nmis needs --nmi"),
     (["explore", "--fred"], "--fred needs --nmi"),
     (["explore", "--nmi", "nested-safe", "--mutation", "no-final-sync"], "--mutation is for protocols"),
+    (["explore", "--object", "x.o"], "--object does not apply to explore"),
+    (["explore", "--client", "kprobe", "--protocol", "bp"], "client kprobe is patched with kprobe, not bp"),
+    (["explore", "--client", "kprobe", "--mutation", "optprobe-no-wait"], "changes nothing"),
+    (["explore", "--protocol", "optprobe"], "patches probes only"),
+    (["explore", "--client", "jump-label", "--int3", "skip"], "not --int3 skip"),
+    (["explore", "--client", "ftrace", "--operation", "ftrace-linux"], "no ftrace trampoline"),
+    (["explore", "--client", "static-call", "--operation", "enable"], "not 'enable'"),
+    (["explore", "--nmi", "naive", "--client", "kprobe"], "--client is for protocols"),
     # output paths
     (["replay", "0", "--timeline", "t.xyz"], ".png, .pdf, .svg"),
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cpus import ConfigError
+from textpoke.clients import resolve_client
 from textpoke.explore import NESTED_FLAGS, explore, explore_nmi
 from textpoke.protocols import BP_MUTATIONS
 from textpoke.scenario import Scenario
@@ -89,3 +91,81 @@ def test_stop_machine_ftrace_explored_with_nmis():
     assert not explore("stop-machine-ftrace", "no-nmi-write", 1, 1, nmis=1, count_at_delivery=True).safe
     with pytest.raises(ValueError):
         explore("bp", None, 1, 1, nmis=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# clients: each one's sites and operations, the correct protocol and each broken variant
+# ------------------------------------------------------------------------------------------------
+CORRECT = [
+    ("jump-label", "bp", ((1, 1), (2, 2))),
+    ("jump-label", "bp-batch", ((2, 2),)),
+    ("static-call", "bp", ((1, 1), (2, 2))),
+    ("static-call", "bp-batch", ((2, 2),)),
+    ("kprobe", None, ((1, 1), (2, 2))),
+    ("optprobe", None, ((1, 1), (2, 1))),
+]
+
+
+@pytest.mark.parametrize("client, protocol, shapes", CORRECT, ids=[f"{c}-{p}" for c, p, _ in CORRECT])
+def test_each_client_is_safe_with_its_correct_protocol(client, protocol, shapes):
+    for cpus, sites in shapes:
+        r = explore(protocol, None, cpus, sites, client=client)
+        assert r.complete and r.safe, r.report()
+        assert r.states > 20 and client in r.scope
+
+
+#: client, protocol, operation, #BP handler, mutation -> the classes the explorer reaches (and the
+#: options of the emulator's sweep that catches the same variant)
+BROKEN = [
+    ("jump-label", "bp", None, "emulate-no-jmp8", None, {"unhandled-int3"}, {"kernel": "c", "sites": 8}),
+    ("static-call", "bp", "retarget-unpadded", "emulate", None, {"sls-exposure"}, {"kernel": "c", "sites": 2}),
+    ("static-call", "bp", None, "emulate-noret", None, {"unhandled-int3"}, {"kernel": "c", "sites": 2}),
+    ("kprobe", None, None, "emulate", "kprobe-slot-freed-early", {"unhandled-int3"}, {"preempt_aim": 0.5}),
+    ("optprobe", None, None, "emulate", "optprobe-no-wait", {"torn-fetch"}, {"preempt_aim": 0.5}),
+]
+
+
+@pytest.mark.parametrize("client, protocol, operation, int3, mutation, classes, sweep", BROKEN)
+def test_each_client_broken_variant_has_a_counterexample_and_the_sweep_catches_it(
+    client, protocol, operation, int3, mutation, classes, sweep
+):
+    r = explore(protocol, mutation, 1, 1, client=client, operation=operation, int3=int3)
+    assert r.complete and set(r.violations) == classes, r.report()
+    assert r.shortest is not None and r.shortest <= 20
+    # the same variant on the emulator, as `textpoke safety --client C` runs it (seed 0)
+    kw = {"client": client, "protocol": protocol or client, "int3": int3, "mutation": mutation, "cpus": 3, **sweep}
+    caught = run_one(Scenario(**kw, operation=operation or resolve_client(client).default_operation), 0)
+    assert classes <= {k for k, n in caught.counts.items() if n}, caught.counts
+
+
+def test_the_broken_variants_paths_show_the_hazard():
+    """Each shortest counterexample ends on the hazard its variant opens: the int3 over the 2-byte
+    jump label, the freed slot a CPU is still in, the return into the middle of the optprobe's jmp."""
+    jl = explore("bp", None, 1, 2, client="jump-label", int3="emulate-no-jmp8").violations["unhandled-int3"]
+    assert jl[-2].startswith("cpu1: executes site0: cc") and len(jl[-2].split(":")[-1].split()) == 2  # 2 bytes
+    kp = explore(None, "kprobe-slot-freed-early", 1, 1, client="kprobe").violations["unhandled-int3"]
+    freed = next(i for i, p in enumerate(kp) if "frees site0's slot" in p)
+    inside = next(i for i, p in enumerate(kp) if "into its slot" in p)
+    assert inside < freed and "runs site0's freed slot" in kp[-2]
+    assert not any("quiescent" in p for p in kp)
+    op = explore(None, "optprobe-no-wait", 1, 1, client="optprobe").violations["torn-fetch"]
+    first = next(i for i, p in enumerate(op) if "(its first instruction)" in p)
+    tail = next(i for i, p in enumerate(op) if "(tail)" in p)
+    assert first < tail and "site0+3" in op[-2]
+    sc = explore("bp", None, 1, 1, client="static-call", operation="retarget-unpadded").violations["sls-exposure"]
+    assert sc[-2].startswith("cpu1: executes site0: c3") and "cc cc cc cc" not in sc[-2]
+
+
+def test_the_explorer_refuses_what_it_does_not_model():
+    with pytest.raises(ConfigError, match="patched with kprobe"):
+        explore("bp", None, 1, 1, client="kprobe")
+    with pytest.raises(ConfigError, match="changes nothing"):
+        explore(None, "optprobe-no-wait", 1, 1, client="kprobe")
+    with pytest.raises(ConfigError, match="changes nothing"):  # as safety: judged on optprobe's own steps
+        explore(None, "kprobe-slot-freed-early", 1, 1, client="optprobe")
+    with pytest.raises(ConfigError, match="not --int3 skip"):
+        explore("bp", None, 1, 1, int3="skip")
+    with pytest.raises(ConfigError, match="--int3 emulate"):
+        explore(None, None, 1, 1, client="optprobe", int3="emulate-noret")
+    with pytest.raises(ConfigError, match="unknown client"):
+        explore("bp", None, 1, 1, client="livepatch")
