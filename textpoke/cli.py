@@ -1272,6 +1272,13 @@ def _on_sigint(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
+def _load_objects_first(args: argparse.Namespace) -> None:
+    """Link the --object files before the command prints anything: a bad object is refused with its
+    one-line error, not after a header or a progress bar (the image is cached for the command)."""
+    if getattr(args, "object", None) and getattr(args, "kernel", None) in (None, "asm"):
+        build_kernel(KernelConfig(objects=tuple(args.object)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1280,6 +1287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
+        _load_objects_first(args)
         return args.func(args, _console_for(args))
     except (ConfigError, TextpokeError) as err:
         err_console.print(f"[red]textpoke: error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
