@@ -210,6 +210,20 @@ def test_the_cli_refuses_before_it_prints_anything(command, capsys):
     assert "-fno-stack-protector" in err
 
 
+def test_an_object_without_sites_is_refused_before_the_run_starts(tmp_path, capsys):
+    """Built without -pg: the call graph shows it; a run says what to add, before any output."""
+    plain = Mistake("plain", "gcc", BASE, tuple(_without(GCC_FLAGS, "-pg", "-mfentry")), "")
+    if _command(plain) is None:
+        pytest.skip("gcc is not installed")
+    obj = str(_build(plain, tmp_path))
+    assert main(["callgraph", "--object", obj]) == 0
+    capsys.readouterr()
+    assert main(["run", "--object", obj]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "no ftrace sites: compile them with -pg -mfentry" in err
+
+
 def _rebuild() -> None:
     """Rebuild tests/objects/mistakes/ and its BUILD.json (every compiler must be installed)."""
     MISTAKES_DIR.mkdir(parents=True, exist_ok=True)

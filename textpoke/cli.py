@@ -1276,7 +1276,9 @@ def _load_objects_first(args: argparse.Namespace) -> None:
     """Link the --object files before the command prints anything: a bad object is refused with its
     one-line error, not after a header or a progress bar (the image is cached for the command)."""
     if getattr(args, "object", None) and getattr(args, "kernel", None) in (None, "asm"):
-        build_kernel(KernelConfig(objects=tuple(args.object)))
+        kernel = build_kernel(KernelConfig(objects=tuple(args.object)))
+        if not kernel.sites and args.command != "callgraph":  # the call graph shows what there is
+            raise ConfigError("the objects have no ftrace sites: compile them with -pg -mfentry")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
