@@ -934,7 +934,7 @@ def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
     print_table(out, args.format, title, ("entry", "reachable traced sites"), rows)
     if kernel.user_code:
         _print_object_functions(out, kernel, g)
-    how = "direct calls from textpoke_workload" if kernel.user_code else "computed calls"
+    how = "textpoke_workload and what it calls" if kernel.user_code else "computed calls"
     out.print(f"called only by the workloads ({how}): {len(workload_only)} sites")
     if args.dot:
         _write_dot(g, args.dot)
