@@ -1,6 +1,6 @@
 """C objects compiled with the kernel's flags, loaded with --object: linking, sites, verdicts, bad input.
 
-The objects under tests/objects/{gcc,zig}/ are ring.c built by `textpoke cc` (BUILD.json says with
+The objects under tests/objects/{gcc,zig}/ are ring.c (and flowtab.c) built by `textpoke cc` (BUILD.json says with
 what); the bad objects are made here by editing bytes of the good one.
 """
 
@@ -103,6 +103,56 @@ def test_callgraph_lists_the_object_functions(capsys):
     out = capsys.readouterr().out
     for name in ("ring_push", "ring_checksum", "ring_account", "textpoke_nmi"):
         assert name in out
+
+
+# ------------------------------------------------------------------------------------------------
+# flowtab.c: a second module, written from the README alone (a hash table, a static call, a key)
+# ------------------------------------------------------------------------------------------------
+FLOWTAB = {c: OBJECTS / c / "flowtab.o" for c in ("gcc", "zig")}
+FLOWTAB_FUNCTIONS = {
+    "flow_hash_jhash",
+    "key_eq",
+    "flow_lookup",
+    "flow_insert",
+    "flow_trace_miss",
+    "textpoke_workload",
+    "textpoke_nmi",
+}
+
+
+@pytest.mark.parametrize("compiler", ["gcc", "zig"])
+def test_flowtab_lists_its_functions_static_call_and_key(compiler, capsys):
+    k = _kernel(FLOWTAB[compiler])
+    assert set(k.sites) == FLOWTAB_FUNCTIONS
+    assert [c.key for c in k.static_calls] == [k.object_symbols["__SCK__flow_hash"]]
+    assert {e.key for e in k.jump_entries} == {k.object_symbols["flow_trace"]}
+    assert main(["callgraph", "--object", str(FLOWTAB[compiler])]) == 0
+    out = capsys.readouterr().out
+    for name in FLOWTAB_FUNCTIONS:
+        assert name in out
+
+
+@pytest.mark.parametrize("compiler", ["gcc", "zig"])
+def test_flowtab_is_safe_under_bp_batch(compiler):
+    """key_eq dereferences rsi right after its ftrace site: an #BP entry that loses the interrupted
+    rsi (as one did, loading its mode into esi before saving it) crashes here in every seed."""
+    sc = replace(QUICK, protocol="bp-batch", objects=(str(FLOWTAB[compiler]),))
+    out = run_scenario(sc, 0)
+    assert out.verdict.ok, out.verdict.summary()
+    assert out.verdict.accounting["exact"]
+
+
+@pytest.mark.parametrize("client", ["ftrace", "jump-label"])
+def test_flowtab_breaks_under_naive_bytes(client):
+    sc = replace(QUICK, protocol="naive-bytes", client=client, objects=(str(FLOWTAB["gcc"]),))
+    bad = [s for s in range(3) if not run_scenario(sc, s).verdict.ok]
+    assert bad
+
+
+def test_flowtab_jump_label_is_safe_under_bp_batch():
+    sc = replace(QUICK, protocol="bp-batch", client="jump-label", objects=(str(FLOWTAB["zig"]),))
+    out = run_scenario(sc, 0)
+    assert out.verdict.ok, out.verdict.summary()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 from cpus.errors import TextpokeError
 
 __all__ = [
+    "CLANG_FLAGS",
     "COMMON_FLAGS",
     "CcError",
     "Compiler",
@@ -52,6 +53,9 @@ COMMON_FLAGS = (
 )
 #: gcc also records its sites and leaves nops (what Linux uses when the compiler can)
 GCC_FLAGS = ("-mrecord-mcount", "-mnop-mcount")
+#: clang (and zig cc) accept -mgeneral-regs-only on x86 but still copy structs through %xmm registers:
+#: they get the flags Linux's arch/x86/Makefile gives every compiler (-mno-3dnow aside: clang has no 3DNow!)
+CLANG_FLAGS = ("-mno-sse", "-mno-mmx", "-mno-sse2", "-mno-avx")
 #: the C kernel only: its traced functions must stay in source (index) order, which gcc otherwise
 #: changes for the functions whose jump label branches call a cold function (clang keeps the order)
 KERNEL_FLAGS = {"gcc": ("-fno-toplevel-reorder",)}
@@ -99,10 +103,12 @@ def find_compiler(prefer: str | None = None) -> Compiler:
             return Compiler("gcc", cmd, COMMON_FLAGS + GCC_FLAGS, _version(cmd))
         if name == "clang" and shutil.which("clang"):
             cmd = ("clang",)
-            return Compiler("clang", cmd, ("--target=x86_64-unknown-none-elf", *COMMON_FLAGS), _version(cmd))
+            return Compiler(
+                "clang", cmd, ("--target=x86_64-unknown-none-elf", *COMMON_FLAGS, *CLANG_FLAGS), _version(cmd)
+            )
         if name == "zig" and _zig_available():
             cmd = (sys.executable, "-m", "ziglang", "cc")
-            flags = ("-target", "x86_64-freestanding-none", *COMMON_FLAGS)
+            flags = ("-target", "x86_64-freestanding-none", *COMMON_FLAGS, *CLANG_FLAGS)
             return Compiler("zig", cmd, flags, _version((sys.executable, "-m", "ziglang", "version")))
         if name not in ("gcc", "clang", "zig"):
             raise CcError(f"unknown compiler {name!r}; choose gcc, clang or zig")

@@ -1012,7 +1012,7 @@ def cmd_callgraph(args: argparse.Namespace, out: Console) -> int:
     print_table(out, args.format, title, ("entry", "reachable traced sites"), rows)
     if kernel.user_code:
         _print_object_functions(out, kernel, g)
-    how = "direct calls from textpoke_workload" if kernel.user_code else "computed calls"
+    how = "textpoke_workload and what it calls" if kernel.user_code else "computed calls"
     out.print(f"called only by the workloads ({how}): {len(workload_only)} sites")
     if args.dot:
         _write_dot(g, args.dot)
@@ -1391,6 +1391,15 @@ def _on_sigint(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
+def _load_objects_first(args: argparse.Namespace) -> None:
+    """Link the --object files before the command prints anything: a bad object is refused with its
+    one-line error, not after a header or a progress bar (the image is cached for the command)."""
+    if getattr(args, "object", None) and getattr(args, "kernel", None) in (None, "asm"):
+        kernel = build_kernel(KernelConfig(objects=tuple(args.object)))
+        if not kernel.sites and args.command != "callgraph":  # the call graph shows what there is
+            raise ConfigError("the objects have no ftrace sites: compile them with -pg -mfentry")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1399,6 +1408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
+        _load_objects_first(args)
         return args.func(args, _console_for(args))
     except (ConfigError, TextpokeError) as err:
         err_console.print(f"[red]textpoke: error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)

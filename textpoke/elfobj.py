@@ -57,6 +57,7 @@ __all__ = [
 
 FTRACE_NOP = bytes.fromhex("0f1f440000")
 FENTRY = "__fentry__"
+_ENDBR64 = bytes.fromhex("f30f1efa")  # -fcf-protection puts it before the site
 #: sections that take no part in the running kernel (unwind tables: the kernel builds without them)
 _IGNORED = (".eh_frame",)
 _MCOUNT = "__mcount_loc"
@@ -75,6 +76,27 @@ RELOCATION_NAMES = {
     26: "R_X86_64_GOTPC32", 41: "R_X86_64_GOTPCRELX", 42: "R_X86_64_REX_GOTPCRELX",
 }  # fmt: skip
 _HANDLED = {R_X86_64_64, R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_32, R_X86_64_32S, R_X86_64_PC64}
+#: relocations through a global offset table (-fPIC, -fPIE) and of thread-local storage (__thread)
+_GOT_RELOCATIONS = {3, 9, 25, 26, 41, 42}
+_TLS_RELOCATIONS = {16, 17, 18, 19, 20, 21, 22, 23}
+#: sections of functions that run before (or after) main, which nothing calls in a kernel
+_CONSTRUCTOR_TYPES = ("SHT_INIT_ARRAY", "SHT_FINI_ARRAY", "SHT_PREINIT_ARRAY")
+_CONSTRUCTOR_SECTIONS = (".init_array", ".fini_array", ".preinit_array", ".ctors", ".dtors")
+#: the functions the kernel calls by name (see textpoke.h)
+_ENTRY_POINTS = ("textpoke_workload", "textpoke_nmi_irq", "textpoke_nmi")
+#: files that are source code, not objects
+_SOURCE_SUFFIXES = (".c", ".h", ".cc", ".cpp", ".cxx", ".S", ".s", ".i")
+#: undefined symbols a compiler emits on its own, and the flag that stops it
+_UNDEFINED_HINTS = (
+    ("__stack_chk_fail", "the stack protector: build with -fno-stack-protector"),
+    ("__stack_chk_guard", "the stack protector: build with -fno-stack-protector"),
+    ("__ubsan_", "UBSan's runtime, which the kernel does not have: build without -fsanitize=undefined"),
+    ("__asan_", "ASan's runtime, which the kernel does not have: build without -fsanitize=address"),
+    ("__tsan_", "TSan's runtime, which the kernel does not have: build without -fsanitize=thread"),
+    ("__sanitizer_cov_", "coverage instrumentation: build without -fsanitize-coverage"),
+    ("mcount", "-pg without -mfentry calls mcount after the prologue: add -mfentry"),
+    ("_GLOBAL_OFFSET_TABLE_", "position-independent code: build with -fno-pic -mcmodel=kernel"),
+)
 
 
 class ObjectError(TextpokeError, ValueError):
@@ -182,7 +204,10 @@ def read_object(source: str | Path | bytes, name: str | None = None) -> ElfObjec
 
 def _parse(raw: bytes, label: str) -> ElfObject:
     if raw[:4] != b"\x7fELF":
-        raise ObjectError(f"{label}: not an ELF file (it starts with {raw[:4].hex(' ') or 'nothing'})")
+        hint = ""
+        if Path(label).suffix in _SOURCE_SUFFIXES or b"#include" in raw[:4096]:
+            hint = f": it is source code; compile it first (`textpoke cc {label} -o DIR`, then --object DIR/NAME.o)"
+        raise ObjectError(f"{label}: not an ELF file (it starts with {raw[:4].hex(' ') or 'nothing'}){hint}")
     elf = ELFFile(io.BytesIO(raw))
     if elf.elfclass != 64 or not elf.little_endian:
         raise ObjectError(f"{label}: not a little-endian ELF64 object (class {elf.elfclass})")
@@ -224,6 +249,7 @@ def _parse(raw: bytes, label: str) -> ElfObject:
         Symbol(s.name, s["st_value"], s["st_size"], s["st_info"]["type"], s["st_info"]["bind"], s["st_shndx"])
         for s in symtab.iter_symbols()
     ]
+    _check_build(elf, symbols, rela, label)
     for sec in rela:
         target = sec["sh_info"]
         if target not in sections:
@@ -235,6 +261,48 @@ def _parse(raw: bytes, label: str) -> ElfObject:
                 raise ObjectError(f"{label}: relocation in {where} names symbol #{sym}, not in the table")
             sections[target].relocs.append(Reloc(r["r_offset"], r["r_info_type"], sym, r["r_addend"]))
     return ElfObject(label, sections, symbols)
+
+
+def _check_build(elf: ELFFile, symbols: list[Symbol], rela: list[RelocationSection], label: str) -> None:
+    """Refuse, with the flag or change that fixes it, what a compiler leaves when it was not given the
+    kernel's flags, or when the code asks for something a kernel does not have."""
+    for sec in elf.iter_sections():
+        if not sec["sh_flags"] & SH_FLAGS.SHF_ALLOC or sec["sh_size"] == 0:
+            continue
+        if sec["sh_flags"] & SH_FLAGS.SHF_TLS:
+            tls = sorted({s.name for s in symbols if s.kind == "STT_TLS" and s.name}) or [sec.name]
+            raise ObjectError(
+                f"{label}: thread-local storage ({sec.name}: {', '.join(tls)}): the kernel has no threads' TLS; "
+                "drop __thread and keep per-CPU state in an array indexed by textpoke_cpu()"
+            )
+        if sec["sh_type"] in _CONSTRUCTOR_TYPES or sec.name.startswith(_CONSTRUCTOR_SECTIONS):
+            raise ObjectError(
+                f"{label}: {sec.name} lists constructors or destructors (__attribute__((constructor)), C++ static "
+                "initializers), which nothing runs here: initialize the data statically, or on the first "
+                "call of textpoke_workload"
+            )
+    for s in symbols:
+        if s.name.startswith("_Z") and isinstance(s.shndx, int) and s.bind != "STB_LOCAL":
+            for entry in _ENTRY_POINTS:
+                if f"{len(entry)}{entry}" in s.name:
+                    raise ObjectError(
+                        f"{label}: {s.name} is {entry} with a C++ mangled name, which the kernel does not call: "
+                        f'compile as C, or declare it extern "C"'
+                    )
+    for sec in rela:
+        for r in sec.iter_relocations():
+            t = r["r_info_type"]
+            sym = symbols[r["r_info_sym"]].name if 0 <= r["r_info_sym"] < len(symbols) else "?"
+            if t in _TLS_RELOCATIONS:
+                raise ObjectError(
+                    f"{label}: {RELOCATION_NAMES[t]} against {sym}: thread-local storage, which the kernel does not "
+                    "have; drop __thread and keep per-CPU state in an array indexed by textpoke_cpu()"
+                )
+            if t in _GOT_RELOCATIONS:
+                raise ObjectError(
+                    f"{label}: {RELOCATION_NAMES[t]} against {sym}: position-independent code (it goes through a "
+                    "GOT, which the kernel does not have); build with -fno-pic -mcmodel=kernel"
+                )
 
 
 def _check_extents(elf: ELFFile, size: int, label: str) -> None:
@@ -331,7 +399,15 @@ def link(
         }
     )  # fmt: skip
     if missing:
-        raise ObjectError("undefined symbol: " + ", ".join(missing) + " (the kernel provides " + _names(provided) + ")")
+        hints = sorted({h for m in missing for p, h in _UNDEFINED_HINTS if m.split(" ")[0].startswith(p)})
+        raise ObjectError(
+            "undefined symbol: "
+            + ", ".join(missing)
+            + " (the kernel provides "
+            + _names(provided)
+            + ")"
+            + "".join(f"; {h}" for h in hints)
+        )
 
     # 3. section bytes, the __fentry__ calls recorded and turned into nops, relocations applied
     images: dict[tuple[int, int], bytearray] = {k: bytearray(objects[k[0]].sections[k[1]].data) for k in where}
@@ -404,8 +480,13 @@ def link(
         if fn is None or not in_text(addr, 5):
             raise ObjectError(f"{obj.name}: ftrace site at {addr:#x} is not inside any function")
         got = bytes(text[addr - text_base : addr - text_base + 5])
+        off = addr - functions[fn][0]
+        if off and not (off == len(_ENDBR64) and text[addr - text_base - off : addr - text_base] == _ENDBR64):
+            raise ObjectError(
+                f"{obj.name}: the ftrace site of {fn} is at {fn}+{off:#x}, not at its entry: built with -pg "
+                "but without -mfentry (the mcount call comes after the prologue); add -mfentry"
+            )
         if got != FTRACE_NOP:
-            off = addr - functions[fn][0]
             raise ObjectError(
                 f"{obj.name}: {_MCOUNT} entry {fn}+{off:#x} holds {got.hex(' ')}: not a call to {FENTRY} "
                 "nor the 5-byte nop"

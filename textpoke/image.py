@@ -1013,7 +1013,8 @@ def _check_compiled(name: str, insn, spans: list[tuple[int, int]]) -> None:
     if _VECTOR_REGS.search(insn.op_str):
         raise ObjectError(
             f"{where} uses SSE/AVX/MMX registers ({insn.op_str}); kernel code may not: "
-            "compile with -mgeneral-regs-only (gcc) or -mno-sse -mno-mmx -mno-avx (clang)"
+            "compile with -mgeneral-regs-only (gcc) or -mno-sse -mno-mmx -mno-sse2 -mno-avx (clang and zig cc, "
+            "whose -mgeneral-regs-only does not stop it on x86), as `textpoke cc` does"
         )
     if m in ("call", "jmp") and insn.operands and insn.operands[0].type == 2:
         target = insn.operands[0].imm & (2**64 - 1)

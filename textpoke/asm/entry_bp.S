@@ -25,6 +25,7 @@ SYM_FUNC_START(bp_entry_emulate)
     push qword ptr [rsp+40]
     push qword ptr [rsp+40]
     push qword ptr [rsp+40]
+    push rsi                            # saved before esi carries the mode
     mov esi, 1
     jmp bp_common
 SYM_FUNC_END(bp_entry_emulate)
@@ -32,6 +33,7 @@ SYM_FUNC_END(bp_entry_emulate)
 # Mutation used by the oracle tests: emulation without the stack gap (pre-5.2 entry code).
 SYM_FUNC_START(bp_entry_emulate_nogap)
     push -1
+    push rsi                            # saved before esi carries the mode
     mov esi, 1
     jmp bp_common
 SYM_FUNC_END(bp_entry_emulate_nogap)
@@ -46,18 +48,21 @@ SYM_FUNC_START(bp_entry_emulate_noret)
     push qword ptr [rsp+40]
     push qword ptr [rsp+40]
     push qword ptr [rsp+40]
+    push rsi
     mov esi, 3
     jmp bp_common
 SYM_FUNC_END(bp_entry_emulate_noret)
 
 SYM_FUNC_START(bp_entry_skip)
     push -1
+    push rsi
     xor esi, esi
     jmp bp_common
 SYM_FUNC_END(bp_entry_skip)
 
-# rsp -> orig_ax, then RIP, CS, RFLAGS, RSP, SS; esi = 1 to emulate, 0 to skip (3: emulate, but
-# not RET).
+# rsp -> the interrupted rsi, then orig_ax, RIP, CS, RFLAGS, RSP, SS; esi = 1 to emulate, 0 to skip
+# (3: emulate, but not RET). Every register of the interrupted code comes back as it was: an entry
+# saves rsi before it loads the mode (compiled code keeps pointers in rsi across an ftrace site).
 SYM_FUNC_START(bp_common)
     push rax
     push rcx
@@ -67,14 +72,12 @@ SYM_FUNC_START(bp_common)
     push r9
     push r10
     push r11
-    push rsi
     lea rdi, [rsp+72]                   # rdi -> orig_ax of the frame iretq will use
     call poke_int3_handler
     test rax, rax
     KPROBE_CHAIN                        # jz bp_unhandled (with kprobes: kprobe_int3_handler first)
 .Lhandled:
     inc qword ptr gs:[PCPU_BP_COUNT]
-    pop rsi
     pop r11
     pop r10
     pop r9
@@ -83,6 +86,7 @@ SYM_FUNC_START(bp_common)
     pop rdx
     pop rcx
     pop rax
+    pop rsi
     add rsp, 8                          # orig_ax
     jmp native_iret
 SYM_FUNC_END(bp_common)

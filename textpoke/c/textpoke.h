@@ -19,7 +19,9 @@
  *   gcc -O2 -pg -mfentry -mrecord-mcount -mnop-mcount -mcmodel=kernel -fno-pic -mno-red-zone \
  *       -ffreestanding -fno-stack-protector -mgeneral-regs-only -c file.c
  *   python -m ziglang cc -target x86_64-freestanding-none -O2 -pg -mfentry -mcmodel=kernel \
- *       -fno-pic -mno-red-zone -mgeneral-regs-only -c file.c
+ *       -fno-pic -mno-red-zone -mno-sse -mno-mmx -mno-sse2 -mno-avx -c file.c
+ * (clang and zig cc take -mgeneral-regs-only but still copy structs through %xmm on x86)
+ * or let `textpoke cc file.c -o DIR` pick the compiler and the flags.
  */
 #ifndef TEXTPOKE_H
 #define TEXTPOKE_H
