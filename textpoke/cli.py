@@ -1391,9 +1391,17 @@ def _on_sigint(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
+#: clients whose `run` and `latency` rows need the built-in kernel's sites (they refuse --object)
+_CLIENTS_WITHOUT_OBJECTS = ("static-call", "kprobe", "optprobe")
+
+
 def _load_objects_first(args: argparse.Namespace) -> None:
     """Link the --object files before the command prints anything: a bad object is refused with its
     one-line error, not after a header or a progress bar (the image is cached for the command)."""
+    if args.command == "explore":
+        return  # it refuses --object itself: an abstract model, no text to link
+    if args.command in ("run", "latency") and getattr(args, "client", "ftrace") in _CLIENTS_WITHOUT_OBJECTS:
+        return  # the command refuses --object for these clients, with the reason
     if getattr(args, "object", None) and getattr(args, "kernel", None) in (None, "asm"):
         kernel = build_kernel(KernelConfig(objects=tuple(args.object)))
         if not kernel.sites and args.command != "callgraph":  # the call graph shows what there is
