@@ -27,7 +27,8 @@ from textpoke.image import KernelConfig, build_kernel
 HERE = Path(__file__).resolve().parent
 MISTAKES_DIR = HERE / "objects" / "mistakes"
 
-#: the kernel's flags, as `textpoke cc` passes them (gcc), and the mistakes are edits of them
+#: the kernel's flags as `textpoke cc` passes them to gcc, written out here rather than imported so that a
+#: change to cc.py cannot move the test with it; the mistakes are edits of them
 GCC_FLAGS = [
     "-O2",
     "-pg",
@@ -43,7 +44,7 @@ GCC_FLAGS = [
     "-fno-asynchronous-unwind-tables",
     "-g0",
 ]
-#: the flags of the issue's zig command: without -mno-sse, zig's clang copies structs through %xmm
+#: a plain zig command as the README's walkthrough gives it: without -mno-sse, zig's clang copies structs through %xmm
 ZIG_FLAGS = [
     "-target",
     "x86_64-freestanding-none",
