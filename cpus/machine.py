@@ -1113,7 +1113,8 @@ class Machine:
             cpu.rip = after = eng.rip()
             if stop is not None and cpu.crash is None:
                 self._crash(cpu, f"guest fault: {stop.error}", after)
-            elif cpu.crash is None and after == rip:
+            elif cpu.crash is None and after == rip and (not eng.exits_available or eng.completed() <= 1):
+                # (a loop of two or more instructions may end a quantum where it began: that is progress)
                 self._no_progress(cpu, rip)
             else:
                 cpu.stuck = 0

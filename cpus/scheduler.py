@@ -216,7 +216,8 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         done = held if held is not None else eng.completed()
         if stop is not None and cpu.crash is None:
             m._crash(cpu, f"guest fault: {stop.error}", after)
-        elif cpu.crash is None and after == rip and held is None:
+        elif cpu.crash is None and after == rip and held is None and done <= 1:
+            # (a loop of two or more instructions may end a quantum where it began: that is progress)
             m._no_progress(cpu, rip)
         else:
             cpu.stuck = 0

@@ -201,3 +201,13 @@ def test_run_refuses_a_client_it_cannot_run_before_any_output(capsys, tmp_path, 
     rc, out, err = run_cli(capsys, "run", *argv, "--out", str(tmp_path))
     assert rc == 2 and out == ""
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_spin_loop_that_ends_quanta_where_they_began_is_progress_not_a_hang():
+    """multi_cpu_stop waits in a two-instruction loop; at 16 CPUs with the RT task the horizon kept
+    ending that CPU's quanta on the loop's first instruction, which the machine took for an
+    instruction it could not execute: the CPU 'crashed' and the operation hung at 1,135,260 cycles."""
+    cfg = LatencyConfig(client="jump-label", protocol="stop-machine", cpus=16, sites=8, seed=2, kernel="c")
+    row = measure(replace(cfg, rt_cpus=(1, 15)))
+    assert row.patch_latency_cycles < 200_000
+    assert set(row.stage_cycles) >= {"prepare", "run"}

@@ -350,6 +350,12 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
         else:
             reports = _run_step(client, step, patcher, sites, args)
     report = _merge(reports)
+    unfinished = [r.hung or r.incomplete for r in reports if r.hung or r.incomplete]
+    if unfinished:  # a latency of an operation that never finished is no figure
+        raise TextpokeError(
+            f"{cfg.client} {step} with {cfg.protocol} on {cfg.cpus} CPUs (seed {cfg.seed}) "
+            f"did not finish: {unfinished[0]}"
+        )
     m.run(2_000)  # let the last handlers return
     drained = m.now()
     others = [c for c in range(cfg.cpus) if c != mc.patcher_cpu]
