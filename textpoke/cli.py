@@ -388,6 +388,16 @@ def _check_pool_options(args: argparse.Namespace) -> None:
         check_scheduler(args.scheduler)
 
 
+#: what each client's accounting counts (the oracle's missed-call / extra-call / branch-miscount)
+_ACCOUNTING = {
+    "ftrace": "traced-call",
+    "jump-label": "branch",
+    "static-call": "static-call target",
+    "kprobe": "probe hit",
+    "optprobe": "probe hit",
+}
+
+
 def cmd_safety(args: argparse.Namespace, out: Console) -> int:
     """Sweep seeds for one scenario and tabulate the oracle's verdicts."""
     import json
@@ -461,7 +471,7 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
     exact = data["accounting_exact_seeds"]
     out.print(
         f"seeds with a violation: {data['seeds_with_violation']} of {result.seeds}; "
-        f"traced-call accounting exact in {exact} of {result.seeds}; "
+        f"{_ACCOUNTING.get(args.client, 'call')} accounting exact in {exact} of {result.seeds}; "
         f"{result.seeds / dt:.2f} seeds/s ({dt:.1f} s)",
         markup=False,
     )
