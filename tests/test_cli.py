@@ -18,10 +18,11 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from cpus import ConfigError, CostModel, Machine, MachineConfig
 from textpoke import cli
-from textpoke.cli import build_parser, main, make_scenario
+from textpoke.cli import build_parser, make_scenario
 from textpoke.cli_support import check_output_path, write_output
 from textpoke.costs import load_costs
 from textpoke.executors import check_scheduler, stream
@@ -29,16 +30,6 @@ from textpoke.image import Percpu
 from textpoke.oracle import SafetyOracle
 from textpoke.patcher import Patcher
 from textpoke.scenario import Scenario, replay_command, run_scenario
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, list[str]]:
-    """main(argv) in this process: (exit status, stdout, stderr lines)."""
-    try:
-        rc = main(list(argv))
-    except SystemExit as stop:  # argparse
-        rc = stop.code
-    got = capsys.readouterr()
-    return rc, got.out, got.err.strip().splitlines()
 
 
 @pytest.fixture

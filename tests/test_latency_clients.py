@@ -7,20 +7,11 @@ import json
 from dataclasses import replace
 
 import pytest
+from conftest import run_cli
 
 from cpus import ConfigError
 from textpoke import demo
-from textpoke.cli import main
 from textpoke.latency import LatencyConfig, check, measure
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, list[str]]:
-    try:
-        rc = main(list(argv))
-    except SystemExit as stop:  # argparse
-        rc = stop.code
-    got = capsys.readouterr()
-    return rc, got.out, got.err.strip().splitlines()
 
 
 def row(client: str, protocol: str, step: str, sites: int, cpus: int = 3):
