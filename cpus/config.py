@@ -190,6 +190,6 @@ class MachineConfig:
         """The CPUs `src` reaches (with no source: the CPUs NMI sources reach by default)."""
         if src is not None and src.cpus is not None:
             return src.cpus
-        if self.nmi_cpus == "workers":
+        if isinstance(src, TimerSource) or self.nmi_cpus == "workers":  # a timer's default: not the patcher
             return tuple(c for c in range(self.cpus) if c != self.patcher_cpu)
         return tuple(range(self.cpus))

@@ -303,7 +303,7 @@ def measure(cfg: LatencyConfig, meter: StallMeter | None = None) -> LatencyRow:
     interruptions = InterruptionMeter(iret_cost=cfg.costs.iret + cfg.costs.instruction)
     timers: tuple[TimerSource, ...] = (rt_timer(cfg.rt_cpus, cfg.rt_period),) if cfg.rt_cpus else ()
     if cfg.probes:  # the kernel with probes is preemptible: the scheduler tick on every workload CPU
-        timers = (TimerSource("preempt", period=PREEMPT_TICK_PERIOD, cpus=tuple(range(1, cfg.cpus))),)
+        timers = (TimerSource("preempt", period=PREEMPT_TICK_PERIOD),)
     mc = MachineConfig(
         cpus=cfg.cpus,
         seed=cfg.seed,

@@ -45,9 +45,6 @@ OPERATIONS = {name: tuple(step for step, _ in steps) for name, steps in resolve_
 #: or always one IPI per target
 IPI_MODES = ("shorthand", "per-target")
 
-#: the CPU a scenario patches from (MachineConfig.patcher_cpu left at its default)
-_PATCHER_CPU = MachineConfig.__dataclass_fields__["patcher_cpu"].default
-
 
 @dataclass(frozen=True)
 class Scenario:
@@ -269,8 +266,7 @@ def run_scenario(
         sources = (NmiSource("perf", period=period, jitter=0.3), NmiSource("watchdog", period=8 * period, jitter=0.05))
     snoop = snoop_for(sc.xmc_rule, SnoopModel(*sc.snoop) if sc.snoop else SnoopModel(None, None))
     # a kernel built with probes is preemptible: a scheduler tick on every workload CPU
-    workers = tuple(c for c in range(sc.cpus) if c != _PATCHER_CPU)
-    ticks = (TimerSource("preempt", period=PREEMPT_TICK_PERIOD, cpus=workers),) if kernel.config.probes else ()
+    ticks = (TimerSource("preempt", period=PREEMPT_TICK_PERIOD),) if kernel.config.probes else ()
     cfg = MachineConfig(
         cpus=sc.cpus,
         seed=seed,
