@@ -258,6 +258,12 @@ def scenario_args(sp: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--quantum", type=_quantum, default=DEFAULT_QUANTUM, help="mean scheduling quantum (instructions)")
     g.add_argument(
+        "--stop-at-first",
+        action="store_true",
+        help="end each seed at its first violation: the same seeds are caught, by the same first class, "
+        "and a caught seed costs only its run up to there (later violations are not counted)",
+    )
+    g.add_argument(
         "--irqoff",
         type=bounded(0, MAX_IRQOFF_SPINS),
         default=0,
@@ -370,6 +376,7 @@ def make_scenario(args: argparse.Namespace):
         sls_check=args.sls_check,
         ipi=args.ipi,
         preempt_aim=args.preempt_aim,
+        stop_at_first=args.stop_at_first,
     )
 
 

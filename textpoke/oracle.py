@@ -77,7 +77,7 @@ from cpus.disasm import describe
 
 from .image import C_NR_SC, C_NR_SC_TARGETS, KPROBE_MAX, KernelImage, Percpu
 
-__all__ = ["CLASSES", "COUNTED", "XMC_RULES", "SafetyOracle", "Verdict", "Violation", "snoop_for"]
+__all__ = ["CLASSES", "COUNTED", "XMC_RULES", "FirstViolation", "SafetyOracle", "Verdict", "Violation", "snoop_for"]
 
 CLASSES = (
     "torn-fetch",
@@ -167,16 +167,38 @@ def snoop_for(xmc_rule: str, snoop: SnoopModel) -> SnoopModel:
     return SnoopModel(0, 0) if xmc_rule == "coherent" else snoop
 
 
-class SafetyOracle:
-    """Instrument of the machine and listener of the patcher."""
+class FirstViolation(Exception):
+    """Raised through the machine at the first violation when the oracle stops there: the run ends
+    at that instant (the hooks carry it out of the engine, as any hook's exception)."""
 
-    def __init__(self, kernel: KernelImage, ncpus: int, xmc_rule: str = "linux", sls_check: bool = True) -> None:
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"stopped at the first violation ({kind})")
+        self.kind = kind
+
+
+class SafetyOracle:
+    """Instrument of the machine and listener of the patcher.
+
+    With `stop_at_first` the first violation ends the run (`FirstViolation`): whether a seed is
+    caught, and by what first, is the same as in the full run, whose prefix it is, and a sweep
+    that asks only that no longer pays for the rest of every caught seed (a broken NMI entry
+    otherwise runs millions of cycles until the hung patcher's budget runs out)."""
+
+    def __init__(
+        self,
+        kernel: KernelImage,
+        ncpus: int,
+        xmc_rule: str = "linux",
+        sls_check: bool = True,
+        stop_at_first: bool = False,
+    ) -> None:
         if xmc_rule not in XMC_RULES:
             raise ConfigError(f"unknown cross-modifying-code rule {xmc_rule!r}; choose from {', '.join(XMC_RULES)}")
         self.kernel = kernel
         self.ncpus = ncpus
         self.xmc_rule = xmc_rule
         self.sls_check = sls_check
+        self.stop_at_first = stop_at_first
         self.tracers = {
             kernel.symbols["ftrace_caller"]: "ftrace_caller",
             kernel.symbols["ftrace_caller_alt"]: "ftrace_caller_alt",
@@ -248,6 +270,8 @@ class SafetyOracle:
             self.violations.append(v)
             for sink in self.sinks:
                 sink(v)
+        if self.stop_at_first:
+            raise FirstViolation(kind)
 
     # -- patcher listener --------------------------------------------------------------------------
     def on_op_start(self, op, time: int) -> None:
@@ -625,6 +649,7 @@ class SafetyOracle:
         }
 
     def verdict(self, m: Machine, seed: int, drained: bool) -> Verdict:
+        self.stop_at_first = False  # the accounting below judges a finished run: nothing to stop
         accounting = self.reconcile(m) if drained and self.incomplete is None else {"exact": None, "per_cpu": []}
         verdict = Verdict(
             seed, m.trace_hash, list(self.violations), Counter(self.counts), accounting, by_cpu=Counter(self.by_cpu)

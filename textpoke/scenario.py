@@ -32,7 +32,7 @@ from .image import (
     Percpu,
     build_kernel,
 )
-from .oracle import XMC_RULES, SafetyOracle, Verdict, snoop_for
+from .oracle import XMC_RULES, FirstViolation, SafetyOracle, Verdict, snoop_for
 from .patcher import NmiReachableWarning, Patcher, PatchReport
 from .plugins import resolve_mutation, resolve_protocol
 from .protocols import PROBE_PROTOCOLS, build
@@ -90,6 +90,9 @@ class Scenario:
     #: probe clients: the probability that a workload CPU is preempted (the scheduler tick, aimed)
     #: right after a probe's first instruction -- inside an optprobe's range, or in a kprobe's slot
     preempt_aim: float = 0.0
+    #: end each run at its first violation: the same seeds are caught, by the same first class, and
+    #: a caught seed costs only its prefix (later events and counts are not simulated)
+    stop_at_first: bool = False
 
     def __post_init__(self) -> None:
         protocol = resolve_protocol(self.protocol)  # a built-in, an entry point or module:function
@@ -280,7 +283,7 @@ def run_scenario(
         delivery_serializes=sc.delivery_serializes,
         timer_sources=ticks,
     )
-    oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule, sls_check=sc.sls_check)
+    oracle = SafetyOracle(kernel, sc.cpus, xmc_rule=sc.xmc_rule, sls_check=sc.sls_check, stop_at_first=sc.stop_at_first)
     nmi_entry = sc.nmi if sc.nmi != "none" else "naive"
     m = Machine(cfg, kernel.boot_image(sc.int3, nmi_entry), [oracle, *extra_instruments])
     oracle.attach(m)
@@ -307,12 +310,17 @@ def run_scenario(
     patcher.listeners.extend(e for e in extra_instruments if hasattr(e, "on_op_start"))
 
     targets = _targets(sc, kernel)
-    m.run(sc.warmup)
-    with warnings.catch_warnings():
-        # the oracle judges what NMIs do to the sites; the patcher's warning would only repeat it
-        warnings.simplefilter("ignore", NmiReachableWarning)
-        steps = _operate(sc, m, patcher, targets)
-    drained = drain(m)
+    steps: list[tuple[str, int, int]] = []
+    try:
+        m.run(sc.warmup)
+        with warnings.catch_warnings():
+            # the oracle judges what NMIs do to the sites; the patcher's warning would only repeat it
+            warnings.simplefilter("ignore", NmiReachableWarning)
+            _operate(sc, m, patcher, targets, steps)
+        drained = drain(m)
+    except FirstViolation as first:
+        m.trace.add((m.now(), -1, "stopped", first.kind))
+        drained = False
     verdict = oracle.verdict(m, seed, drained)
     verdict.stats = {
         "cpu": m.stats(),
@@ -400,12 +408,14 @@ def replay_command(sc: Scenario, seed: int) -> str:
         parts.append(f"--ipi {sc.ipi}")
     if sc.preempt_aim:
         parts.append(f"--preempt-aim {sc.preempt_aim}")
+    if sc.stop_at_first:
+        parts.append("--stop-at-first")
     return " ".join(parts)
 
 
-def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> list[tuple[str, int, int]]:
-    """Perform the operation's steps; (step, first report, end) for each step performed."""
-    done = []
+def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int], done: list[tuple[str, int, int]]) -> None:
+    """Perform the operation's steps; appends (step, first report, end) to `done` for each step
+    performed (kept when the run stops at a violation)."""
     for name, op in steps_of(resolve_client(sc.client), sc.operation):
         first = len(patcher.reports)
         report = op(patcher, targets, sc)
@@ -413,7 +423,6 @@ def _operate(sc: Scenario, m: Machine, patcher: Patcher, targets: list[int]) -> 
         m.run(sc.settle)
         if report is None or report.hung or report.incomplete:
             break
-    return done
 
 
 def drain(m: Machine, limit: int = 400_000) -> bool:
