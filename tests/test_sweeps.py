@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from textpoke.scenario import Scenario
+from textpoke.scenario import Scenario, replay_command
 from textpoke.sweep import sweep, wilson
 
 SC = Scenario(protocol="naive-atomic", sites=4, warmup=1000, settle=1000)
@@ -138,3 +139,22 @@ def test_the_command_line_does_not_need_pytest():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "replay: textpoke replay 0 --protocol naive-atomic" in " ".join(r.stdout.split())
+
+
+def test_stop_at_first_catches_the_same_seeds_by_the_same_first_violation():
+    """The stopped run is a prefix of the full one: same caught seeds, same first violation; the
+    stopped one counts that violation only and its trace ends there (another hash)."""
+    sc = Scenario(protocol="bp", mutation="no-final-sync")
+    full = sweep(sc, range(6), jobs=1)
+    stopped = sweep(dataclasses.replace(sc, stop_at_first=True), range(6), jobs=1)
+    assert 0 < len(full.failing) < 6  # the comparison needs caught and missed seeds
+    assert stopped.failing == full.failing
+    for f, s in zip(full.results, stopped.results, strict=True):
+        if f.ok:
+            assert f.trace_hash == s.trace_hash  # nothing stopped it: the very same run
+            continue
+        first_kind = next(iter(f.first))
+        assert s.first == {first_kind: f.first[first_kind]}
+        assert sum(s.counts.values()) == 1
+        assert s.trace_hash != f.trace_hash
+    assert "--stop-at-first" in replay_command(dataclasses.replace(sc, stop_at_first=True), 3)
