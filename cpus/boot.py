@@ -42,3 +42,6 @@ class BootImage:
     #: IPI's acknowledgement, the #BP handler's descriptor lookup, the stopper): the exact scheduler
     #: orders every block of it against the agents (cpus/scheduler.py)
     shared_code: tuple[tuple[int, int], ...] = ()
+    #: watched sites that nothing falls through to (function entries: only a call or a jump reaches
+    #: them), so every execution starts a translated block there without an exit
+    block_starts: frozenset[int] = frozenset()

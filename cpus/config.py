@@ -34,6 +34,11 @@ DEFAULT_QUANTUM = 1000
 #: every CPU in quanta of 1..fine_quantum instructions while an agent asks for it
 INTERLEAVES = ("exact", "fine")
 DEFAULT_INTERLEAVE = "exact"
+#: where a watched site gets an exit (`Engine.set_exit`, so that it starts a translated block):
+#: "needed" skips the sites the image names as block starts (function entries, reached only by a
+#: jump or a call); "all" puts one at every site (slower: Unicorn re-examines the translated code in
+#: front of every exit after every run) and must give the same trace
+SITE_EXITS = ("needed", "all")
 #: the largest cost of one event, in cycles (400 us at 2.5 GHz, a hundred times a real text_poke):
 #: beyond it a run is no longer a model of a machine, and a patch operation would take hours to simulate
 MAX_COST = 1_000_000
@@ -152,6 +157,7 @@ class MachineConfig:
     #: looser than the SDM: every event delivery (interrupt, exception, NMI) also serializes the
     #: CPU, as the model once assumed; the SDM lists no delivery among serializing operations
     delivery_serializes: bool = False
+    site_exits: str = "needed"
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpus, int) or isinstance(self.cpus, bool):
@@ -168,6 +174,8 @@ class MachineConfig:
             raise ConfigError(f"fine_window must be a non-negative integer, got {self.fine_window!r}")
         if self.interleave not in INTERLEAVES:
             raise ConfigError(f"interleave must be one of {', '.join(INTERLEAVES)}, got {self.interleave!r}")
+        if self.site_exits not in SITE_EXITS:
+            raise ConfigError(f"site_exits must be one of {', '.join(SITE_EXITS)}, got {self.site_exits!r}")
         if not 0 <= self.patcher_cpu < self.cpus:
             raise ConfigError(f"patcher_cpu {self.patcher_cpu} is not a CPU of a {self.cpus}-CPU machine")
         s = self.snoop

@@ -523,14 +523,22 @@ class Machine:
             length = self.coherence.sites[site]
             handles = [cpu.engine.hook_block_at(site, length, self._site_hook(cpu)) for cpu in self.cpus]
             self._site_hooks[site] = handles
-            for cpu in self.cpus:
-                if cpu.engine.exits_available:
+            if self._needs_exit(site):
+                for cpu in self.cpus:
                     # every execution of the site starts a block, also one reached by falling through
                     # from the instruction before it (the copies installed next drop the blocks that
                     # ran through it)
                     cpu.engine.set_exit(site, True)
             self.coherence.watch(site)  # installs every CPU's copy, now with the hook in it
             self.trace.add((self.now(), -1, "watch", site))
+
+    def _needs_exit(self, site: int) -> bool:
+        """Whether `site` gets an exit. Unicorn re-examines the translated code in front of every
+        exit after every run (a cost per quantum that grows with the exits), so a site that only a
+        call or a jump reaches, where translation starts a block anyway, goes without one."""
+        if not self.cpus[0].engine.exits_available:
+            return False
+        return self.config.site_exits == "all" or site not in self.image.block_starts
 
     def release(self, sites: Iterable[int]) -> None:
         """Stop observing these sites as soon as no CPU holds a stale copy of them."""
@@ -547,8 +555,8 @@ class Machine:
                 cpu.engine.hook_del(handle)
                 cpu.engine.drop_decoded(site, site + length)
             self.coherence.unwatch(site)
-            for cpu in self.cpus:
-                if cpu.engine.exits_available:
+            if self._needs_exit(site):
+                for cpu in self.cpus:
                     cpu.engine.set_exit(site, False)
                     self._redecode_around(cpu, site, False)  # blocks that stop in front of it
             self.trace.add((self.now(), -1, "unwatch", site))
@@ -953,9 +961,14 @@ class Machine:
         fetch = self.coherence.fetch
         decoded = self.coherence.copies[cpu.index]
 
+        eng = cpu.engine
+        counted = eng.exits_available
+
         def on_site(addr: int, _block_size: int) -> None:
             if cpu.tentative is not None:
                 self._confirm_fetch(cpu)
+            if counted and eng.count_ran_out():
+                return  # the quantum ends in front of the site, as at an exit: it runs next quantum
             now = cpu.now()
             if cpu.running and now > self.hz_max:
                 hold(cpu)  # executing a watched site: ordered against the agents' text writes

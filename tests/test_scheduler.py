@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 
@@ -121,3 +122,33 @@ def test_a_closed_machine_refuses_to_run():
     m.close()
     with pytest.raises(ConfigError, match="closed"):
         m.run(100)
+
+
+@pytest.mark.parametrize(
+    "sc",
+    [
+        Scenario(),
+        Scenario(nmi="nested-safe", nmi_rate=500, sites=16),
+        Scenario(protocol="bp", interleave="fine", sites=4),
+        Scenario(kernel="c", protocol="bp", mutation="no-final-sync"),
+        Scenario(objects=("tests/objects/gcc/flowtab.o",), nmi="nested-safe", nmi_rate=300),
+        Scenario(client="jump-label", kernel="c"),
+    ],
+    ids=["default", "nmis", "fine", "c-kernel", "object", "jump-label"],
+)
+def test_sites_at_function_entries_need_no_exit(sc, monkeypatch):
+    """A site only a call reaches starts a block without an exit: putting one there anyway (the
+    older, slower way) changes nothing, trace for trace. A site some code fell through to would be
+    fetched unobserved without its exit, and the traces would differ."""
+    import textpoke.scenario as scenario_mod
+
+    seeds = (0, 1)
+    needed = [run_scenario(sc, s).verdict.trace_hash for s in seeds]
+    monkeypatch.setattr(scenario_mod, "MachineConfig", functools.partial(MachineConfig, site_exits="all"))
+    everywhere = [run_scenario(sc, s).verdict.trace_hash for s in seeds]
+    assert needed == everywhere
+
+
+def test_site_exits_is_checked():
+    with pytest.raises(ConfigError, match="site_exits"):
+        MachineConfig(site_exits="some")

@@ -393,6 +393,8 @@ class KernelImage:
             percpu_init=percpu_init,  # type: ignore[arg-type]
             symbols=dict(sym),
             shared_code=tuple((sym[n], self.sizes[n]) for n in SHARED_CODE if n in self.sizes),
+            # an ftrace site that is its function's first byte (no endbr64 or the like before it)
+            block_starts=frozenset(a for n, a in self.sites.items() if sym.get(n) == a),
         )
 
 
