@@ -605,6 +605,21 @@ def cmd_patch(args: argparse.Namespace, out: Console) -> int:
     return 1 if args.strict and not verdict.ok else 0
 
 
+def _import_in_background(ex, module: str) -> threading.Thread:
+    """Import `module` (matplotlib: a second of CPU) on a thread while the pool's workers run, once
+    they are all started: a process forked while another thread imports could inherit a held
+    import lock. Without a pool there is nothing to overlap: the thread is started and joined."""
+    import importlib
+
+    if ex is not None:
+        ex.submit(int).result()  # the pool forks its workers at the first task
+    thread = threading.Thread(target=importlib.import_module, args=(module,), daemon=True)
+    thread.start()
+    if ex is None:
+        thread.join()
+    return thread
+
+
 def cmd_run(args: argparse.Namespace, out: Console) -> int:
     """The default scenario: each protocol and NMI entry, a verdict table and a per-CPU timeline."""
     import json
@@ -612,7 +627,6 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
     from .clients import resolve_client, steps_of
     from .demo import TIMELINE_STEP, prepare_rows, protocol_row, rows_for, run_demo
     from .executors import executor
-    from .report import plot_timeline
     from .scenario import replay_command
 
     client = args.client
@@ -648,6 +662,7 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
             status.update(f"done: {escape(row.label)}")
 
         with executor(args.jobs) as ex:
+            plotting = _import_in_background(ex, "textpoke.report")
             rows = run_demo(
                 args.seed,
                 ex,
@@ -658,6 +673,9 @@ def cmd_run(args: argparse.Namespace, out: Console) -> int:
                 kernel=kernel_choice(args),
                 client=client,
             )
+    plotting.join()
+    from .report import plot_timeline
+
     # a column per step of the operation: enable, disable (ftrace, jump-label); retarget, null, restore
     # (static-call); register, unregister (the probe clients)
     step_names = [name for name, _ in steps_of(resolve_client(client), first.operation)]
