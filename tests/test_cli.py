@@ -520,3 +520,9 @@ def test_ctrl_c_inside_an_emulator_callback_is_not_lost(kernel):
     last = stop.traceback[-1]
     assert last.name == "run" and last.path.name == "_unicorn.py"
     assert m.now() < 2_000_000  # stopped at once, not after the run
+
+
+def test_replay_names_the_step_of_each_operation(capsys):
+    rc, out, _ = run_cli(capsys, "replay", "0", "--cpus", "2", "--sites", "2", "--limit", "1")
+    assert rc == 0
+    assert "enable: 2 sites" in out and "disable: 2 sites" in out

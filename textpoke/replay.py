@@ -216,9 +216,11 @@ def replay(
             lines += 1
     if limit and lines > limit:
         out.print(f"... {lines - limit} more lines (--limit 0 shows all, --out FILE writes all)")
-    for r in outcome.reports:
+    step_of = {i: name for name, first, end in outcome.steps for i in range(first, end)}
+    for i, r in enumerate(outcome.reports):
         hung = f" -- hung, still waiting for {r.hung}" if r.hung else ""
-        out.print(f"operation: {len(r.requests)} sites, {r.latency} cycles, {len(r.syncs)} syncs, {r.ipis} IPIs{hung}")
+        step = step_of.get(i, "operation")
+        out.print(f"{step}: {len(r.requests)} sites, {r.latency} cycles, {len(r.syncs)} syncs, {r.ipis} IPIs{hung}")
     out.print(v.summary())
     if timeline is not None:
         from .report import plot_timeline
