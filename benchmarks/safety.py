@@ -174,6 +174,12 @@ ROWS: list[tuple[str, Scenario, str, set[str]]] = [
         "unsafe",
         set(),
     ),
+    (
+        "optprobes: kprobe slot freed early",
+        Scenario(client="optprobe", protocol="optprobe", mutation="kprobe-slot-freed-early"),
+        "unsafe",
+        {"unhandled-int3"},
+    ),
 ]
 
 

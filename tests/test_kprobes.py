@@ -178,3 +178,12 @@ def test_optprobe_without_the_wait_is_caught():
     bad = run_scenario(Scenario(**{**sc.as_dict(), "mutation": "optprobe-no-wait"}), 0).verdict
     assert bad.counts.get("torn-fetch"), bad.summary()
     assert any("inside the site" in v.detail for v in bad.violations)
+
+
+def test_optprobe_with_its_kprobe_slot_freed_early_is_caught():
+    """The optprobe client registers and unregisters through the kprobe protocol: the kprobe
+    mutation reaches those steps (safety accepted it only for kprobes before)."""
+    sc = Scenario(client="optprobe", protocol="optprobe", mutation="kprobe-slot-freed-early", stop_at_first=True)
+    v = run_scenario(sc, 4).verdict
+    assert list(v.counts) == ["unhandled-int3"]
+    assert "freed out-of-line slot" in v.violations[0].detail

@@ -332,9 +332,15 @@ def check_scenario_options(args: argparse.Namespace) -> None:
     if args.protocol is None:
         args.protocol = resolve_client(args.client).default_protocol
     if args.mutation is not None:
-        req = probe_sample(args.protocol) or (PatchRequest(0x1000, b"\x0f\x1f\x44\x00\x00", b"\xe8\x00\x00\x00\x00"),)
-        if build(args.protocol, req, args.mutation) == build(args.protocol, req):
-            raise ConfigError(f"--mutation {args.mutation} changes nothing in --protocol {args.protocol}")
+        runs = [args.protocol, *sorted(resolve_client(args.client).also_runs)]
+        sample = (PatchRequest(0x1000, b"\x0f\x1f\x44\x00\x00", b"\xe8\x00\x00\x00\x00"),)
+
+        def changes(protocol: str) -> bool:
+            req = probe_sample(protocol) or sample
+            return build(protocol, req, args.mutation) != build(protocol, req)
+
+        if not any(changes(p) for p in runs):
+            raise ConfigError(f"--mutation {args.mutation} changes nothing in --protocol {' or '.join(runs)}")
     if args.nmi == "none":
         given = (
             (args.nmi_rate is not None, "--nmi-rate"),

@@ -753,9 +753,10 @@ def explore(
 
     steps, ops = steps_of(mutation)
     if mutation is not None:
-        # judged on the operations `protocol` itself performs, as safety judges it (optprobe's
-        # registrations use the kprobe protocol, which a mutation of optprobe's does not name)
-        own = [i for i, spec in enumerate(specs) if spec.protocol == protocol]
+        # judged on the operations of `protocol` and of those the client runs besides it (optprobe's
+        # registrations use the kprobe protocol), as safety judges it
+        runs = {protocol} | resolve_client(client).also_runs
+        own = [i for i, spec in enumerate(specs) if spec.protocol in runs]
         base, plain = steps_of(None)
         if all(steps[ops[i].first : ops[i].end] == base[plain[i].first : plain[i].end] for i in own):
             raise ConfigError(f"--mutation {mutation} changes nothing in --protocol {protocol} (client {client})")

@@ -54,6 +54,9 @@ class Client:
     protocols: frozenset[str] | None = None
     kernel: str | None = None
     default_operation: str = "toggle"
+    #: built-in protocols the operations run besides the scenario's own (an optprobe is registered
+    #: as a kprobe first): a mutation of one of them changes the run as well
+    also_runs: frozenset[str] = frozenset()
     #: extra per-scenario checks (raise ConfigError)
     check: Callable[[Scenario], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

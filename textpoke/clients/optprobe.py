@@ -98,6 +98,7 @@ OPTPROBE = register(
         },
         requests={"register": _jmp_requests, "unregister": _unjmp_requests},
         protocols=frozenset({"optprobe"}),
+        also_runs=frozenset({"kprobe"}),
         kernel="asm",
         check=lambda sc: check_probe_scenario(sc, "optprobe"),
         extra={"probes": True},
