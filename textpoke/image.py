@@ -400,8 +400,11 @@ class KernelImage:
 
 #: units that read or write what the patcher reads or writes: the sync IPI's acknowledgement, the
 #: descriptor lookup of the #BP handler (bp_desc, its reference count, the binary search), the
-#: stopper's entry and its stage handshake (multi_cpu_stop, also reached from preempt_schedule), and
-#: stop_machine-era ftrace's NMI side (nmi_running, the pending write it stores into the text)
+#: stopper's entry and its stage handshake (multi_cpu_stop, also reached from preempt_schedule),
+#: stop_machine-era ftrace's NMI side (nmi_running, the pending write it stores into the text), and
+#: in kernels with probes the kprobe table's lookup and the code the patcher writes and frees: the
+#: out-of-line slots and the detour buffers (a CPU that ran through a slot ahead of the patcher would
+#: miss the poison a slot freed too early holds)
 SHARED_CODE = (
     "ipi_entry",
     "poke_int3_handler",
@@ -409,6 +412,9 @@ SHARED_CODE = (
     "multi_cpu_stop",
     "ftrace_nmi_enter",
     "ftrace_nmi_exit",
+    "kprobe_int3_handler",
+    "kprobe_insn_slots",
+    "optprobe_insn_slots",
 )
 
 
