@@ -758,7 +758,17 @@ class Machine:
         # looser rule is an option)
         if self.config.delivery_serializes:
             self._serialize(cpu, "delivery")
+        self._end_quantum_if_due(cpu)
         return True
+
+    def _end_quantum_if_due(self, cpu: Cpu) -> None:
+        """Exact scheduler: a delivery or an `iretq` just charged its cycles inside a running quantum,
+        whose count was cut for instructions only. When that takes the CPU's time to its next event
+        (a timer, an IPI, an NMI), the quantum ends at this boundary and the event is taken here, in
+        its own time: an interrupt arriving while an exception is delivered finds IF=0 and waits for
+        the handler's `iretq`, as on hardware, instead of being taken after the handler."""
+        if cpu.running and cpu.events and cpu.now() >= cpu.events[0][0]:
+            cpu.engine.stop()
 
     def _watch_popf(self, cpu: Cpu, on: bool) -> None:
         """Hook the kernel's popfq instructions on `cpu` while an interrupt waits for IF=1 there.
@@ -917,6 +927,7 @@ class Machine:
                 self._deliver(cpu, Vector.NMI, rip)
             elif cpu.pending and rflags & RFLAGS_IF:
                 self._deliver_pending_irq(cpu, rip)
+            self._end_quantum_if_due(cpu)
 
         return on_iretq
 
