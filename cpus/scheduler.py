@@ -24,6 +24,11 @@ it meets an agent (a Python program occupying a CPU, such as the patcher):
   hook stops the quantum right before the interaction (`hold`): the CPU waits there with its clock
   at t until it is the furthest behind, and performs it then. A quantum that enters or starts in
   shared code is cut at the horizon, so no instruction of it passes an agent.
+* **Events in their time.** A quantum's count is cut for instructions only; a delivery or an
+  `iretq` inside it charges its own cycles, and when those take the CPU's time to its next event
+  (a timer, an IPI, an NMI), the machine ends the quantum right there (`_end_quantum_if_due`), so
+  the event is taken at that boundary: an interrupt that arrives while an exception is delivered
+  finds IF=0 and waits for the handler's `iretq`, as on hardware.
 * **Lookahead.** Between interactions a CPU may run ahead of every agent by at most the IPI latency:
   the earliest an agent's next action can reach another CPU as an event. A write's snoop reaching a
   CPU that has run ahead is applied before its next site execution, which is all the snoop can
