@@ -60,7 +60,9 @@ ROWS: list[tuple[str, Scenario, str, set[str]]] = [
         "unsafe",
         {"unsynced-modification"},
     ),
-    ("NMIs: naive entry", Scenario(protocol="bp-batch", nmi="naive", **NMI), "unsafe", {"nmi-corruption"}),
+    # the nested NMI's frame overwrites the first one's: the CPU returns to garbage and crashes in
+    # every seed; the oracle sees the wrong return itself (nmi-corruption) in about 1 seed in 20
+    ("NMIs: naive entry", Scenario(protocol="bp-batch", nmi="naive", **NMI), "unsafe", {"crash"}),
     ("NMIs: nested-safe entry", Scenario(protocol="bp-batch", nmi="nested-safe", **NMI), "safe", set()),
     (
         "NMIs: nested-safe, aimed at exit window",
