@@ -51,6 +51,9 @@ the scheduler runs coarse quanta exactly like the fine one.
 
 Limit: a CPU that crashes between interactions may do so up to one IPI latency ahead of an agent,
 which then sees it crashed (not runnable) that much early.
+Limit: a quantum's count is set from the time to the CPU's next event for instructions alone; a
+delivery or `iretq` inside it that reaches the event ends it there, but deliveries that come before
+the event leave the rest of the count to overshoot it (by up to a few deliveries' cost).
 """
 
 from __future__ import annotations
