@@ -767,8 +767,16 @@ class Machine:
         (a timer, an IPI, an NMI), the quantum ends at this boundary and the event is taken here, in
         its own time: an interrupt arriving while an exception is delivered finds IF=0 and waits for
         the handler's `iretq`, as on hardware, instead of being taken after the handler."""
-        if cpu.running and cpu.events and cpu.now() >= cpu.events[0][0]:
-            cpu.engine.stop()
+        if not (cpu.running and cpu.events):
+            return
+        due = cpu.events[0][0]
+        now = cpu.now()
+        eng = cpu.engine
+        if now >= due:
+            eng.stop()
+        else:
+            insn = self.costs.instruction
+            eng.cut(eng.executed() + (due - now + insn - 1) // insn)
 
     def _watch_popf(self, cpu: Cpu, on: bool) -> None:
         """Hook the kernel's popfq instructions on `cpu` while an interrupt waits for IF=1 there.
