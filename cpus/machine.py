@@ -766,7 +766,8 @@ class Machine:
         whose count was cut for instructions only. When that takes the CPU's time to its next event
         (a timer, an IPI, an NMI), the quantum ends at this boundary and the event is taken here, in
         its own time: an interrupt arriving while an exception is delivered finds IF=0 and waits for
-        the handler's `iretq`, as on hardware, instead of being taken after the handler."""
+        the handler's `iretq`, as on hardware, instead of being taken after the handler. Otherwise
+        the rest of the quantum is cut to end at the event (its count was set before the cost)."""
         if not (cpu.running and cpu.events):
             return
         due = cpu.events[0][0]

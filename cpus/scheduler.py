@@ -28,7 +28,9 @@ it meets an agent (a Python program occupying a CPU, such as the patcher):
   `iretq` inside it charges its own cycles, and when those take the CPU's time to its next event
   (a timer, an IPI, an NMI), the machine ends the quantum right there (`_end_quantum_if_due`), so
   the event is taken at that boundary: an interrupt that arrives while an exception is delivered
-  finds IF=0 and waits for the handler's `iretq`, as on hardware.
+  finds IF=0 and waits for the handler's `iretq`, as on hardware. When they do not reach it, the
+  rest of the quantum is cut to end at the event: every event is taken within one delivery's cost
+  of its time.
 * **Lookahead.** Between interactions a CPU may run ahead of every agent by at most the IPI latency:
   the earliest an agent's next action can reach another CPU as an event. A write's snoop reaching a
   CPU that has run ahead is applied before its next site execution, which is all the snoop can
@@ -51,9 +53,6 @@ the scheduler runs coarse quanta exactly like the fine one.
 
 Limit: a CPU that crashes between interactions may do so up to one IPI latency ahead of an agent,
 which then sees it crashed (not runnable) that much early.
-Limit: a quantum's count is set from the time to the CPU's next event for instructions alone; a
-delivery or `iretq` inside it that reaches the event ends it there, but deliveries that come before
-the event leave the rest of the count to overshoot it (by up to a few deliveries' cost).
 """
 
 from __future__ import annotations
