@@ -184,6 +184,6 @@ def test_optprobe_with_its_kprobe_slot_freed_early_is_caught():
     """The optprobe client registers and unregisters through the kprobe protocol: the kprobe
     mutation reaches those steps (safety accepted it only for kprobes before)."""
     sc = Scenario(client="optprobe", protocol="optprobe", mutation="kprobe-slot-freed-early", stop_at_first=True)
-    v = run_scenario(sc, 4).verdict
+    v = run_scenario(sc, 3).verdict
     assert list(v.counts) == ["unhandled-int3"]
     assert "freed out-of-line slot" in v.violations[0].detail
