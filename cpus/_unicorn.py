@@ -547,6 +547,11 @@ class Engine:
         self._stopped = True
         uclib.uc_emu_stop(self._uch)
 
+    @property
+    def stopped(self) -> bool:
+        """`stop()` was called in the running quantum: nothing more of it runs."""
+        return self._stopped
+
     def close(self) -> None:
         """Free the engine's native memory (code buffer, translated blocks) now rather than whenever
         the garbage collector gets to its reference cycles; the engine is not usable afterwards."""

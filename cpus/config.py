@@ -39,6 +39,8 @@ DEFAULT_INTERLEAVE = "exact"
 #: jump or a call); "all" puts one at every site (slower: Unicorn re-examines the translated code in
 #: front of every exit after every run) and must give the same trace
 SITE_EXITS = ("needed", "all")
+#: where the exact scheduler hooks shared code: where control comes into a unit, or every block
+SHARED_HOOKS = ("entries", "all")
 #: the largest cost of one event, in cycles (400 us at 2.5 GHz, a hundred times a real text_poke):
 #: beyond it a run is no longer a model of a machine, and a patch operation would take hours to simulate
 MAX_COST = 1_000_000
@@ -158,6 +160,9 @@ class MachineConfig:
     #: CPU, as the model once assumed; the SDM lists no delivery among serializing operations
     delivery_serializes: bool = False
     site_exits: str = "needed"
+    #: the exact scheduler's hooks on code shared with agents: "entries" (where control comes into
+    #: a unit) or "all" (every block of it; slower, the same traces: cpus/scheduler.py)
+    shared_hooks: str = "entries"
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpus, int) or isinstance(self.cpus, bool):
@@ -176,6 +181,8 @@ class MachineConfig:
             raise ConfigError(f"interleave must be one of {', '.join(INTERLEAVES)}, got {self.interleave!r}")
         if self.site_exits not in SITE_EXITS:
             raise ConfigError(f"site_exits must be one of {', '.join(SITE_EXITS)}, got {self.site_exits!r}")
+        if self.shared_hooks not in SHARED_HOOKS:
+            raise ConfigError(f"shared_hooks must be one of {', '.join(SHARED_HOOKS)}, got {self.shared_hooks!r}")
         if not 0 <= self.patcher_cpu < self.cpus:
             raise ConfigError(f"patcher_cpu {self.patcher_cpu} is not a CPU of a {self.cpus}-CPU machine")
         s = self.snoop

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
 
-__all__ = ["describe", "disasm", "insn_length"]
+__all__ = ["describe", "disasm", "insn_length", "instructions"]
 
 _CS = Cs(CS_ARCH_X86, CS_MODE_64)
 
@@ -19,6 +20,12 @@ def disasm(code: bytes, address: int, limit: int = 0) -> list[tuple[int, bytes, 
         if limit and len(out) >= limit:
             break
     return out
+
+
+def instructions(code: bytes, address: int) -> Iterator[CsInsn]:
+    """Capstone's instructions decoded from `code` (mnemonic, op_str, address, size), stopping at
+    the first invalid one: for analyses that look at many instructions at once."""
+    return _CS.disasm(code, address)
 
 
 @lru_cache(maxsize=4096)

@@ -64,7 +64,7 @@ from .delivery import (
 )
 from .disasm import describe, insn_length
 from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug
-from .scheduler import NO_HORIZON, deliver_due, hold, run_exact, shared_code_hook
+from .scheduler import NO_HORIZON, deliver_due, hold, run_exact, shared_code_hook, shared_entries
 from .timer import start_timers
 from .trace import Trace
 
@@ -200,6 +200,7 @@ class Cpu:
         "hold",
         "index",
         "nmi",
+        "on_shared",
         "pending",
         "popf_hooks",
         "rip",
@@ -229,6 +230,8 @@ class Cpu:
         self.running = False  # inside a quantum of the exact scheduler: now() counts its instructions
         self.held: int | None = None  # instructions run when the exact scheduler stopped the quantum
         self.hold = False  # the cycles charged at this boundary must pass before the next instruction
+        #: the exact scheduler's hook on shared code (None under the fine scheduler)
+        self.on_shared: Callable[[int, int], None] | None = None
         self.stats = {
             "site_exec": 0,
             "instructions": 0,
@@ -312,6 +315,14 @@ class Machine:
         self._site_hooks: dict[int, list[int]] = {}  # watched site -> hook handle per CPU
         self._release: set[int] = set()  # sites to stop watching once no CPU holds them stale
         self._storing: int | None = None  # the CPU whose guest store into text is being recorded
+        #: [lo, hi) of each unit of shared code, and those hooked at their entries only (a write into
+        #: one hooks it at every block: `_text_written`)
+        self._shared_units = [(lo, lo + n) for lo, n in image.shared_code]
+        self._entry_hooked: list[tuple[int, int]] = []
+        if config.interleave == "exact" and config.shared_hooks == "entries":
+            self._entry_hooked = list(self._shared_units)
+        self._shared_entries = shared_entries(image) if self._entry_hooked else ()
+        self._drop_later: list[tuple[int, int, int]] = []  # (cpu, lo, hi) to drop after its quantum
         self.text_lo = L.TEXT_VA
         self.text_hi = L.TEXT_VA + len(image.text)
 
@@ -348,10 +359,13 @@ class Machine:
         eng.start_counting(self.image.idle_entry)
         eng.insn_cost = self.costs.instruction
         if self.config.interleave == "exact":
-            shared = shared_code_hook(self, cpu)
-            for lo, size in self.image.shared_code:
-                # every block of it: it is also entered in its middle (an iretq returning into it)
-                eng.hook_block_at(lo, size, shared)
+            shared = cpu.on_shared = shared_code_hook(self, cpu)
+            if self._entry_hooked:
+                for a in self._shared_entries:
+                    eng.hook_block_at(a, 1, shared)
+            else:
+                for lo, size in self.image.shared_code:
+                    eng.hook_block_at(lo, size, shared)
         for a in self.image.iret_sites:
             eng.hook_block_at(a, 1, self._iret_hook(cpu))
         for a in self.image.halt_sites:
@@ -466,6 +480,8 @@ class Machine:
 
     def _text_written(self, w: int, now: int, addr: int, data: bytes) -> None:
         self.fine_until = max(self.fine_until, now + self.config.fine_window)
+        if self._entry_hooked:
+            self._hook_written_units(addr, addr + len(data))
         self.trace.add((now, w, "write", addr, bytes(data)))
         for f in self._obs["on_text_write"]:
             f(w, now, addr, bytes(data))
@@ -473,6 +489,40 @@ class Machine:
             delay = self.config.snoop.draw(self._snoop_rng)
             if delay is not None:
                 self._schedule(cpu, now + delay, _EV_SNOOP, (site, wid))
+
+    def _hook_written_units(self, lo: int, hi: int) -> None:
+        """Shared code written at run time (an out-of-line slot) may be entered anywhere its new
+        bytes lead: its unit is hooked at every block from now on, on every CPU. A CPU storing it
+        itself drops its blocks of it after its quantum (not from inside its own memory hook)."""
+        for unit in [u for u in self._entry_hooked if u[0] < hi and lo < u[1]]:
+            self._entry_hooked.remove(unit)
+            ulo, uhi = unit
+            for cpu in self.cpus:
+                cpu.engine.hook_block_at(ulo, uhi - ulo, cpu.on_shared)  # type: ignore[arg-type]
+                if cpu.index == self._storing:
+                    self._drop_later.append((cpu.index, ulo, uhi))
+                else:
+                    cpu.engine.drop_decoded(ulo, uhi)
+
+    def drop_later(self) -> None:
+        """Drop the blocks `_hook_written_units` could not drop during a CPU's own store."""
+        for i, lo, hi in self._drop_later:
+            self.cpus[i].engine.drop_decoded(lo, hi)
+        self._drop_later.clear()
+
+    def _landed(self, cpu: Cpu) -> None:
+        """An `iretq` or `popfq` the machine executed moved `cpu` inside its quantum: if it landed
+        inside shared code hooked at its entries only, it came in there (see `shared_code_hook`)."""
+        eng = cpu.engine
+        if cpu.running and self._entry_hooked and not eng.stopped:
+            rip = eng.rip()
+            for lo, hi in self._shared_units:
+                if lo <= rip < hi:
+                    # as the block hook there would: the instruction just executed is counted
+                    # (popfq) or charged (iretq), none of the next block is
+                    eng.hook_adjust = 0
+                    cpu.on_shared(rip, 0)  # type: ignore[misc]
+                    return
 
     def _install_copy(self, cpu: int, site: int, code: bytes) -> None:
         """Make `cpu`'s translated block at `site` be decoded from `code` (its copy), whatever memory
@@ -937,6 +987,7 @@ class Machine:
             elif cpu.pending and rflags & RFLAGS_IF:
                 self._deliver_pending_irq(cpu, rip)
             self._end_quantum_if_due(cpu)
+            self._landed(cpu)
 
         return on_iretq
 
@@ -968,6 +1019,7 @@ class Machine:
             eng.set_rip(addr + 1)
             if value & RFLAGS_IF:
                 self._deliver_pending_irq(cpu, addr + 1)
+            self._landed(cpu)
 
         return on_popfq
 

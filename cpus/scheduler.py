@@ -58,16 +58,20 @@ which then sees it crashed (not runnable) that much early.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Callable
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from . import layout as L
+from .disasm import instructions
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    from .boot import BootImage
     from .machine import Cpu, Machine
 
-__all__ = ["NO_HORIZON", "deliver_due", "hold", "run_exact", "shared_code_hook"]
+__all__ = ["NO_HORIZON", "deliver_due", "hold", "run_exact", "shared_code_hook", "shared_entries"]
 
 #: the horizon when no agent runs: nothing to order against
 NO_HORIZON = 1 << 62
@@ -81,11 +85,17 @@ def hold(cpu: Cpu) -> None:
 
 
 def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
-    """Block hook on every block of a unit of code touching agents' state: while an agent runs, the
-    quantum is cut so that it ends at the horizon (`Engine.cut`), and a quantum that starts inside
-    such a unit is cut there too (`run_exact`): none of its instructions passes an agent. Every
-    block, not only the entry, since an `iretq` may return into the middle of a unit (an NMI taken
-    inside the stopper). A block of it reached beyond the horizon is held."""
+    """Block hook where a quantum comes into a unit of code touching agents' state: while an agent
+    runs, the quantum is cut so that it ends at the horizon (`Engine.cut`), and a quantum that
+    starts inside such a unit is cut there too (`run_exact`): none of its instructions passes an
+    agent. Code reached beyond the horizon is held.
+
+    Where it is hooked (`MachineConfig.shared_hooks`): "all" hooks every block of every unit;
+    "entries" (the default) only the blocks where control comes in from outside the unit
+    (`shared_entries`), and the machine runs it itself after each `iretq` or `popfq` that lands
+    inside one. Inside a unit, the cut made at its entry stays right: a CPU's time moves off its
+    instruction count only by a delivery or an `iretq`, and control comes back into the unit from
+    those through an `iretq` only. The two give the same traces (tests/test_scheduler.py)."""
     insn = m.costs.instruction
 
     def on_shared_entry(addr: int, _size: int) -> None:
@@ -101,6 +111,87 @@ def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
             eng.cut(done + (hz - t) // insn + 1)
 
     return on_shared_entry
+
+
+def shared_entries(image: BootImage) -> tuple[int, ...]:
+    """The addresses where control can come into a unit of `image.shared_code` from outside it,
+    other than by an `iretq` or `popfq` (which the machine checks itself): each unit's first byte,
+    the instruction after every `call` and every watched site in it (a site may hold a call), the
+    direct branch targets inside it of code outside it, and interrupt gates into it. Units written
+    at run time (out-of-line slots) are hooked at every block once written (`Machine`)."""
+    return _entries(
+        image.text,
+        image.shared_code,
+        tuple(sorted(set(image.symbols.values()) | {g.handler for g in image.gates.values()})),
+        image.watch,
+        (*(g.handler for g in image.gates.values()), image.worker_entry, image.idle_entry),
+    )
+
+
+_BRANCHES = frozenset(
+    {
+        "call",
+        "jmp",
+        "jo",
+        "jno",
+        "jb",
+        "jae",
+        "je",
+        "jne",
+        "jbe",
+        "ja",
+        "js",
+        "jns",
+        "jp",
+        "jnp",
+        "jl",
+        "jge",
+        "jle",
+        "jg",
+        "jrcxz",
+        "jecxz",
+        "loop",
+        "loope",
+        "loopne",
+    }
+)
+
+
+@lru_cache(maxsize=64)
+def _entries(
+    text: bytes,
+    units: tuple[tuple[int, int], ...],
+    starts: tuple[int, ...],
+    watch: tuple[tuple[int, int], ...],
+    landings: tuple[int, ...],
+) -> tuple[int, ...]:
+    def unit_of(addr: int) -> int | None:
+        for lo, n in units:
+            if lo <= addr < lo + n:
+                return lo
+        return None
+
+    out: set[int] = {lo for lo, _n in units}
+    out.update(a for a in landings if unit_of(a) is not None)
+    for site, n in watch:
+        if unit_of(site) is not None:
+            out.add(site + n)
+    # decode every symbol's code from its start (code between two symbols is decoded as one run:
+    # data in it may decode as branches, which only adds hooks)
+    bounds = sorted({a for a in starts if L.TEXT_VA <= a < L.TEXT_VA + len(text)} | {lo for lo, _n in units})
+    bounds.append(L.TEXT_VA + len(text))
+    for lo, hi in itertools.pairwise(bounds):
+        code = text[lo - L.TEXT_VA : hi - L.TEXT_VA]
+        for insn in instructions(code, lo):
+            src = unit_of(insn.address)
+            if insn.mnemonic == "call" and src is not None:
+                out.add(insn.address + insn.size)
+            if insn.mnemonic in _BRANCHES and insn.op_str.startswith("0x"):
+                target = int(insn.op_str, 16)
+                dst = unit_of(target)
+                if dst is not None and dst != src:
+                    out.add(target)
+    return tuple(sorted(a for a in out if unit_of(a) is not None))
 
 
 def deliver_due(m: Machine, cpu: Cpu, clock: int, heap: list[tuple[int, int]]) -> bool:
@@ -218,6 +309,8 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         stop = eng.run(rip, L.UNTIL, q)
         cpu.running = False
         m.hz_max = NO_HORIZON
+        if m._drop_later:
+            m.drop_later()
         cpu.rip = after = eng.rip()
         held = cpu.held
         done = held if held is not None else eng.completed()

@@ -151,3 +151,43 @@ def test_sites_at_function_entries_need_no_exit(sc, monkeypatch):
 def test_site_exits_is_checked():
     with pytest.raises(ConfigError, match="site_exits"):
         MachineConfig(site_exits="some")
+
+
+SHARED_CASES = {
+    "nmis": Scenario(nmi="nested-safe", nmi_rate=500, sites=4),
+    "stop-machine-ftrace": Scenario(protocol="stop-machine-ftrace", nmi="nested-safe", nmi_rate=300, sites=4),
+    "optprobe": Scenario(client="optprobe", protocol="optprobe", preempt_aim=0.5),
+}
+
+
+def _hashes(sc: Scenario, monkeypatch, shared_hooks: str) -> list[str]:
+    import textpoke.scenario as scenario_mod
+
+    monkeypatch.setattr(scenario_mod, "MachineConfig", functools.partial(MachineConfig, shared_hooks=shared_hooks))
+    return [run_scenario(sc, s).verdict.trace_hash for s in (1,)]
+
+
+@pytest.mark.parametrize("case", sorted(SHARED_CASES))
+def test_shared_code_hooked_at_its_entries_only(case, monkeypatch):
+    """The exact scheduler cuts a quantum where it comes into shared code (the #BP handler's lookup,
+    the stopper, ftrace's NMI side, the out-of-line slots the patcher writes) and keeps the cut
+    inside it: hooking every block of it (the older, slower way) changes nothing, trace for trace."""
+    sc = SHARED_CASES[case]
+    assert _hashes(sc, monkeypatch, "entries") == _hashes(sc, monkeypatch, "all")
+
+
+def test_shared_code_entered_by_iretq_is_checked(monkeypatch):
+    """An `iretq` back into the middle of the #BP handler or the stopper (an NMI taken there) comes
+    into shared code without a hooked block: without the machine's own check there, the traces
+    differ, so the comparison above can see a missing entry."""
+    import cpus.machine as machine_mod
+
+    sc = SHARED_CASES["nmis"]
+    all_blocks = _hashes(sc, monkeypatch, "all")
+    monkeypatch.setattr(machine_mod.Machine, "_landed", lambda self, cpu: None)
+    assert _hashes(sc, monkeypatch, "entries") != all_blocks
+
+
+def test_shared_hooks_is_checked():
+    with pytest.raises(ConfigError, match="shared_hooks"):
+        MachineConfig(shared_hooks="some")
