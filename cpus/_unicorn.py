@@ -164,6 +164,10 @@ class HostMemory:
         off = pa - self.pa
         self.buf[off : off + len(data)] = data
 
+    def clear(self) -> None:
+        """All zero, as a new one (for a machine that reuses it)."""
+        ctypes.memset(self.addr, 0, self.size)
+
 
 @dataclass(frozen=True, slots=True)
 class RunStop:
@@ -246,6 +250,10 @@ class Engine:
         self._uch = uc._uch
         self._u64 = ctypes.c_uint64()
         self._u64_ref = ctypes.byref(self._u64)
+        # RSP, RFLAGS, RIP in one call each way (an event delivery or an iretq moves all three)
+        self._frame_ids = (ctypes.c_int * 3)(_RSP, _RFLAGS, _RIP)
+        self._frame_vals = (ctypes.c_uint64 * 3)()
+        self._frame_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._frame_vals) + 8 * i for i in range(3)))
         self._callbacks: dict[int, object] = {}
         self.hook_error: BaseException | None = None
         self._counter: ctypes.c_uint64 | None = None
@@ -265,6 +273,10 @@ class Engine:
         #: called with an exit address whose block is a stop block (translated while the address was
         #: an exit): it must leave a proper block there (`replace_stop_block` by default)
         self.on_stop_block: Callable[[int], None] = self.replace_stop_block
+        #: the engine ran for an earlier machine (`recycle`): its translated blocks are kept, so a
+        #: hook added now must drop the blocks it covers (they were translated without it)
+        self.recycled = False
+        self._initial = uc.context_save()  # every register as a new engine has them
 
     def executed(self) -> int:
         """Instructions of the running quantum completed before the one being hooked (exact only
@@ -319,6 +331,8 @@ class Engine:
         return HOOK_CODE_CFUNC(hook)
 
     def _add(self, htype: int, fptr: object, begin: int, end: int) -> int:
+        if self.recycled and htype in (UC_HOOK_CODE, UC_HOOK_BLOCK):
+            self.drop_decoded(begin, end + 1)
         handle = uc_hook_h()
         status = uclib.uc_hook_add(
             self._uch,
@@ -441,6 +455,8 @@ class Engine:
         afterwards carry it: a block translated earlier (a watched site, decoded ahead of time) would
         run uncounted forever. A start at `at` that ends at `at` installs the hook and executes
         nothing (RIP is left at `at`: the caller sets it afterwards)."""
+        if self._counter is not None:
+            return  # a recycled engine: counting since its first machine
         status = uclib.uc_emu_start(self._uch, at, at, 0, 1)
         if status:
             raise UcError(status)
@@ -552,6 +568,32 @@ class Engine:
         """`stop()` was called in the running quantum: nothing more of it runs."""
         return self._stopped
 
+    def recycle(self, written: Iterable[tuple[int, int]]) -> None:
+        """Make the engine as a new one for the next machine on the same memories and text, but for
+        its translated blocks: every hook goes, every register is as it was, no exit is left, and
+        the blocks of `written` ([lo, hi) ranges whose bytes changed, now restored by the caller)
+        and of the exits (stop blocks, blocks cut short) are dropped. The blocks that stay were
+        translated from the same bytes, so they are what a new engine would translate: only their
+        cost is saved. Blocks translated with a hook that is gone call nothing."""
+        for handle in list(self._callbacks):
+            self.hook_del(handle)
+        for lo, hi in written:
+            self.drop_decoded(lo, hi)
+        for address in self._exits:
+            self.drop_decoded(address - 1, address + 1)
+        if self._exits:
+            self._exits = set()
+            self._set_exits(())
+        self.uc.context_restore(self._initial)
+        self.hook_error = None
+        self.hook_adjust = 0
+        self.insn_cost = 1
+        self.base = 0
+        self._stopped = False
+        self.ended_at_exit = False
+        self.on_stop_block = self.replace_stop_block
+        self.recycled = True
+
     def close(self) -> None:
         """Free the engine's native memory (code buffer, translated blocks) now rather than whenever
         the garbage collector gets to its reference cycles; the engine is not usable afterwards."""
@@ -573,6 +615,23 @@ class Engine:
 
     def set_rip(self, value: int) -> None:
         self._set(_RIP, value)
+
+    def rsp_rflags(self) -> tuple[int, int]:
+        vals = self._frame_vals
+        uclib.uc_reg_read_batch(self._uch, self._frame_ids, self._frame_ptrs, 2)
+        return vals[0], vals[1]
+
+    def set_frame(self, rsp: int, rflags: int, rip: int) -> None:
+        """Set RSP, RFLAGS and RIP (what an event delivery or an `iretq` changes). RIP goes alone
+        through `uc_reg_write`: only that path makes Unicorn keep a RIP set from inside a hook
+        when it leaves the block (the batch call does not: measured on 2.1.4)."""
+        vals = self._frame_vals
+        vals[0] = rsp
+        vals[1] = rflags
+        status = uclib.uc_reg_write_batch(self._uch, self._frame_ids, self._frame_ptrs, 2)
+        if status:
+            raise UcError(status)
+        self._set(_RIP, rip)
 
     def rsp(self) -> int:
         uclib.uc_reg_read(self._uch, _RSP, self._u64_ref)

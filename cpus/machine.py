@@ -64,6 +64,7 @@ from .delivery import (
 )
 from .disasm import describe, insn_length
 from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug
+from .pool import POOL
 from .scheduler import NO_HORIZON, deliver_due, hold, run_exact, shared_code_hook, shared_entries
 from .timer import start_timers
 from .trace import Trace
@@ -92,6 +93,8 @@ STUCK_QUANTA = 64
 IST_NMI = 2  # Linux: IST_INDEX_NMI = ESTACK_NMI + 1
 _GDT = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 _CANONICAL_HI = 0xFFFF800000000000
+_FRAME = struct.Struct("<5Q")  # the frame event delivery pushes, lowest address first
+_words = lru_cache(maxsize=8)(lambda n: struct.Struct(f"<{n}Q"))
 _decode_gate = lru_cache(maxsize=256)(decode_gate)  # a descriptor's bytes decide its gate
 
 
@@ -274,11 +277,25 @@ class Machine:
         n = config.cpus
         self.layout = L.Layout(n, len(image.text), L.DATA_RESERVED + len(image.data))
         lay = self.layout
-        self.mem_pt = HostMemory(L.PT_PA, len(lay.page_tables))
-        self.mem_text = HostMemory(L.TEXT_PA, lay.text_size)
-        self.mem_data = HostMemory(L.DATA_PA, lay.data_size)
-        self.mem_percpu = HostMemory(L.PERCPU_PA, lay.percpu_size)
-        self._mems = (self.mem_percpu, self.mem_data, self.mem_text, self.mem_pt)
+        # engines kept by the last machine of this shape (`recycle`), on memories cleared here
+        self._pool_key = (n, len(image.text), len(image.data), image.text)
+        kept = POOL.take(self._pool_key)
+        if kept is not None:
+            self._mems, engines = kept
+            for mem in self._mems:
+                mem.clear()
+            self.mem_percpu, self.mem_data, self.mem_text, self.mem_pt = self._mems
+        else:
+            self.mem_pt = HostMemory(L.PT_PA, len(lay.page_tables))
+            self.mem_text = HostMemory(L.TEXT_PA, lay.text_size)
+            self.mem_data = HostMemory(L.DATA_PA, lay.data_size)
+            self.mem_percpu = HostMemory(L.PERCPU_PA, lay.percpu_size)
+            self._mems = (self.mem_percpu, self.mem_data, self.mem_text, self.mem_pt)
+            engines = [
+                Engine(self._mems, L.PT_PA, L.GDT_VA, lay.percpu_va(i), L.KERNEL_CS, L.KERNEL_DS) for i in range(n)
+            ]
+        #: [lo, hi) of every text range written while the machine lives (`recycle` drops their blocks)
+        self._written: list[tuple[int, int]] = []
         self._phys_cache: dict[tuple[int, int], tuple[HostMemory, int] | None] = {}
         self.mem_pt.write(L.PT_PA, lay.page_tables)
         self.mem_text.write(L.TEXT_PA, image.text)
@@ -326,10 +343,7 @@ class Machine:
         self.text_lo = L.TEXT_VA
         self.text_hi = L.TEXT_VA + len(image.text)
 
-        self.cpus: list[Cpu] = []
-        for i in range(n):
-            eng = Engine(self._mems, L.PT_PA, L.GDT_VA, lay.percpu_va(i), L.KERNEL_CS, L.KERNEL_DS)
-            self.cpus.append(Cpu(i, eng, config.fred))
+        self.cpus: list[Cpu] = [Cpu(i, eng, config.fred) for i, eng in enumerate(engines)]
         self.coherence = FetchCoherence(
             n,
             image.watch,
@@ -480,6 +494,7 @@ class Machine:
 
     def _text_written(self, w: int, now: int, addr: int, data: bytes) -> None:
         self.fine_until = max(self.fine_until, now + self.config.fine_window)
+        self._written.append((addr, addr + len(data)))
         if self._entry_hooked:
             self._hook_written_units(addr, addr + len(data))
         self.trace.add((now, w, "write", addr, bytes(data)))
@@ -510,12 +525,14 @@ class Machine:
             self.cpus[i].engine.drop_decoded(lo, hi)
         self._drop_later.clear()
 
-    def _landed(self, cpu: Cpu) -> None:
-        """An `iretq` or `popfq` the machine executed moved `cpu` inside its quantum: if it landed
-        inside shared code hooked at its entries only, it came in there (see `shared_code_hook`)."""
+    def _landed(self, cpu: Cpu, rip: int | None) -> None:
+        """An `iretq` or `popfq` the machine executed moved `cpu` (to `rip`; None: read it) inside
+        its quantum: if it landed inside shared code hooked at its entries only, it came in there
+        (see `shared_code_hook`)."""
         eng = cpu.engine
         if cpu.running and self._entry_hooked and not eng.stopped:
-            rip = eng.rip()
+            if rip is None:
+                rip = eng.rip()
             for lo, hi in self._shared_units:
                 if lo <= rip < hi:
                     # as the block hook there would: the instruction just executed is counted
@@ -773,8 +790,7 @@ class Machine:
             self._crash(cpu, f"no IDT gate for vector {vector} (triple fault)", ret_rip)
             return False
         eng = cpu.engine
-        rsp = eng.rsp()
-        rflags = eng.rflags()
+        rsp, rflags = eng.rsp_rflags()
         ist_top = None
         if gate.ist:
             ist_top = self.read_u64(self.layout.tss_va(cpu.index) + 0x24 + 8 * (gate.ist - 1))
@@ -786,10 +802,8 @@ class Machine:
         ss = L.KERNEL_DS | ((1 << FRED_NMI_BIT) if (vector == Vector.NMI and self.config.fred) else 0)
         frame = (ret_rip, L.KERNEL_CS, rflags, rsp, ss)
         m, pa = loc
-        m.write(pa, struct.pack("<5Q", *frame))
-        eng.set_rsp(base)
-        eng.set_rflags(entry_rflags(rflags, gate))
-        eng.set_rip(gate.handler)
+        _FRAME.pack_into(m.buf, pa - m.pa, *frame)
+        eng.set_frame(base, entry_rflags(rflags, gate), gate.handler)
         cpu.rip = None
         now = cpu.now()
         cpu.extra += self.costs.event_entry
@@ -821,13 +835,14 @@ class Machine:
         if not (cpu.running and cpu.events):
             return
         due = cpu.events[0][0]
-        now = cpu.now()
         eng = cpu.engine
+        done = eng.executed()
+        insn = eng.insn_cost
+        now = cpu.clock + cpu.extra + done * insn
         if now >= due:
             eng.stop()
         else:
-            insn = self.costs.instruction
-            eng.cut(eng.executed() + (due - now + insn - 1) // insn)
+            eng.cut(done + (due - now + insn - 1) // insn)
 
     def _watch_popf(self, cpu: Cpu, on: bool) -> None:
         """Hook the kernel's popfq instructions on `cpu` while an interrupt waits for IF=1 there.
@@ -857,8 +872,11 @@ class Machine:
         if dropped:
             cpu.stats["serialize_drops"] += dropped
             self.trace.add((cpu.now(), cpu.index, "serialize", dropped, cause))
-        for f in self._obs["on_serialize"]:
-            f(cpu.index, cpu.now())
+        obs = self._obs["on_serialize"]
+        if obs:
+            now = cpu.now()
+            for f in obs:
+                f(cpu.index, now)
 
     def _crash(self, cpu: Cpu, reason: str, rip: int) -> None:
         if cpu.crash is not None:
@@ -888,7 +906,7 @@ class Machine:
             self._crash(cpu, f"{insn} with RSP {rsp:#x} not mapped (#SS)", addr)
             return None
         m, pa = loc
-        return struct.unpack(f"<{n}Q", m.read(pa, 8 * n))
+        return _words(n).unpack_from(m.buf, pa - m.pa)
 
     def _no_progress(self, cpu: Cpu, rip: int) -> None:
         """A quantum ended where it started. Unicorn may stop quietly, without an error or an
@@ -967,9 +985,7 @@ class Machine:
                     addr,
                 )
                 return
-            eng.set_rsp(new_rsp)
-            eng.set_rflags((rflags & 0x3F7FD7) | 2)
-            eng.set_rip(rip)
+            eng.set_frame(new_rsp, (rflags & 0x3F7FD7) | 2, rip)
             now = cpu.now()
             # the count of the quantum does not include an instruction redirected from its block
             # hook: charge the iretq itself here
@@ -981,13 +997,16 @@ class Machine:
             for f in self._obs["on_iret"]:
                 f(cpu.index, now, frame, unblocked)
             self._serialize(cpu, "iretq")
+            landing: int | None = rip
             if cpu.nmi.take_latched():
                 self.trace.add((now, cpu.index, "nmi", "latched", "deliver"))
                 self._deliver(cpu, Vector.NMI, rip)
+                landing = None
             elif cpu.pending and rflags & RFLAGS_IF:
                 self._deliver_pending_irq(cpu, rip)
+                landing = None
             self._end_quantum_if_due(cpu)
-            self._landed(cpu)
+            self._landed(cpu, landing)
 
         return on_iretq
 
@@ -1019,7 +1038,9 @@ class Machine:
             eng.set_rip(addr + 1)
             if value & RFLAGS_IF:
                 self._deliver_pending_irq(cpu, addr + 1)
-            self._landed(cpu)
+                self._landed(cpu, None)
+            else:
+                self._landed(cpu, addr + 1)
 
         return on_popfq
 
@@ -1247,6 +1268,22 @@ class Machine:
         for cpu in self.cpus:
             cpu.engine.close()
         self.closed = True
+
+    def recycle(self) -> None:
+        """Like `close`, but hand the engines and memories to the next machine of the same shape
+        (cpus/pool.py): it boots faster and translates again only what this one changed. The
+        machine's trace and statistics stay readable; its memory does not (the next one clears it)."""
+        if self.closed:
+            return
+        self.closed = True
+        if any(cpu.engine.hook_error is not None for cpu in self.cpus):
+            for cpu in self.cpus:
+                cpu.engine.close()
+            return
+        changed = self._written + [(a, a + n) for a, n in self.image.watch]
+        for cpu in self.cpus:
+            cpu.engine.recycle(changed)
+        POOL.give(self._pool_key, self._mems, [cpu.engine for cpu in self.cpus])
 
     # ----------------------------------------------------------------------------------------
     # Results

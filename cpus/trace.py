@@ -19,34 +19,61 @@ Record = tuple
 
 
 class Trace:
+    """Records are appended as they come and handled in batches (hashed, kept, put in the tails):
+    `add` is on the machine's hottest path, and the digest is the same whatever the batch size."""
+
+    _BATCH = 512
+
     def __init__(self, ncpus: int, keep: bool = False, tail: int = 48) -> None:
         self._h = hashlib.blake2b(digest_size=16)
-        self._pending: list[str] = []  # reprs not hashed yet: hashed in batches (same digest)
+        self._pending: list[Record] = []  # records not handled yet
         self.keep = keep
-        self.records: list[Record] = []
-        self.tails: list[deque[Record]] = [deque(maxlen=tail) for _ in range(ncpus)]
-        self.count = 0
+        self._records: list[Record] = []
+        self._tails: list[deque[Record]] = [deque(maxlen=tail) for _ in range(ncpus)]
+        self._done = 0  # records handled
 
     def add(self, rec: Record) -> None:
         pending = self._pending
-        pending.append(repr(rec))
-        if len(pending) >= 512:
+        pending.append(rec)
+        if len(pending) >= self._BATCH:
             self._flush()
-        self.count += 1
-        if self.keep:
-            self.records.append(rec)
-        cpu = rec[1]
-        if 0 <= cpu < len(self.tails):
-            self.tails[cpu].append(rec)
 
     def _flush(self) -> None:
-        self._h.update("".join(self._pending).encode())
-        self._pending.clear()
+        pending = self._pending
+        if not pending:
+            return
+        self._h.update("".join(map(repr, pending)).encode())
+        if self.keep:
+            self._records.extend(pending)
+        tails = self._tails
+        n = len(tails)
+        for rec in pending:
+            cpu = rec[1]
+            if 0 <= cpu < n:
+                tails[cpu].append(rec)
+        self._done += len(pending)
+        pending.clear()
 
     @property
     def hash(self) -> str:
         self._flush()
         return self._h.hexdigest()
+
+    @property
+    def count(self) -> int:
+        return self._done + len(self._pending)
+
+    @property
+    def records(self) -> list[Record]:
+        """Every record (with `keep`; empty otherwise)."""
+        self._flush()
+        return self._records
+
+    @property
+    def tails(self) -> list[deque[Record]]:
+        """The last records of each CPU (for crash reports)."""
+        self._flush()
+        return self._tails
 
     def __iter__(self) -> Iterator[Record]:
         return iter(self.records)

@@ -13,6 +13,7 @@ from cpus.delivery import RFLAGS_IF
 from textpoke.bpdesc import OPCODE_JMP, PokeDescriptor, publish
 from textpoke.image import FTRACE_NOP, Percpu, call_bytes
 from textpoke.oracle import SafetyOracle
+from textpoke.scenario import Scenario, run_scenario
 
 
 def u64(x: int) -> bytes:
@@ -491,3 +492,64 @@ def test_a_stale_copy_of_a_site_reached_by_falling_through_lasts_until_serializa
     assert sum(1 for t, code in mine[:switch] if t > t_write and code == old) > 10
     assert all(code == new for _t, code in mine[switch:])
     assert not m.crashes
+
+
+POOL_CASES = [
+    Scenario(),
+    Scenario(nmi="nested-safe", nmi_rate=500, sites=4),
+    Scenario(client="optprobe", protocol="optprobe", preempt_aim=0.5),
+    Scenario(protocol="stop-machine", sites=4),
+]
+
+
+def _pool_hashes(cases, seed: int = 2) -> list[str]:
+    return [run_scenario(sc, seed).verdict.trace_hash for sc in cases]
+
+
+def test_recycled_engines_give_the_same_traces():
+    """A machine on engines a finished one handed back (cpus/pool.py) keeps their translated blocks
+    of unchanged bytes and nothing else: every trace is the one new engines give."""
+    from cpus.pool import POOL
+
+    fresh = []
+    for sc in POOL_CASES:
+        POOL.clear()
+        fresh.append(run_scenario(sc, 2).verdict.trace_hash)
+    POOL.clear()
+    run_scenario(POOL_CASES[2], 5)  # leave the pool with blocks of patched sites and slots
+    assert _pool_hashes(POOL_CASES) == fresh
+    assert _pool_hashes(POOL_CASES[::-1]) == fresh[::-1]
+
+
+def test_recycling_must_drop_the_blocks_of_written_text(monkeypatch):
+    """Engines handed back keep no block translated from bytes their machine wrote: a machine whose
+    workload's first instruction was rewritten (a new constant) hands its engines over, and the next
+    machine, on the original text, runs as one on new engines. Without that drop it runs the old
+    block (the comparison above could not see this: a patch's sites are hooked, and their blocks
+    dropped, by every machine that watches them)."""
+    import cpus._unicorn as unicorn_mod
+    from cpus import Machine
+    from cpus.pool import POOL
+    from textpoke.image import build_kernel
+
+    boot = build_kernel().boot_image()
+    cfg = MachineConfig(cpus=2, seed=1)
+    new_bytes = b"\x48\xb8" + (7).to_bytes(8, "little")  # mov rax, 7
+
+    def after_a_rewriting_machine() -> str:
+        m = Machine(cfg, boot)
+        m.write_text(boot.worker_entry, new_bytes)
+        m.run(20_000)
+        m.recycle()
+        m = Machine(cfg, boot)
+        m.run(20_000)
+        return m.trace_hash
+
+    POOL.clear()
+    fresh = Machine(cfg, boot)
+    fresh.run(20_000)
+    assert after_a_rewriting_machine() == fresh.trace_hash
+    recycle = unicorn_mod.Engine.recycle
+    monkeypatch.setattr(unicorn_mod.Engine, "recycle", lambda self, written: recycle(self, ()))
+    assert after_a_rewriting_machine() != fresh.trace_hash
+    POOL.clear()

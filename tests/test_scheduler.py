@@ -184,7 +184,7 @@ def test_shared_code_entered_by_iretq_is_checked(monkeypatch):
 
     sc = SHARED_CASES["nmis"]
     all_blocks = _hashes(sc, monkeypatch, "all")
-    monkeypatch.setattr(machine_mod.Machine, "_landed", lambda self, cpu: None)
+    monkeypatch.setattr(machine_mod.Machine, "_landed", lambda self, cpu, rip: None)
     assert _hashes(sc, monkeypatch, "entries") != all_blocks
 
 

@@ -334,7 +334,7 @@ def run_scenario(
         "nmi_handler_runs": oracle.nmi_counts["handler_runs"],
     }
     if not keep_machine:
-        m.close()
+        m.recycle()
     return Outcome(sc, verdict, list(patcher.reports), m if keep_machine else None, steps)
 
 
