@@ -255,6 +255,7 @@ class Engine:
         self._frame_vals = (ctypes.c_uint64 * 3)()
         self._frame_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._frame_vals) + 8 * i for i in range(3)))
         self._callbacks: dict[int, object] = {}
+        self._binding_hooks: list[int] = []  # hooks added through the binding (`hook_cpuid`)
         self.hook_error: BaseException | None = None
         self._counter: ctypes.c_uint64 | None = None
         self._limit: ctypes.c_uint64 | None = None
@@ -404,7 +405,7 @@ class Engine:
             self.hook_adjust = 1
             return callback()
 
-        self.uc.hook_add(UC_HOOK_INSN, trampoline, None, 1, 0, x86.UC_X86_INS_CPUID)
+        self._binding_hooks.append(self.uc.hook_add(UC_HOOK_INSN, trampoline, None, 1, 0, x86.UC_X86_INS_CPUID))
 
     def hook_tsc(self, read: Callable[[], int], aux: int) -> None:
         """Make `rdtsc` and `rdtscp` return `read()` (and `rdtscp` also `aux` in ecx, as TSC_AUX).
@@ -577,6 +578,9 @@ class Engine:
         cost is saved. Blocks translated with a hook that is gone call nothing."""
         for handle in list(self._callbacks):
             self.hook_del(handle)
+        for handle in self._binding_hooks:
+            self.uc.hook_del(handle)
+        self._binding_hooks.clear()
         for lo, hi in written:
             self.drop_decoded(lo, hi)
         for address in self._exits:

@@ -10,6 +10,7 @@ kept: only translated blocks of unchanged bytes). Traces are the same as with ne
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
 
 from ._unicorn import Engine, HostMemory
@@ -42,5 +43,12 @@ class EnginePool:
         self._kept = self._key = None
 
 
-#: the process's pool (sweep workers are processes: each has its own)
+    def forget(self) -> None:
+        """Drop what is kept without touching it: in a child made by `fork`, the kept memories are
+        shared with the parent (anonymous shared mappings), so the child must not reuse them."""
+        self._kept = self._key = None
+
+
+#: the process's pool (sweep workers are processes: each has its own, a forked one starts empty)
 POOL = EnginePool()
+os.register_at_fork(after_in_child=POOL.forget)

@@ -208,6 +208,7 @@ class SafetyOracle:
         self.mem: dict[int, bytes] = dict(kernel.patchable)
         self.stable: dict[int, bytes] = dict(self.mem)
         self.active: dict[int, tuple[bytes, bytes]] = {}
+        self._legal: dict[int, frozenset[bytes]] = {}  # per active site: the bytes a fetch may see
         self.finished: dict[int, tuple[bytes, bytes, int]] = {}
         self.skip_mode = False
         self.dirty: defaultdict[int, set[int]] = defaultdict(set)
@@ -279,6 +280,8 @@ class SafetyOracle:
         self.ops += 1
         for r in op.requests:
             self.active[r.site] = (r.old, r.new)
+            # what a fetch may see meanwhile: either version, or either with the int3 in front
+            self._legal[r.site] = frozenset((r.old, r.new, bytes([INT3]) + r.old[1:], bytes([INT3]) + r.new[1:]))
             self.finished.pop(r.site, None)
 
     def on_op_end(self, op, time: int) -> None:
@@ -370,7 +373,9 @@ class SafetyOracle:
         # legality of the bytes
         if act is not None:
             old, new = act
-            legal = (old, new, bytes([INT3]) + old[1:], bytes([INT3]) + new[1:])
+            legal = self._legal.get(site)
+            if legal is None:  # (a site made active by hand)
+                legal = frozenset((old, new, bytes([INT3]) + old[1:], bytes([INT3]) + new[1:]))
             if code not in legal:
                 self._flag("torn-fetch", cpu, time, site, code, f"during the patch {old.hex()} -> {new.hex()}")
             return
