@@ -284,11 +284,6 @@ class Engine:
         after `start_counting`, on a build where `counter_available()`)."""
         return self.base + self._counter.value - self.hook_adjust  # type: ignore[union-attr]
 
-    def count_ran_out(self) -> bool:
-        """In a block hook: the running quantum's count is used up, so the block does not run
-        (Unicorn stops at its first instruction's count check, after the block hooks fired)."""
-        return self._counter.value >= self._limit.value  # type: ignore[union-attr]
-
     def cut(self, count: int) -> None:
         """End the running quantum after `count` instructions in all (if that is sooner): Unicorn
         checks its count before every instruction, against the field next to its counter."""

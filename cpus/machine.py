@@ -966,10 +966,13 @@ class Machine:
         return on_interrupt
 
     def _iret_hook(self, cpu: Cpu) -> Callable[[int, int], None]:
+        iret_cost = self.costs.iret + self.costs.instruction
+
         def on_iretq(addr: int, _size: int) -> None:
             if cpu.tentative is not None:
                 self._confirm_fetch(cpu)
-            if cpu.running and cpu.now() > self.hz_max:
+            now = cpu.now()
+            if cpu.running and now > self.hz_max:
                 hold(cpu)  # a serializing instruction: ordered against the agents
                 return
             eng = cpu.engine
@@ -986,10 +989,9 @@ class Machine:
                 )
                 return
             eng.set_frame(new_rsp, (rflags & 0x3F7FD7) | 2, rip)
-            now = cpu.now()
             # the count of the quantum does not include an instruction redirected from its block
-            # hook: charge the iretq itself here
-            cpu.extra += self.costs.iret + self.costs.instruction
+            # hook: charge the iretq itself here (after `now`, its time)
+            cpu.extra += iret_cost
             cpu.stats["instructions"] += 1
             cpu.stats["iret"] += 1
             unblocked = cpu.nmi.iret(ss)
@@ -1057,15 +1059,21 @@ class Machine:
         eng = cpu.engine
         counted = eng.exits_available
 
+        counter, limit, insn = eng._counter, eng._limit, eng.insn_cost
+
         def on_site(addr: int, _block_size: int) -> None:
             if cpu.tentative is not None:
                 self._confirm_fetch(cpu)
-            if counted and eng.count_ran_out():
+            if counted and counter.value >= limit.value:  # type: ignore[union-attr]
                 return  # the quantum ends in front of the site, as at an exit: it runs next quantum
-            now = cpu.now()
-            if cpu.running and now > self.hz_max:
-                hold(cpu)  # executing a watched site: ordered against the agents' text writes
-                return
+            if cpu.running:
+                # `cpu.now()`, inlined: a block hook stands before the block's first count
+                now = cpu.clock + cpu.extra + (eng.base + counter.value) * insn  # type: ignore[union-attr]
+                if now > self.hz_max:
+                    hold(cpu)  # executing a watched site: ordered against the agents' text writes
+                    return
+            else:
+                now = cpu.clock + cpu.extra
             if addr not in sites:
                 self.trace.add((now, cpu.index, "mid-site", addr))
                 return

@@ -42,7 +42,6 @@ class EnginePool:
                 eng.close()
         self._kept = self._key = None
 
-
     def forget(self) -> None:
         """Drop what is kept without touching it: in a child made by `fork`, the kept memories are
         shared with the parent (anonymous shared mappings), so the child must not reuse them."""

@@ -23,7 +23,10 @@ it meets an agent (a Python program occupying a CPU, such as the patcher):
   (ties: the lower CPU index first, as in the fine scheduler's furthest-behind order). Otherwise the
   hook stops the quantum right before the interaction (`hold`): the CPU waits there with its clock
   at t until it is the furthest behind, and performs it then. A quantum that enters or starts in
-  shared code is cut at the horizon, so no instruction of it passes an agent.
+  shared code is cut at the horizon, so no instruction of it passes an agent. The cut is made
+  where control comes into a unit (`shared_entries`: its first byte, the return points of its
+  calls, branch targets from outside, and wherever an `iretq` lands), not at each of its blocks:
+  inside a unit a CPU's time follows its instruction count, so the cut stays right.
 * **Events in their time.** A quantum's count is cut for instructions only; a delivery or an
   `iretq` inside it charges its own cycles, and when those take the CPU's time to its next event
   (a timer, an IPI, an NMI), the machine ends the quantum right there (`_end_quantum_if_due`), so

@@ -499,6 +499,7 @@ POOL_CASES = [
     Scenario(nmi="nested-safe", nmi_rate=500, sites=4),
     Scenario(client="optprobe", protocol="optprobe", preempt_aim=0.5),
     Scenario(protocol="stop-machine", sites=4),
+    Scenario(protocol="bp", interleave="fine", sites=2),
 ]
 
 
