@@ -256,6 +256,9 @@ class Engine:
         self._frame_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._frame_vals) + 8 * i for i in range(3)))
         self._callbacks: dict[int, object] = {}
         self._binding_hooks: list[int] = []  # hooks added through the binding (`hook_cpuid`)
+        self._spans: dict[int, tuple[int, int, int]] = {}  # handle -> (type, first, last address)
+        #: the spans hooked when the engine was recycled: its blocks there call hooks of that span
+        self._hooked_before: frozenset[tuple[int, int, int]] = frozenset()
         self.hook_error: BaseException | None = None
         self._counter: ctypes.c_uint64 | None = None
         self._limit: ctypes.c_uint64 | None = None
@@ -327,7 +330,8 @@ class Engine:
         return HOOK_CODE_CFUNC(hook)
 
     def _add(self, htype: int, fptr: object, begin: int, end: int) -> int:
-        if self.recycled and htype in (UC_HOOK_CODE, UC_HOOK_BLOCK):
+        span = (htype, begin, end)
+        if self.recycled and htype in (UC_HOOK_CODE, UC_HOOK_BLOCK) and span not in self._hooked_before:
             self.drop_decoded(begin, end + 1)
         handle = uc_hook_h()
         status = uclib.uc_hook_add(
@@ -342,6 +346,7 @@ class Engine:
         if status:
             raise UcError(status)
         self._callbacks[handle.value] = fptr
+        self._spans[handle.value] = span
         return handle.value
 
     def hook_code_at(self, address: int, size: int, callback: CodeHook) -> int:
@@ -366,6 +371,9 @@ class Engine:
         if status:
             raise UcError(status)
         del self._callbacks[handle]
+        self._spans.pop(handle, None)
+        # a span hooked again after this may have blocks translated meanwhile without the hook
+        self._hooked_before = frozenset()
 
     def hook_interrupts(self, callback: IntrHook) -> None:
         inner = self._guard(callback)
@@ -570,13 +578,17 @@ class Engine:
         the blocks of `written` ([lo, hi) ranges whose bytes changed, now restored by the caller)
         and of the exits (stop blocks, blocks cut short) are dropped. The blocks that stay were
         translated from the same bytes, so they are what a new engine would translate: only their
-        cost is saved. Blocks translated with a hook that is gone call nothing."""
+        cost is saved. Blocks translated with a hook that is gone call nothing; a hook added on a
+        span hooked at the end of the last life finds its blocks calling hooks there already (until
+        a hook is deleted in this life), elsewhere it drops them (`_add`)."""
+        spans = frozenset(self._spans.values())
         for handle in list(self._callbacks):
             self.hook_del(handle)
         for handle in self._binding_hooks:
             self.uc.hook_del(handle)
         self._binding_hooks.clear()
-        for lo, hi in written:
+        self._hooked_before = spans
+        for lo, hi in _merged(written):
             self.drop_decoded(lo, hi)
         for address in self._exits:
             self.drop_decoded(address - 1, address + 1)
@@ -680,6 +692,18 @@ class Engine:
             self._ctl(_CTL_REQUEST, ctypes.c_uint64(address), ctypes.byref(self._tb))
         finally:
             self._set_exits(self._exits)
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[lo, hi) ranges, overlapping or touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def pack_frame(rip: int, cs: int, rflags: int, rsp: int, ss: int) -> bytes:
