@@ -1,7 +1,8 @@
 """Safety benchmark: every protocol and NMI entry, with its violation rates and 95% intervals, and the
 verdicts of the protocol and NMI work reproduced from one command.
 
-    python benchmarks/safety.py [--seeds N] [--jobs J] [--only TEXT] [--json FILE [--resume]] [--markdown FILE]
+    python benchmarks/safety.py [--seeds N] [--jobs J] [--only TEXT] [--row LABEL] [--json FILE [--resume]]
+        [--markdown FILE]
 
 Each row is a scenario swept over seeds; its expectation is "safe" (no seed may show a violation)
 or "unsafe" (some seed must, with the listed classes among those found). The script prints a table
@@ -212,6 +213,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--scheduler", default=None)
     p.add_argument("--only", action="append", default=[], help="run only the rows whose label contains this")
+    p.add_argument("--row", action="append", default=[], help="run only the row with exactly this label")
     p.add_argument("--json", type=Path, help="results, rewritten after every row")
     p.add_argument(
         "--resume", action="store_true", help="keep the rows already in --json (same seed count) and run the rest"
@@ -220,7 +222,12 @@ def main() -> int:
     args = p.parse_args()
     if args.resume and not args.json:
         p.error("--resume needs --json")
-    wanted = {r[0] for r in ROWS if not args.only or any(o in r[0] for o in args.only)}
+    unknown = [r for r in args.row if r not in {row[0] for row in ROWS}]
+    if unknown:
+        p.error(f"no row labelled {unknown[0]!r}")
+    wanted = {
+        r[0] for r in ROWS if (not args.only and not args.row) or any(o in r[0] for o in args.only) or r[0] in args.row
+    }
     done: dict[str, dict] = {}
     if args.resume and args.json.exists():
         old = json.loads(args.json.read_text())
