@@ -209,6 +209,7 @@ class SafetyOracle:
         self.stable: dict[int, bytes] = dict(self.mem)
         self.active: dict[int, tuple[bytes, bytes]] = {}
         self._legal: dict[int, frozenset[bytes]] = {}  # per active site: the bytes a fetch may see
+        self._effects: dict[tuple[int, bytes], tuple[str | None, int | None, bool]] = {}
         self.finished: dict[int, tuple[bytes, bytes, int]] = {}
         self.skip_mode = False
         self.dirty: defaultdict[int, set[int]] = defaultdict(set)
@@ -348,10 +349,8 @@ class SafetyOracle:
                         self._flag("missed-call", cpu, time, site, code, "int3 skipped a call -> call site")
                 else:
                     self._count_call(cpu, site, new)
-                    self._count_jump(cpu, site, new)
         else:
             self._count_call(cpu, site, code)
-            self._count_jump(cpu, site, code)
             if first == RET and self.sls_check and code[1:].strip(b"\xcc"):
                 self._flag(
                     "sls-exposure",
@@ -399,17 +398,28 @@ class SafetyOracle:
         self._flag("torn-fetch", cpu, time, site, code, f"expected {self.stable[site].hex(' ')}")
 
     def _count_call(self, cpu: int, site: int, insn: bytes) -> None:
+        effect = self._effects.get((site, insn))
+        if effect is None:
+            effect = self._effects[(site, insn)] = self._effect(site, insn)
+        tracer, sc_target, jumps = effect
+        if tracer:
+            self.traced[(cpu, site, tracer)] += 1
+        if sc_target is not None:
+            self.sc_entries[(cpu, sc_target)] += 1
+        if jumps:
+            self.jumped[(cpu, site)] += 1
+
+    def _effect(self, site: int, insn: bytes) -> tuple[str | None, int | None, bool]:
+        """What executing `insn` at `site` counts: the tracer it calls, the static-call target it
+        enters, whether it takes a jump label's branch (kept per site and bytes: a sweep executes
+        the same few thousands of times)."""
+        tracer = sc_target = None
         if insn[0] in (0xE8, 0xE9) and len(insn) == 5:
             target = (site + 5 + struct.unpack("<i", insn[1:])[0]) & (2**64 - 1)
             tracer = self.tracers.get(target) if insn[0] == 0xE8 else None
-            if tracer:
-                self.traced[(cpu, site, tracer)] += 1
             if target in self.sc_targets:
-                self.sc_entries[(cpu, target)] += 1
-
-    def _count_jump(self, cpu: int, site: int, insn: bytes) -> None:
-        if insn[0] in (0xEB, 0xE9) and site in self.jump_counters:
-            self.jumped[(cpu, site)] += 1
+                sc_target = target
+        return tracer, sc_target, insn[0] in (0xEB, 0xE9) and site in self.jump_counters
 
     # -- NMI verdicts --------------------------------------------------------------------------------
     def _nmi_stack(self, cpu: int) -> tuple[int, int]:
