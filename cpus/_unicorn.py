@@ -187,6 +187,7 @@ def engine_error_name(errno: int) -> str:
 
 
 CodeHook = Callable[[int, int], None]  # (address, instruction size)
+RawBlockHook = Callable[[object, int, int, object], None]  # (handle, address, block size, user)
 IntrHook = Callable[[int], None]  # (interrupt number)
 CpuidHook = Callable[[], bool]
 #: `uint32_t (*)(uc_engine *, void *)`: Unicorn's callback type for cpuid, rdtsc and rdtscp hooks
@@ -365,6 +366,24 @@ class Engine:
         hooks to the few `iretq`/`popfq` sites. Caveat: when a quantum's count runs out right at
         a block start, the hook has fired but the block does not run (the machine discounts it)."""
         return self._add(UC_HOOK_BLOCK, self._code_cfunc(callback, 0), address, address + max(size, 1) - 1)
+
+    def hook_block_raw(self, address: int, size: int, callback: RawBlockHook) -> int:
+        """`hook_block_at` without the engine's wrapper, for the machine's hottest hooks (every
+        layer between ctypes and the hook is a Python call): ctypes calls `callback(handle,
+        address, block_size, user)` itself, which must set `hook_adjust = 0` and hand any
+        exception to `fail`."""
+        return self._add(UC_HOOK_BLOCK, HOOK_CODE_CFUNC(callback), address, address + max(size, 1) - 1)
+
+    def hook_interrupts_raw(self, callback: Callable[[object, int, object], None]) -> None:
+        """`hook_interrupts` without the wrapper: `callback(handle, intno, user)`, which must set
+        `hook_adjust = 1` and hand any exception to `fail`."""
+        self._add(UC_HOOK_INTR, HOOK_INTR_CFUNC(callback), 1, 0)
+
+    def fail(self, err: BaseException) -> None:
+        """A raw hook's exception: the engine stops, and `run` raises it once Unicorn returns."""
+        if self.hook_error is None:
+            self.hook_error = err
+        uclib.uc_emu_stop(self._uch)
 
     def hook_del(self, handle: int) -> None:
         status = uclib.uc_hook_del(self._uch, uc_hook_h(handle))

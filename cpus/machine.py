@@ -234,7 +234,7 @@ class Cpu:
         self.held: int | None = None  # instructions run when the exact scheduler stopped the quantum
         self.hold = False  # the cycles charged at this boundary must pass before the next instruction
         #: the exact scheduler's hook on shared code (None under the fine scheduler)
-        self.on_shared: Callable[[int, int], None] | None = None
+        self.on_shared: Callable[[object, int, int, object], None] | None = None
         self.stats = {
             "site_exec": 0,
             "instructions": 0,
@@ -376,15 +376,15 @@ class Machine:
             shared = cpu.on_shared = shared_code_hook(self, cpu)
             if self._entry_hooked:
                 for a in self._shared_entries:
-                    eng.hook_block_at(a, 1, shared)
+                    eng.hook_block_raw(a, 1, shared)
             else:
                 for lo, size in self.image.shared_code:
-                    eng.hook_block_at(lo, size, shared)
+                    eng.hook_block_raw(lo, size, shared)
         for a in self.image.iret_sites:
-            eng.hook_block_at(a, 1, self._iret_hook(cpu))
+            eng.hook_block_raw(a, 1, self._iret_hook(cpu))
         for a in self.image.halt_sites:
             eng.hook_block_at(a, 1, self._halt_hook(cpu))
-        eng.hook_interrupts(self._intr_hook(cpu))
+        eng.hook_interrupts_raw(self._intr_hook(cpu))
         eng.hook_invalid_insn(lambda: self._crash(cpu, "exception #UD (invalid opcode)", cpu.engine.rip()))
         eng.hook_cpuid(self._cpuid_hook(cpu))
         eng.hook_tsc(cpu.now, aux=i)  # a deterministic TSC: the CPU's cycle clock
@@ -513,7 +513,7 @@ class Machine:
             self._entry_hooked.remove(unit)
             ulo, uhi = unit
             for cpu in self.cpus:
-                cpu.engine.hook_block_at(ulo, uhi - ulo, cpu.on_shared)  # type: ignore[arg-type]
+                cpu.engine.hook_block_raw(ulo, uhi - ulo, cpu.on_shared)  # type: ignore[arg-type]
                 if cpu.index == self._storing:
                     self._drop_later.append((cpu.index, ulo, uhi))
                 else:
@@ -538,7 +538,7 @@ class Machine:
                     # as the block hook there would: the instruction just executed is counted
                     # (popfq) or charged (iretq), none of the next block is
                     eng.hook_adjust = 0
-                    cpu.on_shared(rip, 0)  # type: ignore[misc]
+                    cpu.on_shared(None, rip, 0, None)  # type: ignore[misc]
                     return
 
     def _install_copy(self, cpu: int, site: int, code: bytes) -> None:
@@ -588,7 +588,7 @@ class Machine:
             if site not in self.coherence.sites:
                 raise ConfigError(f"{site:#x} is not a patchable site of this kernel image")
             length = self.coherence.sites[site]
-            handles = [cpu.engine.hook_block_at(site, length, self._site_hook(cpu)) for cpu in self.cpus]
+            handles = [cpu.engine.hook_block_raw(site, length, self._site_hook(cpu)) for cpu in self.cpus]
             self._site_hooks[site] = handles
             if self._needs_exit(site):
                 for cpu in self.cpus:
@@ -948,67 +948,78 @@ class Machine:
         return None
 
     # -- Unicorn callbacks ----------------------------------------------------------------------
-    def _intr_hook(self, cpu: Cpu) -> Callable[[int], None]:
-        def on_interrupt(intno: int) -> None:
-            eng = cpu.engine
-            if intno == Vector.BP:
-                self._deliver(cpu, Vector.BP, eng.rip())  # RIP is already past the 0xcc: a trap
-                return
-            names = {0: "#DE", 1: "#DB", 6: "#UD", 8: "#DF", 13: "#GP", 14: "#PF", 12: "#SS"}
-            reason = f"exception {names.get(intno, intno)}"
-            rip = eng.rip()
-            if intno == 14:
-                # a fault on the fetch itself (reported so with exits on) reads as a quiet stop would
-                fetch = self._fetch_fault(rip) if eng.cr2() == rip else None
-                reason = fetch or f"{reason} (cr2={eng.cr2():#x})"
-            self._crash(cpu, reason, rip)
+    def _intr_hook(self, cpu: Cpu) -> Callable[[object, int, object], None]:
+        eng = cpu.engine
+
+        def on_interrupt(_h: object, intno: int, _k: object) -> None:
+            # a raw hook (`Engine.hook_interrupts_raw`): called by ctypes itself
+            eng.hook_adjust = 1
+            try:
+                if intno == Vector.BP:
+                    self._deliver(cpu, Vector.BP, eng.rip())  # RIP is already past the 0xcc: a trap
+                    return
+                names = {0: "#DE", 1: "#DB", 6: "#UD", 8: "#DF", 13: "#GP", 14: "#PF", 12: "#SS"}
+                reason = f"exception {names.get(intno, intno)}"
+                rip = eng.rip()
+                if intno == 14:
+                    # a fault on the fetch itself (reported so with exits on) reads as a quiet stop would
+                    fetch = self._fetch_fault(rip) if eng.cr2() == rip else None
+                    reason = fetch or f"{reason} (cr2={eng.cr2():#x})"
+                self._crash(cpu, reason, rip)
+            except BaseException as err:
+                eng.fail(err)
 
         return on_interrupt
 
-    def _iret_hook(self, cpu: Cpu) -> Callable[[int, int], None]:
+    def _iret_hook(self, cpu: Cpu) -> Callable[[object, int, int, object], None]:
         iret_cost = self.costs.iret + self.costs.instruction
+        eng = cpu.engine
 
-        def on_iretq(addr: int, _size: int) -> None:
-            if cpu.tentative is not None:
-                self._confirm_fetch(cpu)
-            now = cpu.now()
-            if cpu.running and now > self.hz_max:
-                hold(cpu)  # a serializing instruction: ordered against the agents
-                return
-            eng = cpu.engine
-            rsp = eng.rsp()
-            frame = self._stack_words(cpu, rsp, 5, "iretq", addr)
-            if frame is None:
-                return
-            rip, cs, rflags, new_rsp, ss = frame
-            if cs != L.KERNEL_CS or (ss & 0xFFFF) not in (L.KERNEL_DS, 0) or rip < _CANONICAL_HI:
-                self._crash(
-                    cpu,
-                    f"iretq frame invalid (#GP): rip={rip:#x} cs={cs:#x} ss={ss:#x} at rsp={rsp:#x}",
-                    addr,
-                )
-                return
-            eng.set_frame(new_rsp, (rflags & 0x3F7FD7) | 2, rip)
-            # the count of the quantum does not include an instruction redirected from its block
-            # hook: charge the iretq itself here (after `now`, its time)
-            cpu.extra += iret_cost
-            cpu.stats["instructions"] += 1
-            cpu.stats["iret"] += 1
-            unblocked = cpu.nmi.iret(ss)
-            self.trace.add((now, cpu.index, "iret", rip, new_rsp, unblocked))
-            for f in self._obs["on_iret"]:
-                f(cpu.index, now, frame, unblocked)
-            self._serialize(cpu, "iretq")
-            landing: int | None = rip
-            if cpu.nmi.take_latched():
-                self.trace.add((now, cpu.index, "nmi", "latched", "deliver"))
-                self._deliver(cpu, Vector.NMI, rip)
-                landing = None
-            elif cpu.pending and rflags & RFLAGS_IF:
-                self._deliver_pending_irq(cpu, rip)
-                landing = None
-            self._end_quantum_if_due(cpu)
-            self._landed(cpu, landing)
+        def on_iretq(_h: object, addr: int, _size: int, _k: object) -> None:
+            # a raw hook (`Engine.hook_block_raw`): called by ctypes itself
+            eng.hook_adjust = 0
+            try:
+                if cpu.tentative is not None:
+                    self._confirm_fetch(cpu)
+                now = cpu.now()
+                if cpu.running and now > self.hz_max:
+                    hold(cpu)  # a serializing instruction: ordered against the agents
+                    return
+                rsp = eng.rsp()
+                frame = self._stack_words(cpu, rsp, 5, "iretq", addr)
+                if frame is None:
+                    return
+                rip, cs, rflags, new_rsp, ss = frame
+                if cs != L.KERNEL_CS or (ss & 0xFFFF) not in (L.KERNEL_DS, 0) or rip < _CANONICAL_HI:
+                    self._crash(
+                        cpu,
+                        f"iretq frame invalid (#GP): rip={rip:#x} cs={cs:#x} ss={ss:#x} at rsp={rsp:#x}",
+                        addr,
+                    )
+                    return
+                eng.set_frame(new_rsp, (rflags & 0x3F7FD7) | 2, rip)
+                # the count of the quantum does not include an instruction redirected from its block
+                # hook: charge the iretq itself here (after `now`, its time)
+                cpu.extra += iret_cost
+                cpu.stats["instructions"] += 1
+                cpu.stats["iret"] += 1
+                unblocked = cpu.nmi.iret(ss)
+                self.trace.add((now, cpu.index, "iret", rip, new_rsp, unblocked))
+                for f in self._obs["on_iret"]:
+                    f(cpu.index, now, frame, unblocked)
+                self._serialize(cpu, "iretq")
+                landing: int | None = rip
+                if cpu.nmi.take_latched():
+                    self.trace.add((now, cpu.index, "nmi", "latched", "deliver"))
+                    self._deliver(cpu, Vector.NMI, rip)
+                    landing = None
+                elif cpu.pending and rflags & RFLAGS_IF:
+                    self._deliver_pending_irq(cpu, rip)
+                    landing = None
+                self._end_quantum_if_due(cpu)
+                self._landed(cpu, landing)
+            except BaseException as err:
+                eng.fail(err)
 
         return on_iretq
 
@@ -1046,7 +1057,7 @@ class Machine:
 
         return on_popfq
 
-    def _site_hook(self, cpu: Cpu) -> Callable[[int, int], None]:
+    def _site_hook(self, cpu: Cpu) -> Callable[[object, int, int, object], None]:
         """Block hook on a watched site: a translated block starting there begins to run.
 
         The report stays tentative until something proves the block ran (another block hook, an
@@ -1061,29 +1072,34 @@ class Machine:
 
         counter, limit, insn = eng._counter, eng._limit, eng.insn_cost
 
-        def on_site(addr: int, _block_size: int) -> None:
-            if cpu.tentative is not None:
-                self._confirm_fetch(cpu)
-            if counted and counter.value >= limit.value:  # type: ignore[union-attr]
-                return  # the quantum ends in front of the site, as at an exit: it runs next quantum
-            if cpu.running:
-                # `cpu.now()`, inlined: a block hook stands before the block's first count
-                now = cpu.clock + cpu.extra + (eng.base + counter.value) * insn  # type: ignore[union-attr]
-                if now > self.hz_max:
-                    hold(cpu)  # executing a watched site: ordered against the agents' text writes
+        def on_site(_h: object, addr: int, _block_size: int, _k: object) -> None:
+            # a raw hook (`Engine.hook_block_raw`): called by ctypes itself
+            eng.hook_adjust = 0
+            try:
+                if cpu.tentative is not None:
+                    self._confirm_fetch(cpu)
+                if counted and counter.value >= limit.value:  # type: ignore[union-attr]
+                    return  # the quantum ends in front of the site, as at an exit: it runs next quantum
+                if cpu.running:
+                    # `cpu.now()`, inlined: a block hook stands before the block's first count
+                    now = cpu.clock + cpu.extra + (eng.base + counter.value) * insn  # type: ignore[union-attr]
+                    if now > self.hz_max:
+                        hold(cpu)  # executing a watched site: ordered against the agents' text writes
+                        return
+                else:
+                    now = cpu.clock + cpu.extra
+                if addr not in sites:
+                    self.trace.add((now, cpu.index, "mid-site", addr))
                     return
-            else:
-                now = cpu.clock + cpu.extra
-            if addr not in sites:
-                self.trace.add((now, cpu.index, "mid-site", addr))
-                return
-            fresh = addr not in decoded
-            code = fetch(cpu.index, addr)
-            if fresh:
-                self.trace.add((now, cpu.index, "decode", addr, code))
-            cpu.tentative = (now, addr, code)
-            if insn_length(code) is None:
-                self._crash(cpu, "exception #UD (invalid opcode)", addr)
+                fresh = addr not in decoded
+                code = fetch(cpu.index, addr)
+                if fresh:
+                    self.trace.add((now, cpu.index, "decode", addr, code))
+                cpu.tentative = (now, addr, code)
+                if insn_length(code) is None:
+                    self._crash(cpu, "exception #UD (invalid opcode)", addr)
+            except BaseException as err:
+                eng.fail(err)
 
         return on_site
 

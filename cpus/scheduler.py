@@ -87,7 +87,7 @@ def hold(cpu: Cpu) -> None:
     cpu.engine.stop()
 
 
-def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
+def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[object, int, int, object], None]:
     """Block hook where a quantum comes into a unit of code touching agents' state: while an agent
     runs, the quantum is cut so that it ends at the horizon (`Engine.cut`), and a quantum that
     starts inside such a unit is cut there too (`run_exact`): none of its instructions passes an
@@ -100,18 +100,23 @@ def shared_code_hook(m: Machine, cpu: Cpu) -> Callable[[int, int], None]:
     instruction count only by a delivery or an `iretq`, and control comes back into the unit from
     those through an `iretq` only. The two give the same traces (tests/test_scheduler.py)."""
     insn = m.costs.instruction
+    eng = cpu.engine
 
-    def on_shared_entry(addr: int, _size: int) -> None:
+    def on_shared_entry(_h: object, _addr: int, _size: int, _k: object) -> None:
+        # a raw hook (`Engine.hook_block_raw`): called by ctypes itself
         hz = m.hz_max
         if not cpu.running or hz == NO_HORIZON:
             return
-        eng = cpu.engine
-        done = eng.executed()
-        t = cpu.clock + cpu.extra + done * insn
-        if t > hz:
-            hold(cpu)
-        else:
-            eng.cut(done + (hz - t) // insn + 1)
+        eng.hook_adjust = 0
+        try:
+            done = eng.executed()
+            t = cpu.clock + cpu.extra + done * insn
+            if t > hz:
+                hold(cpu)
+            else:
+                eng.cut(done + (hz - t) // insn + 1)
+        except BaseException as err:
+            eng.fail(err)
 
     return on_shared_entry
 
