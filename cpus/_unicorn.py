@@ -94,6 +94,8 @@ _RSP = x86.UC_X86_REG_RSP
 _RFLAGS = x86.UC_X86_REG_RFLAGS
 
 _TCG_BUFFER = 16 << 20
+#: a recycled engine drops every translated block after this many machines (`Engine.recycle`)
+_LIVES_PER_FLUSH = 8
 
 # uc_ctl requests the machine makes while it runs, encoded once (the binding's wrappers cost several
 # microseconds a call): set the exit list, remove the blocks of a range, translate a block
@@ -281,6 +283,7 @@ class Engine:
         #: the engine ran for an earlier machine (`recycle`): its translated blocks are kept, so a
         #: hook added now must drop the blocks it covers (they were translated without it)
         self.recycled = False
+        self.lives = 0  # machines this engine served before the current one
         self._initial = uc.context_save()  # every register as a new engine has them
 
     def executed(self) -> int:
@@ -614,6 +617,12 @@ class Engine:
         if self._exits:
             self._exits = set()
             self._set_exits(())
+        self.lives += 1
+        if self.lives % _LIVES_PER_FLUSH == 0:
+            # Unicorn translates into a fixed code buffer and crashes when a translation requested
+            # from outside a run (`decode_at`) finds it full (measured: about 200 seeds of the
+            # default scenario into one engine): start afresh well before that
+            self.uc.ctl_flush_tb()
         self.uc.context_restore(self._initial)
         self.hook_error = None
         self.hook_adjust = 0
