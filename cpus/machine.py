@@ -93,6 +93,7 @@ STUCK_QUANTA = 64
 IST_NMI = 2  # Linux: IST_INDEX_NMI = ESTACK_NMI + 1
 _GDT = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 _CANONICAL_HI = 0xFFFF800000000000
+_BP, _NMI, _STOP = int(Vector.BP), int(Vector.NMI), int(Vector.STOP)  # (enum lookups cost)
 _FRAME = struct.Struct("<5Q")  # the frame event delivery pushes, lowest address first
 _words = lru_cache(maxsize=8)(lambda n: struct.Struct(f"<{n}Q"))
 _decode_gate = lru_cache(maxsize=256)(decode_gate)  # a descriptor's bytes decide its gate
@@ -320,6 +321,9 @@ class Machine:
             )
         }
         self._on_fetch = self._obs["on_fetch"]
+        self._on_deliver = self._obs["on_deliver"]
+        self._on_iret = self._obs["on_iret"]
+        self._on_serialize = self._obs["on_serialize"]
         self._sched_rng = random.Random(f"{config.seed}/sched")
         self._snoop_rng = random.Random(f"{config.seed}/snoop")
         self._seq = 0
@@ -806,17 +810,18 @@ class Machine:
         eng.set_frame(base, entry_rflags(rflags, gate), gate.handler)
         cpu.rip = None
         now = cpu.now()
-        cpu.extra += self.costs.event_entry
-        if vector == Vector.STOP:
-            cpu.extra += self.costs.stopper_wakeup  # the stopper is a thread: it must be scheduled
+        costs = self.costs
+        cpu.extra += costs.event_entry
+        if vector == _STOP:
+            cpu.extra += costs.stopper_wakeup  # the stopper is a thread: it must be scheduled
             cpu.hold = True  # ... before its first instruction runs, in everyone's time
-        if vector == Vector.NMI:
+        if vector == _NMI:
             cpu.nmi.delivered()
             cpu.stats["nmi_delivered"] += 1
-        elif vector == Vector.BP:
+        elif vector == _BP:
             cpu.stats["int3"] += 1
         self.trace.add((now, cpu.index, "deliver", vector, ret_rip, rsp, base))
-        for f in self._obs["on_deliver"]:
+        for f in self._on_deliver:
             f(cpu.index, now, vector, frame)
         # not serializing: the SDM does not list event delivery among serializing operations (the
         # looser rule is an option)
@@ -872,7 +877,7 @@ class Machine:
         if dropped:
             cpu.stats["serialize_drops"] += dropped
             self.trace.add((cpu.now(), cpu.index, "serialize", dropped, cause))
-        obs = self._obs["on_serialize"]
+        obs = self._on_serialize
         if obs:
             now = cpu.now()
             for f in obs:
@@ -955,7 +960,7 @@ class Machine:
             # a raw hook (`Engine.hook_interrupts_raw`): called by ctypes itself
             eng.hook_adjust = 1
             try:
-                if intno == Vector.BP:
+                if intno == _BP:
                     self._deliver(cpu, Vector.BP, eng.rip())  # RIP is already past the 0xcc: a trap
                     return
                 names = {0: "#DE", 1: "#DB", 6: "#UD", 8: "#DF", 13: "#GP", 14: "#PF", 12: "#SS"}
@@ -1005,7 +1010,7 @@ class Machine:
                 cpu.stats["iret"] += 1
                 unblocked = cpu.nmi.iret(ss)
                 self.trace.add((now, cpu.index, "iret", rip, new_rsp, unblocked))
-                for f in self._obs["on_iret"]:
+                for f in self._on_iret:
                     f(cpu.index, now, frame, unblocked)
                 self._serialize(cpu, "iretq")
                 landing: int | None = rip
