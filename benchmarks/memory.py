@@ -1,11 +1,11 @@
 """Memory over a long sweep: resident memory of one worker process running seed after seed.
 
-A sweep's worker runs `textpoke.sweep.run_one` for seed after seed in one process (a machine, its
-Unicorn engines and its oracle per seed, freed when the seed ends, a full collection every few
-seeds). This runs the same loop in this process over `--seeds` seeds of the default safety scenario
-(or the one given) and prints the resident set size every `--every` seeds, then the least-squares
-slope of RSS over the second half of the sweep in KiB per 1000 seeds: a slope near zero is memory
-flat with seed count; a steady positive one is a leak.
+A sweep's worker runs `textpoke.sweep.run_one` for seed after seed in one process (a machine and
+its oracle per seed, freed when the seed ends, on Unicorn engines handed from seed to seed by
+`cpus/pool.py`; a full collection every few seeds). This runs the same loop in this process over
+`--seeds` seeds of the default safety scenario (or the one given) and prints the resident set size
+every `--every` seeds, then the least-squares slope of RSS over the second half of the sweep in KiB
+per 1000 seeds: a slope near zero is memory flat with seed count; a steady positive one is a leak.
 
 With `--tracemalloc`, Python allocations are traced too (slower) and the source lines whose
 allocations grew most between the middle and the end of the sweep are printed, which tells a leak in
