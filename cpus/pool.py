@@ -11,6 +11,7 @@ kept: only translated blocks of unchanged bytes). Traces are the same as with ne
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Hashable
 
 from ._unicorn import Engine, HostMemory
@@ -22,30 +23,38 @@ class EnginePool:
     def __init__(self) -> None:
         self._key: Hashable | None = None
         self._kept: tuple[tuple[HostMemory, ...], list[Engine]] | None = None
+        self._lock = threading.Lock()  # machines built on several threads share the pool
 
     def take(self, key: Hashable) -> tuple[tuple[HostMemory, ...], list[Engine]] | None:
         """The memories and engines kept for `key` (they leave the pool), or None."""
-        if self._kept is None or self._key != key:
-            return None
-        kept, self._kept, self._key = self._kept, None, None
-        return kept
+        with self._lock:
+            if self._kept is None or self._key != key:
+                return None
+            kept, self._kept, self._key = self._kept, None, None
+            return kept
 
     def give(self, key: Hashable, memories: tuple[HostMemory, ...], engines: list[Engine]) -> None:
         """Keep these for the next machine of `key`; what was kept before is freed."""
-        self.clear()
-        self._key = key
-        self._kept = (memories, engines)
+        with self._lock:
+            old, self._kept, self._key = self._kept, (memories, engines), key
+        _close(old)
 
     def clear(self) -> None:
-        if self._kept is not None:
-            for eng in self._kept[1]:
-                eng.close()
-        self._kept = self._key = None
+        with self._lock:
+            old, self._kept, self._key = self._kept, None, None
+        _close(old)
 
     def forget(self) -> None:
         """Drop what is kept without touching it: in a child made by `fork`, the kept memories are
         shared with the parent (anonymous shared mappings), so the child must not reuse them."""
         self._kept = self._key = None
+        self._lock = threading.Lock()  # another thread of the parent may have held it
+
+
+def _close(kept: tuple[tuple[HostMemory, ...], list[Engine]] | None) -> None:
+    if kept is not None:
+        for eng in kept[1]:
+            eng.close()
 
 
 #: the process's pool (sweep workers are processes: each has its own, a forked one starts empty)
