@@ -14,7 +14,7 @@ In one run, on one core unless said otherwise:
 One-core figures are per CPU-second of this process (`time.process_time`), so that other load on a
 shared machine does not count; wall-clock rates are in the JSON too.
 
-    python benchmarks/sweep.py [--seeds 20] [--fine-seeds 5] [--cpus 1 4 16] [--json FILE]
+    python benchmarks/sweep.py [--seeds 20] [--fine-seeds 5] [--rounds 1] [--cpus 1 4 16] [--json FILE]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import struct
 import sys
 import time
@@ -159,20 +160,36 @@ def main() -> int:
     p.add_argument("--fine-seeds", type=int, default=5, help="seeds of the fine sweep (default 5)")
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--pool-seeds", type=int, default=0, help="seeds of the all-cores sweep (0: 2 x --seeds)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the interleaved one-core comparison this many times (the ratio varies by a few %%)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    if args.rounds < 1 or args.seeds < 1 or args.fine_seeds < 1:
+        p.error("--rounds, --seeds and --fine-seeds must be at least 1")
 
     raw, n = raw_unicorn_ips(loops=40_000)
     print(f"raw Unicorn, one instance, no hooks, no slicing, warm: {raw / 1e6:.1f} M instr/s ({n} instructions)")
     sc = Scenario()
-    fine, exact = one_core_sweeps(sc, args.fine_seeds, args.seeds)
-    for name, r in (("fine", fine), ("exact", exact)):
+    speedups = []
+    for _ in range(args.rounds):
+        fine, exact = one_core_sweeps(sc, args.fine_seeds, args.seeds)
+        for name, r in (("fine", fine), ("exact", exact)):
+            print(
+                f"default safety sweep, {name:5}: {r['seeds_per_s']:6.2f} seeds/s on one core "
+                f"({r['seeds']} seeds, {r['sim_ips'] / 1e6:.2f} M instr/s = {r['sim_ips'] / raw:.2%} of raw)"
+            )
+        speedups.append(exact["seeds_per_s"] / fine["seeds_per_s"])
+        print(f"exact / fine: {speedups[-1]:.1f}x seeds/s per core; RSS {rss_mib():.0f} MiB")
+    speedup = speedups[-1]
+    if args.rounds > 1:
         print(
-            f"default safety sweep, {name:5}: {r['seeds_per_s']:6.2f} seeds/s on one core "
-            f"({r['seeds']} seeds, {r['sim_ips'] / 1e6:.2f} M instr/s = {r['sim_ips'] / raw:.2%} of raw)"
+            f"exact / fine over {args.rounds} rounds: median {statistics.median(speedups):.1f}x "
+            f"(min {min(speedups):.1f}, max {max(speedups):.1f})"
         )
-    speedup = exact["seeds_per_s"] / fine["seeds_per_s"]
-    print(f"exact / fine: {speedup:.1f}x seeds/s per core; RSS {rss_mib():.0f} MiB")
 
     rows = []
     print(f"{'cpus':>5} {'coarse M/s':>11} {'ratio':>7}")
@@ -192,6 +209,7 @@ def main() -> int:
         "sweep_seeds_per_s": exact["seeds_per_s"],
         "sweep_seeds_per_s_fine": fine["seeds_per_s"],
         "sweep_speedup": speedup,
+        "sweep_speedup_rounds": speedups,
         "sweep_ratio_to_raw": exact["sim_ips"] / raw,
         "sweep_ratio_to_raw_fine": fine["sim_ips"] / raw,
         "coarse_ratio_to_raw": rows[0]["ratio"] if rows else None,
