@@ -238,8 +238,12 @@ def main() -> int:
 
     def save() -> None:
         if args.json:
+            # the rows kept from --resume that the loop has not reached yet are saved too: a run
+            # stopped in the middle of a row loses only that row
+            have = {r["row"]["scenario"] for r in results}
+            rows = results + [r for label, r in done.items() if label not in have]
             tmp = args.json.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"seeds": args.seeds, "rows": results}, indent=2) + "\n")
+            tmp.write_text(json.dumps({"seeds": args.seeds, "rows": rows}, indent=2) + "\n")
             tmp.replace(args.json)
 
     with executor(args.jobs, args.scheduler) as ex:
