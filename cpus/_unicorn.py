@@ -94,8 +94,9 @@ _RSP = x86.UC_X86_REG_RSP
 _RFLAGS = x86.UC_X86_REG_RFLAGS
 
 _TCG_BUFFER = 16 << 20
-#: a recycled engine drops every translated block after this many machines (`Engine.recycle`)
-_LIVES_PER_FLUSH = 8
+#: a recycled engine drops every translated block after this many machines (`Engine.recycle`): 1,
+#: every time, since keeping them filled Unicorn's code buffer (see there)
+_LIVES_PER_FLUSH = 1
 
 # uc_ctl requests the machine makes while it runs, encoded once (the binding's wrappers cost several
 # microseconds a call): set the exit list, remove the blocks of a range, translate a block
@@ -610,19 +611,23 @@ class Engine:
             self.uc.hook_del(handle)
         self._binding_hooks.clear()
         self._hooked_before = spans
-        for lo, hi in _merged(written):
-            self.drop_decoded(lo, hi)
-        for address in self._exits:
-            self.drop_decoded(address - 1, address + 1)
+        self.lives += 1
+        # Unicorn translates into a fixed code buffer and crashes (a jump to a garbage stack) when
+        # a translation requested from outside a run (`decode_at`) finds it full: measured after
+        # about 220 default seeds into one engine, and with all blocks dropped every 8 seeds still
+        # in an optprobe sweep. Until the buffer's use can be watched, every block goes each time
+        # (`_LIVES_PER_FLUSH`): what is kept is the engine's set-up, not its translations.
+        flush = self.lives % _LIVES_PER_FLUSH == 0
+        if flush:
+            self.uc.ctl_flush_tb()
+        else:
+            for lo, hi in _merged(written):
+                self.drop_decoded(lo, hi)
+            for address in self._exits:
+                self.drop_decoded(address - 1, address + 1)
         if self._exits:
             self._exits = set()
             self._set_exits(())
-        self.lives += 1
-        if self.lives % _LIVES_PER_FLUSH == 0:
-            # Unicorn translates into a fixed code buffer and crashes when a translation requested
-            # from outside a run (`decode_at`) finds it full (measured: about 200 seeds of the
-            # default scenario into one engine): start afresh well before that
-            self.uc.ctl_flush_tb()
         self.uc.context_restore(self._initial)
         self.hook_error = None
         self.hook_adjust = 0
@@ -631,7 +636,7 @@ class Engine:
         self._stopped = False
         self.ended_at_exit = False
         self.on_stop_block = self.replace_stop_block
-        self.recycled = True
+        self.recycled = not flush  # with no block left, a new hook has nothing to drop
 
     def close(self) -> None:
         """Free the engine's native memory (code buffer, translated blocks) now rather than whenever

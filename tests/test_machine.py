@@ -507,10 +507,15 @@ def _pool_hashes(cases, seed: int = 2) -> list[str]:
     return [run_scenario(sc, seed).verdict.trace_hash for sc in cases]
 
 
-def test_recycled_engines_give_the_same_traces():
-    """A machine on engines a finished one handed back (cpus/pool.py) keeps their translated blocks
-    of unchanged bytes and nothing else: every trace is the one new engines give."""
+@pytest.mark.parametrize("lives_per_flush", [1, 1000])
+def test_recycled_engines_give_the_same_traces(lives_per_flush, monkeypatch):
+    """A machine on engines a finished one handed back (cpus/pool.py) keeps nothing of the last
+    machine but, at most, translated blocks of unchanged bytes: every trace is the one new engines
+    give (with the blocks dropped at every hand-over, as by default, and kept across many)."""
+    import cpus._unicorn as unicorn_mod
     from cpus.pool import POOL
+
+    monkeypatch.setattr(unicorn_mod, "_LIVES_PER_FLUSH", lives_per_flush)
 
     fresh = []
     for sc in POOL_CASES:
@@ -523,7 +528,8 @@ def test_recycled_engines_give_the_same_traces():
 
 
 def test_recycling_must_drop_the_blocks_of_written_text(monkeypatch):
-    """Engines handed back keep no block translated from bytes their machine wrote: a machine whose
+    """Engines handed back keep no block translated from bytes their machine wrote (when they keep
+    blocks at all, `_LIVES_PER_FLUSH` > 1): a machine whose
     workload's first instruction was rewritten (a new constant) hands its engines over, and the next
     machine, on the original text, runs as one on new engines. Without that drop it runs the old
     block (the comparison above could not see this: a patch's sites are hooked, and their blocks
@@ -533,6 +539,7 @@ def test_recycling_must_drop_the_blocks_of_written_text(monkeypatch):
     from cpus.pool import POOL
     from textpoke.image import build_kernel
 
+    monkeypatch.setattr(unicorn_mod, "_LIVES_PER_FLUSH", 1000)  # blocks kept across hand-overs
     boot = build_kernel().boot_image()
     cfg = MachineConfig(cpus=2, seed=1)
     new_bytes = b"\x48\xb8" + (7).to_bytes(8, "little")  # mov rax, 7
