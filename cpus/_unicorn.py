@@ -254,10 +254,11 @@ class Engine:
         self._uch = uc._uch
         self._u64 = ctypes.c_uint64()
         self._u64_ref = ctypes.byref(self._u64)
-        # RSP, RFLAGS, RIP in one call each way (an event delivery or an iretq moves all three)
-        self._frame_ids = (ctypes.c_int * 3)(_RSP, _RFLAGS, _RIP)
-        self._frame_vals = (ctypes.c_uint64 * 3)()
-        self._frame_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._frame_vals) + 8 * i for i in range(3)))
+        # RSP and RFLAGS in one call each way (an event delivery or an iretq moves both; RIP goes
+        # alone: `set_frame`)
+        self._frame_ids = (ctypes.c_int * 2)(_RSP, _RFLAGS)
+        self._frame_vals = (ctypes.c_uint64 * 2)()
+        self._frame_ptrs = (ctypes.c_void_p * 2)(*(ctypes.addressof(self._frame_vals) + 8 * i for i in range(2)))
         self._callbacks: dict[int, object] = {}
         self._binding_hooks: list[int] = []  # hooks added through the binding (`hook_cpuid`)
         self._spans: dict[int, tuple[int, int, int]] = {}  # handle -> (type, first, last address)
@@ -737,8 +738,3 @@ def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((lo, hi))
     return out
-
-
-def pack_frame(rip: int, cs: int, rflags: int, rsp: int, ss: int) -> bytes:
-    """The five-word frame event delivery pushes, lowest address first."""
-    return struct.pack("<5Q", rip, cs, rflags, rsp, ss)

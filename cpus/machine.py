@@ -65,7 +65,7 @@ from .delivery import (
 from .disasm import describe, insn_length
 from .errors import AgentStuck, AgentTimeout, ConfigError, SimulatorBug
 from .pool import POOL
-from .scheduler import NO_HORIZON, deliver_due, hold, run_exact, shared_code_hook, shared_entries
+from .scheduler import NO_HORIZON, deliver_due, hold, inside, run_exact, shared_code_hook, shared_entries
 from .timer import start_timers
 from .trace import Trace
 
@@ -343,7 +343,7 @@ class Machine:
         if config.interleave == "exact" and config.shared_hooks == "entries":
             self._entry_hooked = list(self._shared_units)
         self._shared_entries = shared_entries(image) if self._entry_hooked else ()
-        self._drop_later: list[tuple[int, int, int]] = []  # (cpu, lo, hi) to drop after its quantum
+        self._deferred_drops: list[tuple[int, int, int]] = []  # (cpu, lo, hi) to drop after its quantum
         self.text_lo = L.TEXT_VA
         self.text_hi = L.TEXT_VA + len(image.text)
 
@@ -519,15 +519,15 @@ class Machine:
             for cpu in self.cpus:
                 cpu.engine.hook_block_raw(ulo, uhi - ulo, cpu.on_shared)  # type: ignore[arg-type]
                 if cpu.index == self._storing:
-                    self._drop_later.append((cpu.index, ulo, uhi))
+                    self._deferred_drops.append((cpu.index, ulo, uhi))
                 else:
                     cpu.engine.drop_decoded(ulo, uhi)
 
-    def drop_later(self) -> None:
+    def _drop_deferred(self) -> None:
         """Drop the blocks `_hook_written_units` could not drop during a CPU's own store."""
-        for i, lo, hi in self._drop_later:
+        for i, lo, hi in self._deferred_drops:
             self.cpus[i].engine.drop_decoded(lo, hi)
-        self._drop_later.clear()
+        self._deferred_drops.clear()
 
     def _landed(self, cpu: Cpu, rip: int | None) -> None:
         """An `iretq` or `popfq` the machine executed moved `cpu` (to `rip`; None: read it) inside
@@ -537,13 +537,11 @@ class Machine:
         if cpu.running and self._entry_hooked and not eng.stopped:
             if rip is None:
                 rip = eng.rip()
-            for lo, hi in self._shared_units:
-                if lo <= rip < hi:
-                    # as the block hook there would: the instruction just executed is counted
-                    # (popfq) or charged (iretq), none of the next block is
-                    eng.hook_adjust = 0
-                    cpu.on_shared(None, rip, 0, None)  # type: ignore[misc]
-                    return
+            if inside(self._shared_units, rip):
+                # as the block hook there would: the instruction just executed is counted
+                # (popfq) or charged (iretq), none of the next block is
+                eng.hook_adjust = 0
+                cpu.on_shared(None, rip, 0, None)  # type: ignore[misc]
 
     def _install_copy(self, cpu: int, site: int, code: bytes) -> None:
         """Make `cpu`'s translated block at `site` be decoded from `code` (its copy), whatever memory

@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from .boot import BootImage
     from .machine import Cpu, Machine
 
-__all__ = ["NO_HORIZON", "deliver_due", "hold", "run_exact", "shared_code_hook", "shared_entries"]
+__all__ = ["NO_HORIZON", "deliver_due", "hold", "inside", "run_exact", "shared_code_hook", "shared_entries"]
 
 #: the horizon when no agent runs: nothing to order against
 NO_HORIZON = 1 << 62
@@ -219,7 +219,7 @@ def deliver_due(m: Machine, cpu: Cpu, clock: int, heap: list[tuple[int, int]]) -
     return False
 
 
-def _inside(ranges: list[tuple[int, int]], addr: int) -> bool:
+def inside(ranges: list[tuple[int, int]], addr: int) -> bool:
     for lo, hi in ranges:  # noqa: SIM110 - a plain loop: no generator on the scheduler's hot path
         if lo <= addr < hi:
             return True
@@ -242,7 +242,7 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
     insn = m.costs.instruction
     lookahead = m.costs.ipi_latency
     trace_add = m.trace.add
-    shared = [(lo, lo + n) for lo, n in m.image.shared_code]
+    shared = m._shared_units
     agents = [c for c in cpus if c.agent is not None]
     heappop, heapreplace = heapq.heappop, heapq.heapreplace
     while heap:
@@ -300,7 +300,7 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         rip = cpu.rip
         if rip is None:
             rip = eng.rip()
-        if hz != NO_HORIZON and _inside(shared, rip):
+        if hz != NO_HORIZON and inside(shared, rip):
             room = (hz - clock - cpu.extra) // insn + 1
             if room <= 0:
                 # events delivered at this boundary took it past the horizon: nothing runs now
@@ -317,8 +317,8 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         stop = eng.run(rip, L.UNTIL, q)
         cpu.running = False
         m.hz_max = NO_HORIZON
-        if m._drop_later:
-            m.drop_later()
+        if m._deferred_drops:
+            m._drop_deferred()
         cpu.rip = after = eng.rip()
         held = cpu.held
         done = held if held is not None else eng.completed()

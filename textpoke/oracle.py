@@ -372,10 +372,7 @@ class SafetyOracle:
         # legality of the bytes
         if act is not None:
             old, new = act
-            legal = self._legal.get(site)
-            if legal is None:  # (a site made active by hand)
-                legal = frozenset((old, new, bytes([INT3]) + old[1:], bytes([INT3]) + new[1:]))
-            if code not in legal:
+            if code not in self._legal[site]:
                 self._flag("torn-fetch", cpu, time, site, code, f"during the patch {old.hex()} -> {new.hex()}")
             return
         if code == self.stable[site]:
