@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -94,9 +95,11 @@ _RSP = x86.UC_X86_REG_RSP
 _RFLAGS = x86.UC_X86_REG_RFLAGS
 
 _TCG_BUFFER = 16 << 20
-#: a recycled engine drops every translated block after this many machines (`Engine.recycle`): 1,
-#: every time, since keeping them filled Unicorn's code buffer (see there)
-_LIVES_PER_FLUSH = 1
+#: a recycled engine drops every translated block when its code buffer is fuller than this
+#: (`Engine.recycle`); 0 drops them every time, 1 never (tests use both)
+_FLUSH_AT_FILL = 0.5
+#: `decode_at` refuses to translate with less than this left in the code buffer (see there)
+_DECODE_MARGIN = 1 << 20
 
 # uc_ctl requests the machine makes while it runs, encoded once (the binding's wrappers cost several
 # microseconds a call): set the exit list, remove the blocks of a range, translate a block
@@ -134,6 +137,81 @@ def _find_counter_offset() -> int | None:
 
 
 _COUNTER_OFFSET: list[int | None] = []
+
+# TCG's bookkeeping of an engine's code buffer, seen as seven words in its code-generation context:
+# buffer start, two words Unicorn adds, size, next free byte, data pointer, high-water mark, where
+# the mark is 1 KiB before the end (QEMU's TCG_HIGHWATER); `_find_codegen` checks all of that
+_CODEGEN = struct.Struct("<7Q")
+
+
+def _codegen_words(words: tuple[int, ...]) -> bool:
+    start, size, free, mark = words[0], words[3], words[4], words[6]
+    return bool(start) and size > 4096 and mark == start + size - 1024 and start <= free <= mark
+
+
+def _find_codegen() -> tuple[int, int] | None:
+    """Where an engine's code-buffer bookkeeping is: (offset in Unicorn's engine structure of the
+    pointer to TCG's context, offset of the seven words in that context), found by experiment on a
+    scratch engine, or None.
+
+    Unicorn has no call that tells how full the buffer is, and a translation requested from outside
+    a run crashes the process when it is full (see `Engine.recycle`). The context is found through
+    the engine structure's pointers, each read through /proc/self/mem so that a word that is not a
+    pointer cannot fault; the finding must then behave: the free pointer moves on when code is
+    translated and back to the start when every block is dropped."""
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY)
+    except OSError:
+        return None
+
+    def read(addr: int, n: int) -> bytes | None:
+        try:
+            data = os.pread(fd, n, addr)
+        except (OSError, OverflowError):
+            return None
+        return data if len(data) == n else None
+
+    try:
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_tcg_buffer_size(1 << 20)
+        uc.mem_map(0x10000, 0x10000)
+        uc.mem_write(0x10000, b"\x48\xff\xc0\xeb\x00" * 64 + b"\xf4")  # inc rax; jmp to the next
+        uc.emu_start(0x10000, 0x10000 + 5 * 64, 0, 0)
+        base = ctypes.cast(uc._uch, ctypes.c_void_p).value or 0
+        raw = read(base, 8 * 1024) or b""
+        found = set()
+        for i, ptr in enumerate(struct.unpack(f"<{len(raw) // 8}Q", raw)):
+            if ptr < 0x10000 or ptr >= 1 << 47 or ptr % 8:
+                continue
+            blob = read(ptr, 8 * 64)
+            if blob is None:
+                continue
+            words = struct.unpack("<64Q", blob)
+            for j in range(64 - 6):
+                if _codegen_words(words[j : j + 7]):
+                    found.add((8 * i, 8 * j))
+        if len(found) != 1:
+            return None
+        ((uc_off, ctx_off),) = found
+        before = _codegen_at(base, uc_off, ctx_off)
+        uc.emu_start(0x10000 + 5 * 64, 0x10000 + 5 * 64 + 1, 0, 0)  # one more block (the hlt)
+        grown = _codegen_at(base, uc_off, ctx_off)
+        uc.ctl_flush_tb()
+        flushed = _codegen_at(base, uc_off, ctx_off)
+        if not (before and grown and flushed and before[0] < before[4] < grown[4] and flushed[4] == flushed[0]):
+            return None
+        return uc_off, ctx_off
+    finally:
+        os.close(fd)
+
+
+def _codegen_at(base: int, uc_off: int, ctx_off: int) -> tuple[int, ...] | None:
+    ctx = ctypes.c_uint64.from_address(base + uc_off).value
+    words = _CODEGEN.unpack(ctypes.string_at(ctx + ctx_off, _CODEGEN.size))
+    return words if _codegen_words(words) else None
+
+
+_CODEGEN_OFFSETS: list[tuple[int, int] | None] = []
 
 
 def _counter_offset() -> int | None:
@@ -287,6 +365,25 @@ class Engine:
         self.recycled = False
         self.lives = 0  # machines this engine served before the current one
         self._initial = uc.context_save()  # every register as a new engine has them
+        #: address of the code buffer's bookkeeping (`_find_codegen`), None where it is not known
+        self._codegen: int | None = None
+        self._used_at_start = 0  # code buffer used when this life began
+        self._most_used = 0  # the most code buffer one life used
+        if not _CODEGEN_OFFSETS:
+            _CODEGEN_OFFSETS.append(_find_codegen())
+        if _CODEGEN_OFFSETS[0] is not None:
+            uc_off, ctx_off = _CODEGEN_OFFSETS[0]
+            base = ctypes.cast(self._uch, ctypes.c_void_p).value or 0
+            if _codegen_at(base, uc_off, ctx_off) is not None:
+                self._codegen = ctypes.c_uint64.from_address(base + uc_off).value + ctx_off
+
+    def code_buffer(self) -> tuple[int, int] | None:
+        """(bytes used, size) of the engine's code buffer, where translated blocks go; None on a
+        Unicorn build where it cannot be seen."""
+        if self._codegen is None:
+            return None
+        start, _, _, size, free, _, _ = _CODEGEN.unpack(ctypes.string_at(self._codegen, _CODEGEN.size))
+        return free - start, size
 
     def executed(self) -> int:
         """Instructions of the running quantum completed before the one being hooked (exact only
@@ -613,12 +710,18 @@ class Engine:
         self._binding_hooks.clear()
         self._hooked_before = spans
         self.lives += 1
-        # Unicorn translates into a fixed code buffer and crashes (a jump to a garbage stack) when
-        # a translation requested from outside a run (`decode_at`) finds it full: measured after
-        # about 220 default seeds into one engine, and with all blocks dropped every 8 seeds still
-        # in an optprobe sweep. Until the buffer's use can be watched, every block goes each time
-        # (`_LIVES_PER_FLUSH`): what is kept is the engine's set-up, not its translations.
-        flush = self.lives % _LIVES_PER_FLUSH == 0
+        # Unicorn translates into a fixed code buffer; a translation requested from outside a run
+        # (`decode_at`) that finds it full jumps to a stale stack and crashes the process (QEMU
+        # leaves for the run's exit point, and there is no run): measured after about 220 default
+        # seeds into one engine. Every block goes when the buffer is more than half full or has
+        # less room than three times the most a machine used yet (an optprobe seed: 3.3 MiB), and
+        # every time where its use cannot be seen.
+        use = self.code_buffer()
+        if use is not None:
+            self._most_used = max(self._most_used, use[0] - self._used_at_start)
+        flush = use is None or (
+            _FLUSH_AT_FILL < 1 and (use[0] > _FLUSH_AT_FILL * use[1] or use[1] - use[0] < 3 * self._most_used)
+        )
         if flush:
             self.uc.ctl_flush_tb()
         else:
@@ -638,6 +741,7 @@ class Engine:
         self.ended_at_exit = False
         self.on_stop_block = self.replace_stop_block
         self.recycled = not flush  # with no block left, a new hook has nothing to drop
+        self._used_at_start = 0 if flush or use is None else use[0]
 
     def close(self) -> None:
         """Free the engine's native memory (code buffer, translated blocks) now rather than whenever
@@ -717,7 +821,16 @@ class Engine:
 
     def decode_at(self, address: int) -> None:
         """Translate the block at `address` from current memory now (the CPU "decodes" it). At an
-        exit the exit is lifted for the translation: a block translated at an exit is a stop block."""
+        exit the exit is lifted for the translation: a block translated at an exit is a stop block.
+
+        Refused (SimulatorBug) when the code buffer is nearly full: Unicorn would crash the process
+        (see `recycle`). Inside a run Unicorn empties a full buffer itself."""
+        use = self.code_buffer()
+        if use is not None and use[1] - use[0] < _DECODE_MARGIN:
+            raise SimulatorBug(
+                f"the engine's code buffer is full ({use[0]} of {use[1]} bytes): translating the block at "
+                f"{address:#x} now would crash the emulator"
+            )
         if address not in self._exits:
             self._ctl(_CTL_REQUEST, ctypes.c_uint64(address), ctypes.byref(self._tb))
             return

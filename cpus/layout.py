@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 __all__ = [
     "DATA_RESERVED",
@@ -133,7 +134,7 @@ class Layout:
         self.regions = tuple(regions)
         self._sorted = sorted(regions, key=lambda r: r.va)
         self._starts = [r.va for r in self._sorted]
-        self.page_tables = _build_page_tables(self._sorted)
+        self.page_tables = _build_page_tables(tuple(self._sorted))
         if len(self.page_tables) > PT_MAX:
             raise ValueError("page tables do not fit their reserved physical area")
 
@@ -184,8 +185,10 @@ def _round_up(x: int, to: int) -> int:
 PTE_NX = 1 << 63
 
 
-def _build_page_tables(regions: list[Region]) -> bytes:
-    """4-level page tables with 4 KiB pages, laid out from PT_PA; returns the bytes to place there."""
+@lru_cache(maxsize=16)
+def _build_page_tables(regions: tuple[Region, ...]) -> bytes:
+    """4-level page tables with 4 KiB pages, laid out from PT_PA; returns the bytes to place there
+    (the same for every machine of a sweep: built once)."""
     tables: list[bytearray] = [bytearray(PAGE)]  # index 0 = PML4
 
     def child(table: int, index: int) -> int:

@@ -1214,10 +1214,12 @@ class Machine:
         insn = self.costs.instruction
         cpus = self.cpus
         trace_add = self.trace.add
+        trace_settle = self.trace.settle
         while heap:
             clock, i = heap[0]
             if clock >= end:
                 break
+            trace_settle()
             if self._release:
                 self._settle()
             if stop_when is not None and stop_when():

@@ -245,10 +245,12 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
     shared = m._shared_units
     agents = [c for c in cpus if c.agent is not None]
     heappop, heapreplace = heapq.heappop, heapq.heapreplace
+    trace_settle = m.trace.settle
     while heap:
         clock, i = heap[0]
         if clock >= end:
             break
+        trace_settle()
         if m._release:
             m._settle()
         if stop_when is not None and stop_when():

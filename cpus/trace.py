@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 __all__ = ["Record", "Trace", "format_record"]
 
@@ -20,9 +20,13 @@ Record = tuple
 
 class Trace:
     """Records are appended as they come and handled in batches (hashed, kept, put in the tails):
-    `add` is on the machine's hottest path, and the digest is the same whatever the batch size."""
+    `add` is on the machine's hottest path, and the digest is the same whatever the batch size.
+
+    `add` is the pending list's own `append`; whoever adds records in a loop calls `settle` now and
+    then (the schedulers: once a quantum), which handles a full batch."""
 
     _BATCH = 512
+    add: Callable[[Record], None]
 
     def __init__(self, ncpus: int, keep: bool = False, tail: int = 48) -> None:
         self._h = hashlib.blake2b(digest_size=16)
@@ -31,11 +35,11 @@ class Trace:
         self._records: list[Record] = []
         self._tails: list[deque[Record]] = [deque(maxlen=tail) for _ in range(ncpus)]
         self._done = 0  # records handled
+        self.add = self._pending.append
 
-    def add(self, rec: Record) -> None:
-        pending = self._pending
-        pending.append(rec)
-        if len(pending) >= self._BATCH:
+    def settle(self) -> None:
+        """Handle the pending records if they fill a batch (keeps memory bounded in a long run)."""
+        if len(self._pending) >= self._BATCH:
             self._flush()
 
     def _flush(self) -> None:

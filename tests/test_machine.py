@@ -507,15 +507,16 @@ def _pool_hashes(cases, seed: int = 2) -> list[str]:
     return [run_scenario(sc, seed).verdict.trace_hash for sc in cases]
 
 
-@pytest.mark.parametrize("lives_per_flush", [1, 1000])
-def test_recycled_engines_give_the_same_traces(lives_per_flush, monkeypatch):
+@pytest.mark.parametrize("flush_at_fill", [0.0, 1.0])
+def test_recycled_engines_give_the_same_traces(flush_at_fill, monkeypatch):
     """A machine on engines a finished one handed back (cpus/pool.py) keeps nothing of the last
     machine but, at most, translated blocks of unchanged bytes: every trace is the one new engines
-    give (with the blocks dropped at every hand-over, as by default, and kept across many)."""
+    give, with the blocks dropped at every hand-over and with them kept (as they are by default until
+    the code buffer is half full)."""
     import cpus._unicorn as unicorn_mod
     from cpus.pool import POOL
 
-    monkeypatch.setattr(unicorn_mod, "_LIVES_PER_FLUSH", lives_per_flush)
+    monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", flush_at_fill)
 
     fresh = []
     for sc in POOL_CASES:
@@ -527,9 +528,40 @@ def test_recycled_engines_give_the_same_traces(lives_per_flush, monkeypatch):
     assert _pool_hashes(POOL_CASES[::-1]) == fresh[::-1]
 
 
+def test_code_buffer_is_watched(monkeypatch):
+    """The engine sees how full its code buffer is (Unicorn has no call for it: `_find_codegen`
+    finds TCG's bookkeeping), so that a recycled engine drops its blocks before the buffer fills,
+    and a translation that would crash the emulator on a full buffer is refused instead."""
+    import cpus._unicorn as unicorn_mod
+    from cpus import Machine
+    from cpus.errors import SimulatorBug
+    from cpus.pool import POOL
+    from textpoke.image import build_kernel
+
+    boot = build_kernel().boot_image()
+    POOL.clear()
+    m = Machine(MachineConfig(cpus=1, seed=1), boot)
+    eng = m.cpus[0].engine
+    use = eng.code_buffer()
+    assert use is not None and use[1] > 8 << 20
+    m.run(20_000)
+    used, size = eng.code_buffer()
+    assert used > use[0]
+    monkeypatch.setattr(unicorn_mod, "_DECODE_MARGIN", size - used + 1)
+    with pytest.raises(SimulatorBug, match="code buffer is full"):
+        eng.decode_at(boot.worker_entry)
+    monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", 1.0)
+    eng.recycle(())
+    assert eng.code_buffer()[0] == used  # kept: below the fill that drops them
+    monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", (used - 1) / size)
+    eng.recycle(())
+    assert eng.code_buffer()[0] == 0
+    POOL.clear()
+
+
 def test_recycling_must_drop_the_blocks_of_written_text(monkeypatch):
     """Engines handed back keep no block translated from bytes their machine wrote (when they keep
-    blocks at all, `_LIVES_PER_FLUSH` > 1): a machine whose
+    blocks, as they do while their code buffer is less than half full): a machine whose
     workload's first instruction was rewritten (a new constant) hands its engines over, and the next
     machine, on the original text, runs as one on new engines. Without that drop it runs the old
     block (the comparison above could not see this: a patch's sites are hooked, and their blocks
@@ -539,7 +571,7 @@ def test_recycling_must_drop_the_blocks_of_written_text(monkeypatch):
     from cpus.pool import POOL
     from textpoke.image import build_kernel
 
-    monkeypatch.setattr(unicorn_mod, "_LIVES_PER_FLUSH", 1000)  # blocks kept across hand-overs
+    monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", 1.0)  # blocks kept across hand-overs
     boot = build_kernel().boot_image()
     cfg = MachineConfig(cpus=2, seed=1)
     new_bytes = b"\x48\xb8" + (7).to_bytes(8, "little")  # mov rax, 7

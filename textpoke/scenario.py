@@ -8,10 +8,12 @@ the run's seed and trace hash. The same scenario and seed give the same verdict 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import shlex
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,12 +257,38 @@ def _kernel(sc: Scenario):
     return build_kernel(KernelConfig(nr_traced=sc.sites, nmi_funcs=nmi_funcs, kernel=sc.kernel, probes=probes))
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while a machine runs. A seed allocates tens of thousands of
+    short-lived records and frames, which trigger a collection every few hundred allocations, each
+    walking every object of the process; what a seed leaves in cycles (a machine and its hooks) is
+    collected once it is back on. About 3% of a seed (measured on the default scenario)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def run_scenario(
     sc: Scenario,
     seed: int,
     keep_trace: bool = False,
     keep_machine: bool = False,
     extra_instruments: Sequence[object] = (),
+) -> Outcome:
+    with _collector_paused():
+        return _run_scenario(sc, seed, keep_trace, keep_machine, extra_instruments)
+
+
+def _run_scenario(
+    sc: Scenario,
+    seed: int,
+    keep_trace: bool,
+    keep_machine: bool,
+    extra_instruments: Sequence[object],
 ) -> Outcome:
     kernel = _kernel(sc)
     sources: tuple[NmiSource, ...] = ()
