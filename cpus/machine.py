@@ -95,6 +95,7 @@ _GDT = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 _CANONICAL_HI = 0xFFFF800000000000
 _BP, _NMI, _STOP = int(Vector.BP), int(Vector.NMI), int(Vector.STOP)  # (enum lookups cost)
 _FRAME = struct.Struct("<5Q")  # the frame event delivery pushes, lowest address first
+_U64 = struct.Struct("<Q")
 _words = lru_cache(maxsize=8)(lambda n: struct.Struct(f"<{n}Q"))
 _decode_gate = lru_cache(maxsize=256)(decode_gate)  # a descriptor's bytes decide its gate
 
@@ -298,6 +299,12 @@ class Machine:
         #: [lo, hi) of every text range written while the machine lives (`recycle` drops their blocks)
         self._written: list[tuple[int, int]] = []
         self._phys_cache: dict[tuple[int, int], tuple[HostMemory, int] | None] = {}
+        #: each CPU's per-CPU block: (its host memory, the block's offset in it)
+        self._percpu_at: list[tuple[HostMemory, int]] = []
+        for i in range(n):
+            loc = self._phys(lay.percpu_va(i), L.BLOCK.area_size)
+            assert loc is not None  # the layout maps every block
+            self._percpu_at.append((loc[0], loc[1] - loc[0].pa))
         self.mem_pt.write(L.PT_PA, lay.page_tables)
         self.mem_text.write(L.TEXT_PA, image.text)
         self.write(L.GDT_VA, _GDT)
@@ -437,7 +444,11 @@ class Machine:
         return m.read(pa, n)
 
     def read_u64(self, va: int) -> int:
-        return struct.unpack("<Q", self.read(va, 8))[0]
+        loc = self._phys(va, 8)
+        if loc is None:
+            raise ConfigError(f"address range {va:#x}+8 is not mapped")
+        m, pa = loc
+        return _U64.unpack_from(m.buf, pa - m.pa)[0]
 
     def write(self, va: int, data: bytes) -> None:
         """Write kernel data (not text: use `write_text`, which the coherence model sees)."""
@@ -450,7 +461,10 @@ class Machine:
         m.write(pa, data)
 
     def percpu(self, cpu: int, offset: int) -> int:
-        """A u64 per-CPU variable of `cpu`."""
+        """A u64 per-CPU variable of `cpu` (the patcher polls them: read straight from the block)."""
+        if 0 <= offset <= L.BLOCK.area_size - 8 and 0 <= cpu < len(self._percpu_at):
+            m, start = self._percpu_at[cpu]
+            return _U64.unpack_from(m.buf, start + offset)[0]
         return self.read_u64(self.layout.percpu_va(cpu) + offset)
 
     def is_text(self, addr: int, n: int = 1) -> bool:
