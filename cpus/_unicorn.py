@@ -98,7 +98,7 @@ _TCG_BUFFER = 16 << 20
 #: a recycled engine drops every translated block when its code buffer is fuller than this
 #: (`Engine.recycle`); 0 drops them every time, 1 never (tests use both)
 _FLUSH_AT_FILL = 0.5
-#: `decode_at` refuses to translate with less than this left in the code buffer (see there)
+#: `decode_at` empties the code buffer first when less than this is left (see there)
 _DECODE_MARGIN = 1 << 20
 
 # uc_ctl requests the machine makes while it runs, encoded once (the binding's wrappers cost several
@@ -149,16 +149,19 @@ def _codegen_words(words: tuple[int, ...]) -> bool:
     return bool(start) and size > 4096 and mark == start + size - 1024 and start <= free <= mark
 
 
-def _find_codegen() -> tuple[int, int] | None:
+def _find_codegen() -> tuple[int, int, int] | None:
     """Where an engine's code-buffer bookkeeping is: (offset in Unicorn's engine structure of the
-    pointer to TCG's context, offset of the seven words in that context), found by experiment on a
-    scratch engine, or None.
+    pointer to TCG's context, offset of the seven words in that context, offset there of the 32-bit
+    count of buffer flushes), found by experiment on a scratch engine, or None.
 
-    Unicorn has no call that tells how full the buffer is, and a translation requested from outside
-    a run crashes the process when it is full (see `Engine.recycle`). The context is found through
-    the engine structure's pointers, each read through /proc/self/mem so that a word that is not a
-    pointer cannot fault; the finding must then behave: the free pointer moves on when code is
-    translated and back to the start when every block is dropped."""
+    Unicorn has no call that tells how full the buffer is, or whether it emptied it during a run;
+    a translation requested from outside a run crashes the process when it is full (see
+    `Engine.recycle`), and an emptying inside a run drops the blocks that stand for CPUs' stale
+    copies of sites (see `Machine._after_emulator_flush`). The context is found through the engine
+    structure's pointers, each read through /proc/self/mem so that a word that is not a pointer
+    cannot fault; the finding must then behave: the free pointer moves on when code is translated
+    and back to the start when every block is dropped, and the count goes up by one with each
+    emptying and not with a translation."""
     try:
         fd = os.open("/proc/self/mem", os.O_RDONLY)
     except OSError:
@@ -193,14 +196,29 @@ def _find_codegen() -> tuple[int, int] | None:
         if len(found) != 1:
             return None
         ((uc_off, ctx_off),) = found
+        ctx = ctypes.c_uint64.from_address(base + uc_off).value
+        span = 1 << 16  # the context and what follows it (the count is some 40 KiB in)
+
+        def counts() -> tuple[int, ...]:
+            raw = read(ctx, span) or bytes(span)
+            return struct.unpack(f"<{span // 4}I", raw)
+
         before = _codegen_at(base, uc_off, ctx_off)
+        c0 = counts()
         uc.emu_start(0x10000 + 5 * 64, 0x10000 + 5 * 64 + 1, 0, 0)  # one more block (the hlt)
         grown = _codegen_at(base, uc_off, ctx_off)
+        c1 = counts()
         uc.ctl_flush_tb()
         flushed = _codegen_at(base, uc_off, ctx_off)
+        c2 = counts()
+        uc.ctl_flush_tb()
+        c3 = counts()
         if not (before and grown and flushed and before[0] < before[4] < grown[4] and flushed[4] == flushed[0]):
             return None
-        return uc_off, ctx_off
+        flush_offs = [4 * i for i in range(span // 4) if c1[i] == c0[i] and c2[i] == c1[i] + 1 and c3[i] == c2[i] + 1]
+        if len(flush_offs) != 1:
+            return None
+        return uc_off, ctx_off, flush_offs[0]
     finally:
         os.close(fd)
 
@@ -211,7 +229,7 @@ def _codegen_at(base: int, uc_off: int, ctx_off: int) -> tuple[int, ...] | None:
     return words if _codegen_words(words) else None
 
 
-_CODEGEN_OFFSETS: list[tuple[int, int] | None] = []
+_CODEGEN_OFFSETS: list[tuple[int, int, int] | None] = []
 
 
 def _counter_offset() -> int | None:
@@ -354,6 +372,8 @@ class Engine:
         self._exits: set[int] = set()
         self._tb = uc_tb()
         self._stopped = False  # `stop()` was called: the quantum ends where it is, even at an exit
+        self._in_emu = False  # inside `uc_emu_start` (a hook of this engine's own run is running)
+        self._refilling = False  # inside `on_flushed`
         #: the last quantum's count ran out right at an exit, in front of it: unlike a count running
         #: out at a block start, no block hook fired there
         self.ended_at_exit = False
@@ -371,11 +391,19 @@ class Engine:
         self._most_used = 0  # the most code buffer one life used
         if not _CODEGEN_OFFSETS:
             _CODEGEN_OFFSETS.append(_find_codegen())
+        #: how many times the code buffer was emptied (by `recycle`, by `decode_at`, or by
+        #: Unicorn itself inside a run when it filled); a constant 0 where it cannot be seen
+        self.flush_count = ctypes.c_uint32(0)
+        #: called after `decode_at` emptied a nearly full buffer, outside any run: every block went,
+        #: so the machine must translate again the blocks that are not what memory holds
+        self.on_flushed: Callable[[], None] = lambda: None
         if _CODEGEN_OFFSETS[0] is not None:
-            uc_off, ctx_off = _CODEGEN_OFFSETS[0]
+            uc_off, ctx_off, flush_off = _CODEGEN_OFFSETS[0]
             base = ctypes.cast(self._uch, ctypes.c_void_p).value or 0
             if _codegen_at(base, uc_off, ctx_off) is not None:
-                self._codegen = ctypes.c_uint64.from_address(base + uc_off).value + ctx_off
+                ctx = ctypes.c_uint64.from_address(base + uc_off).value
+                self._codegen = ctx + ctx_off
+                self.flush_count = ctypes.c_uint32.from_address(ctx + flush_off)
 
     def code_buffer(self) -> tuple[int, int] | None:
         """(bytes used, size) of the engine's code buffer, where translated blocks go; None on a
@@ -642,7 +670,9 @@ class Engine:
         self.base = 0
         self._stopped = False
         self.ended_at_exit = False
+        self._in_emu = True
         status = uclib.uc_emu_start(self._uch, rip, until, 0, count)
+        self._in_emu = False
         if self._exits:
             status = self._through_exits(rip, until, status)
         _emulating = False
@@ -681,7 +711,9 @@ class Engine:
                 replaced = False
             self.base += done
             rip = at
+            self._in_emu = True
             status = uclib.uc_emu_start(self._uch, at, until, 0, left)
+            self._in_emu = False
         return status
 
     def stop(self) -> None:
@@ -823,14 +855,23 @@ class Engine:
         """Translate the block at `address` from current memory now (the CPU "decodes" it). At an
         exit the exit is lifted for the translation: a block translated at an exit is a stop block.
 
-        Refused (SimulatorBug) when the code buffer is nearly full: Unicorn would crash the process
-        (see `recycle`). Inside a run Unicorn empties a full buffer itself."""
-        use = self.code_buffer()
+        With the code buffer nearly full every block is dropped first, and `on_flushed` tells the
+        machine, which translates again the blocks that must differ from memory: Unicorn would crash
+        the process translating into a full buffer from outside a run (see `recycle`)."""
+        use = None if self._refilling else self.code_buffer()
         if use is not None and use[1] - use[0] < _DECODE_MARGIN:
-            raise SimulatorBug(
-                f"the engine's code buffer is full ({use[0]} of {use[1]} bytes): translating the block at "
-                f"{address:#x} now would crash the emulator"
-            )
+            if self._in_emu:
+                # (from a hook of this engine's own run: no emptying the buffer under it)
+                raise SimulatorBug(
+                    f"the engine's code buffer is full ({use[0]} of {use[1]} bytes) and a block must be "
+                    f"translated at {address:#x} from inside its run"
+                )
+            self.uc.ctl_flush_tb()
+            self._refilling = True  # (the buffer is empty: what the machine translates again fits)
+            try:
+                self.on_flushed()
+            finally:
+                self._refilling = False
         if address not in self._exits:
             self._ctl(_CTL_REQUEST, ctypes.c_uint64(address), ctypes.byref(self._tb))
             return

@@ -133,6 +133,8 @@ class Instrument(Protocol):
     def on_nmi(self, cpu: int, time: int, outcome: str) -> None: ...
     def on_crash(self, crash: Crash) -> None: ...
     def on_probe(self, cpu: int, time: int, label: str) -> None: ...
+    #: the machine hit a limit of the emulator after which the run is not the model's (`why`)
+    def on_limit(self, cpu: int, time: int, why: str) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +202,7 @@ class Cpu:
         "engine",
         "events",
         "extra",
+        "flushes_seen",
         "halted",
         "held",
         "hold",
@@ -235,6 +238,8 @@ class Cpu:
         self.running = False  # inside a quantum of the exact scheduler: now() counts its instructions
         self.held: int | None = None  # instructions run when the exact scheduler stopped the quantum
         self.hold = False  # the cycles charged at this boundary must pass before the next instruction
+        #: the engine's count of code-buffer emptyings as the machine last accounted for it
+        self.flushes_seen = engine.flush_count.value
         #: the exact scheduler's hook on shared code (None under the fine scheduler)
         self.on_shared: Callable[[object, int, int, object], None] | None = None
         self.stats = {
@@ -325,6 +330,7 @@ class Machine:
                 "on_nmi",
                 "on_crash",
                 "on_probe",
+                "on_limit",
             )
         }
         self._on_fetch = self._obs["on_fetch"]
@@ -401,6 +407,7 @@ class Machine:
         eng.hook_tsc(cpu.now, aux=i)  # a deterministic TSC: the CPU's cycle clock
         eng.hook_mem_write(L.TEXT_PA, L.TEXT_PA + lay.text_size, self._text_store_hook(cpu))
         eng.on_stop_block = lambda site, cpu=cpu: self._redecode_around(cpu, site, True)
+        eng.on_flushed = lambda cpu=cpu: self._copies_decoded_again(cpu)
         eng.set_rsp(lay.kstack_top(i))
         eng.set_rflags(0x202)
         for name, value in self.image.boot_regs(i, self.config.seed).items():
@@ -573,6 +580,39 @@ class Machine:
         finally:
             if real != code:
                 self.mem_text.write(pa, real)
+
+    def _copies_decoded_again(self, cpu: Cpu) -> list[int]:
+        """Every translated block of `cpu` is gone (its engine's code buffer was emptied): decode
+        every copy of a site it holds again, also one equal to memory now (memory may change while
+        the CPU still holds its copy: the block must stand for the copy before that). Returns the
+        sites whose copy differs from memory."""
+        cpu.flushes_seen = cpu.engine.flush_count.value
+        differ = []
+        for site, c in list(self.coherence.copies[cpu.index].items()):
+            code = bytes(c.code)
+            if code != self.read(site, len(code)):
+                differ.append(site)
+            self._install_copy(cpu.index, site, code)
+        return differ
+
+    def _after_emulator_flush(self, cpu: Cpu) -> None:
+        """Unicorn emptied `cpu`'s full code buffer inside the quantum that just ended, and with it
+        the blocks that stand for the CPU's copies of sites. Those copies are decoded again now; if
+        one of them differed from memory, the CPU may have run memory's bytes in its place since the
+        emptying, which the model does not allow: the run goes on, but it is reported to the
+        instruments as a simulator limit (`on_limit`: the oracle calls the run incomplete)."""
+        differ = self._copies_decoded_again(cpu)
+        if not differ:
+            return
+        now = cpu.now()
+        sites = ", ".join(f"{s:#x}" for s in differ)
+        why = (
+            f"the emulator emptied CPU {cpu.index}'s full code buffer during a quantum while it held stale "
+            f"copies of {sites}: it may have run memory's bytes in their place"
+        )
+        self.trace.add((now, cpu.index, "emulator-flush", len(differ)))
+        for f in self._obs["on_limit"]:
+            f(cpu.index, now, why)
 
     def _redecode_around(self, cpu: Cpu, site: int, at_site: bool) -> None:
         """Drop `cpu`'s blocks at and ending at `site` (a block of size 0, the stop block Unicorn
@@ -1259,6 +1299,8 @@ class Machine:
                 rip = eng.rip()
             # cpu.extra may already hold the cost of events delivered at this boundary
             stop = eng.run(rip, L.UNTIL, q)
+            if eng.flush_count.value != cpu.flushes_seen:
+                self._after_emulator_flush(cpu)
             cpu.rip = after = eng.rip()
             if stop is not None and cpu.crash is None:
                 self._crash(cpu, f"guest fault: {stop.error}", after)

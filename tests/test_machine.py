@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from cpus import ConfigError, Delay, MachineConfig, NmiSource, SnoopModel, Vector, WaitUntil
+from cpus import ConfigError, Delay, Machine, MachineConfig, NmiSource, SnoopModel, Vector, WaitUntil
 from cpus import layout as L
 from cpus.delivery import RFLAGS_IF
 from textpoke.bpdesc import OPCODE_JMP, PokeDescriptor, publish
@@ -547,15 +547,85 @@ def test_code_buffer_is_watched(monkeypatch):
     m.run(20_000)
     used, size = eng.code_buffer()
     assert used > use[0]
-    monkeypatch.setattr(unicorn_mod, "_DECODE_MARGIN", size - used + 1)
+    flushes = eng.flush_count.value
+    refilled = []
+    monkeypatch.setattr(eng, "on_flushed", lambda: refilled.append(eng.code_buffer()[0]))
+    monkeypatch.setattr(unicorn_mod, "_DECODE_MARGIN", size - used + 1)  # "nearly full" now
+    eng.decode_at(boot.worker_entry)  # empties the buffer first, then tells the machine
+    assert eng.flush_count.value == flushes + 1 and refilled == [0]
+    eng._in_emu = True  # as from a hook of its own run: no emptying under it
     with pytest.raises(SimulatorBug, match="code buffer is full"):
         eng.decode_at(boot.worker_entry)
+    eng._in_emu = False
+    monkeypatch.setattr(unicorn_mod, "_DECODE_MARGIN", 1 << 20)
+    m.run(20_000)
+    used = eng.code_buffer()[0]
     monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", 1.0)
     eng.recycle(())
     assert eng.code_buffer()[0] == used  # kept: below the fill that drops them
     monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", (used - 1) / size)
     eng.recycle(())
     assert eng.code_buffer()[0] == 0
+    POOL.clear()
+
+
+def test_an_emptied_code_buffer_keeps_the_stale_copies(make_machine, kernel, monkeypatch):
+    """Unicorn empties a CPU's full code buffer by itself inside a run, and with it the blocks that
+    stand for the CPU's copies of sites. The machine sees it (the engine's count of emptyings) after
+    the quantum and decodes every copy again, so the CPU goes on running its stale copy; the bytes
+    it may have run from memory meanwhile make the run hit a limit (`on_limit`), not a verdict.
+    Without the decoding again, the CPU would run the new bytes from then on."""
+
+    class Limits:
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, str]] = []
+
+        def on_limit(self, cpu, time, why):
+            self.seen.append((cpu, why))
+
+    fn = 5
+    site = kernel.site_of(fn)
+
+    def traced_after_emptying() -> tuple[int, int, list]:
+        lim = Limits()
+        m = make_machine(cpus=2, seed=5, snoop=SnoopModel(None, None), instruments=[lim])
+        m.watch(kernel.sites.values())
+        m.run(50_000)
+        m.write_text(site, call_bytes(site, kernel.symbols["ftrace_caller"]))
+        m.run(3_000)
+        assert m.coherence.stale_sites[1] == {site}
+        m.cpus[1].engine.uc.ctl_flush_tb()  # as Unicorn does when the buffer fills in a run
+        m.run(3_000)
+        ft = m.percpu(1, Percpu.FT_COUNT + 8 * fn)
+        wl = m.percpu(1, Percpu.WL_COUNT + 8 * fn)
+        m.run(200_000)
+        assert m.coherence.stale_sites[1] == {site}  # nothing serialized cpu1 meanwhile
+        return m.percpu(1, Percpu.FT_COUNT + 8 * fn) - ft, m.percpu(1, Percpu.WL_COUNT + 8 * fn) - wl, lim.seen
+
+    traced, called, seen = traced_after_emptying()
+    assert called > 0 and traced == 0  # the stale nop ran on
+    assert seen and seen[0][0] == 1 and f"{site:#x}" in seen[0][1]
+    monkeypatch.setattr(Machine, "_copies_decoded_again", lambda self, cpu: [])
+    traced, called, _ = traced_after_emptying()
+    assert called > 0 and traced > 0  # the new call ran: the copy was lost
+
+
+def test_a_code_buffer_emptied_outside_a_run_changes_no_trace(monkeypatch):
+    """A buffer emptied before a translation outside a run (`decode_at`, here on every call) is
+    refilled with every CPU's copies before anything runs: the trace is the one without emptying.
+    Without the refill it is not (a CPU runs memory's bytes where it held a copy)."""
+    import cpus._unicorn as unicorn_mod
+    from cpus.pool import POOL
+
+    sc = Scenario(protocol="bp-batch")
+    POOL.clear()
+    normal = run_scenario(sc, 2).verdict.trace_hash
+    POOL.clear()
+    monkeypatch.setattr(unicorn_mod, "_DECODE_MARGIN", 1 << 40)
+    assert run_scenario(sc, 2).verdict.trace_hash == normal
+    POOL.clear()
+    monkeypatch.setattr(Machine, "_copies_decoded_again", lambda self, cpu: [])
+    assert run_scenario(sc, 2).verdict.trace_hash != normal
     POOL.clear()
 
 

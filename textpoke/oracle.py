@@ -297,6 +297,12 @@ class SafetyOracle:
     def on_op_incomplete(self, op, time: int, why: str) -> None:
         self.incomplete = why
 
+    def on_limit(self, cpu: int, time: int, why: str) -> None:
+        """The machine met a limit of the emulator (cpus: `Instrument.on_limit`): what follows
+        cannot be judged, and the run is incomplete rather than safe or unsafe."""
+        if self.incomplete is None:
+            self.incomplete = why
+
     # -- machine instrument ------------------------------------------------------------------------
     def on_text_write(self, cpu: int, time: int, addr: int, data: bytes) -> None:
         for site, cur in self.mem.items():
