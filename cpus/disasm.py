@@ -7,9 +7,39 @@ from functools import lru_cache
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs, CsInsn
 
-__all__ = ["describe", "disasm", "insn_length", "instructions"]
+__all__ = ["DIRECT_BRANCHES", "describe", "disasm", "insn_length", "instructions"]
 
 _CS = Cs(CS_ARCH_X86, CS_MODE_64)
+
+#: mnemonics of the instructions that can transfer control to an address written in them (a
+#: relative displacement): the call, the jump, every conditional jump, and the count loops
+DIRECT_BRANCHES = frozenset(
+    {
+        "call",
+        "jmp",
+        "jo",
+        "jno",
+        "jb",
+        "jae",
+        "je",
+        "jne",
+        "jbe",
+        "ja",
+        "js",
+        "jns",
+        "jp",
+        "jnp",
+        "jl",
+        "jge",
+        "jle",
+        "jg",
+        "jrcxz",
+        "jecxz",
+        "loop",
+        "loope",
+        "loopne",
+    }
+)
 
 
 def disasm(code: bytes, address: int, limit: int = 0) -> list[tuple[int, bytes, str]]:

@@ -67,7 +67,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from . import layout as L
-from .disasm import instructions
+from .disasm import DIRECT_BRANCHES, instructions
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -136,35 +136,6 @@ def shared_entries(image: BootImage) -> tuple[int, ...]:
     )
 
 
-_BRANCHES = frozenset(
-    {
-        "call",
-        "jmp",
-        "jo",
-        "jno",
-        "jb",
-        "jae",
-        "je",
-        "jne",
-        "jbe",
-        "ja",
-        "js",
-        "jns",
-        "jp",
-        "jnp",
-        "jl",
-        "jge",
-        "jle",
-        "jg",
-        "jrcxz",
-        "jecxz",
-        "loop",
-        "loope",
-        "loopne",
-    }
-)
-
-
 @lru_cache(maxsize=64)
 def _entries(
     text: bytes,
@@ -194,7 +165,7 @@ def _entries(
             src = unit_of(insn.address)
             if insn.mnemonic == "call" and src is not None:
                 out.add(insn.address + insn.size)
-            if insn.mnemonic in _BRANCHES and insn.op_str.startswith("0x"):
+            if insn.mnemonic in DIRECT_BRANCHES and insn.op_str.startswith("0x"):
                 target = int(insn.op_str, 16)
                 dst = unit_of(target)
                 if dst is not None and dst != src:

@@ -19,6 +19,7 @@ import bisect
 import networkx as nx
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
+from cpus.disasm import DIRECT_BRANCHES
 from cpus.layout import TEXT_VA
 
 from .image import BP_ENTRIES, NMI_ENTRIES, KernelImage
@@ -27,9 +28,6 @@ __all__ = ["bp_reachable_sites", "build_callgraph", "nmi_reachable_sites", "reac
 
 _CS = Cs(CS_ARCH_X86, CS_MODE_64)
 _CS.detail = True
-_BRANCHES = {"call", "jmp"} | {
-    "ja", "jae", "jb", "jbe", "je", "jne", "jg", "jge", "jl", "jle", "jo", "jno", "js", "jns", "jp", "jnp",
-}  # fmt: skip
 
 
 def build_callgraph(kernel: KernelImage, text: bytes | None = None) -> nx.DiGraph:
@@ -55,7 +53,7 @@ def build_callgraph(kernel: KernelImage, text: bytes | None = None) -> nx.DiGrap
         g.add_node(name, address=site if traced else start, traced=traced)
         code = text[start - TEXT_VA : start - TEXT_VA + size]
         for insn in _CS.disasm(code, start):
-            if insn.mnemonic not in _BRANCHES or not insn.operands or insn.operands[0].type != 2:
+            if insn.mnemonic not in DIRECT_BRANCHES or not insn.operands or insn.operands[0].type != 2:
                 continue
             target = insn.operands[0].imm & (2**64 - 1)
             callee = owner(target)
