@@ -4,6 +4,10 @@ verdicts of the protocol and NMI work reproduced from one command.
     python benchmarks/safety.py [--seeds N] [--jobs J] [--only TEXT] [--row LABEL] [--json FILE [--resume]]
         [--markdown FILE]
 
+With --json every finished seed is also logged, one line each, under FILE's name with `.seeds/`
+(one file per row): a run stopped in the middle of a row (Ctrl-C, a machine shut down) and started
+again with --resume runs only the seeds that did not finish.
+
 Each row is a scenario swept over seeds; its expectation is "safe" (no seed may show a violation)
 or "unsafe" (some seed must, with the listed classes among those found). The script prints a table
 of the rate of every class with its Wilson 95% interval, and PASS/FAIL for every expectation.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,7 +28,7 @@ from textpoke.executors import executor
 from textpoke.oracle import CLASSES
 from textpoke.report import markdown_table
 from textpoke.scenario import Scenario
-from textpoke.sweep import sweep, wilson
+from textpoke.sweep import SeedResult, SweepResult, sweep, wilson
 
 NMI = {"nmi_rate": 500}
 
@@ -207,6 +212,55 @@ def _row(label: str, expect: str, needed: set[str], d: dict, seeds: int) -> dict
     }
 
 
+def _seed_log(json_path: Path, label: str) -> Path:
+    """Where a row's finished seeds are logged, one JSON object a line."""
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    return json_path.with_name(json_path.stem + ".seeds") / f"{slug}.jsonl"
+
+
+def _logged(path: Path, seeds: int) -> dict[int, SeedResult]:
+    """The seeds of a row's log below `seeds` (a line cut short by a stop is dropped)."""
+    done: dict[int, SeedResult] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = SeedResult.from_json(json.loads(line))
+            except (ValueError, TypeError, KeyError):
+                continue
+            if r.seed < seeds:
+                done[r.seed] = r
+    return done
+
+
+def _sweep_row(sc, seeds: int, ex, log: Path | None, resume: bool) -> dict:
+    """One row's sweep; with a log, the seeds it holds are not run again (`resume`) and every seed
+    that finishes is added to it at once."""
+    done = _logged(log, seeds) if log is not None and resume else {}
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            log.write_text("")
+    todo = [s for s in range(seeds) if s not in done]
+    if done:
+        print(f"  {len(done)} of {seeds} seeds kept from {log}", flush=True)
+    out = log.open("a") if log is not None else None
+    if out is not None and log.stat().st_size and not log.read_bytes().endswith(b"\n"):
+        out.write("\n")  # after a line a stop cut short
+
+    def keep(r: SeedResult) -> None:
+        if out is not None:
+            out.write(json.dumps(r.to_json()) + "\n")
+            out.flush()
+
+    try:
+        part = sweep(sc, todo, executor=ex, jobs=1, progress=keep)
+    finally:
+        if out is not None:
+            out.close()
+    whole = SweepResult(sc, sorted([*done.values(), *part.results], key=lambda r: r.seed), requested=seeds)
+    return whole.as_dict()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=20, help="seeds per row (default 20)")
@@ -254,7 +308,8 @@ def main() -> int:
                 continue
             else:
                 t1 = time.perf_counter()
-                d = sweep(sc, range(args.seeds), executor=ex, jobs=1).as_dict()
+                log = _seed_log(args.json, label) if args.json else None
+                d = _sweep_row(sc, args.seeds, ex, log, args.resume)
                 d["wall_s"] = round(time.perf_counter() - t1, 1)
             row = _row(label, expect, needed, d, args.seeds)
             results.append({"row": row, "sweep": d})

@@ -158,3 +158,36 @@ def test_stop_at_first_catches_the_same_seeds_by_the_same_first_violation():
         assert sum(s.counts.values()) == 1
         assert s.trace_hash != f.trace_hash
     assert "--stop-at-first" in replay_command(dataclasses.replace(sc, stop_at_first=True), 3)
+
+
+def test_a_stopped_safety_row_resumes_from_its_seed_log(tmp_path):
+    """benchmarks/safety.py logs every finished seed of a row; started again with --resume after a
+    stop (here: the log cut in the middle of its last line) it runs only the missing seeds, and the
+    row comes out as from one uninterrupted run. Each seed's result survives its JSON line."""
+    import importlib.util
+    from pathlib import Path
+
+    from textpoke.sweep import SeedResult
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "safety.py"
+    spec = importlib.util.spec_from_file_location("safety_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sc = Scenario(protocol="naive-bytes", warmup=1000, settle=1000)
+    log = bench._seed_log(tmp_path / "rows.json", "unsafe: byte by byte")
+    whole = bench._sweep_row(sc, 3, None, log, resume=False)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        r = SeedResult.from_json(json.loads(line))
+        assert SeedResult.from_json(json.loads(json.dumps(r.to_json()))) == r
+    log.write_text(lines[0] + "\n" + lines[1][:30])  # the second seed's line cut short
+    ran = []
+    real = bench.sweep
+    bench.sweep = lambda sc, seeds, **kw: (ran.extend(seeds), real(sc, seeds, **kw))[1]
+    try:
+        again = bench._sweep_row(sc, 3, None, log, resume=True)
+    finally:
+        bench.sweep = real
+    assert ran == [1, 2] and again == whole
+    assert sorted(json.loads(x)["seed"] for x in log.read_text().splitlines() if x.endswith("}")) == [0, 1, 2]

@@ -9,6 +9,7 @@ seeds that finished.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 from collections import Counter
@@ -55,6 +56,22 @@ class SeedResult:
     @property
     def ok(self) -> bool:
         return not self.counts
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object that `from_json` turns back into an equal result (a sweep's log line)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SeedResult:
+        return cls(
+            **{
+                **d,
+                "latencies": tuple(d["latencies"]),
+                "syncs": tuple(d["syncs"]),
+                "ipis": tuple(d["ipis"]),
+                "by_cpu": {int(c): n for c, n in d.get("by_cpu", {}).items()},
+            }
+        )
 
 
 def run_one(sc: Scenario, seed: int) -> SeedResult:
