@@ -95,10 +95,10 @@ _RSP = x86.UC_X86_REG_RSP
 _RFLAGS = x86.UC_X86_REG_RFLAGS
 
 _TCG_BUFFER = 16 << 20
-#: a recycled engine drops every translated block when its code buffer is fuller than this
-#: (`Engine.recycle`); 0 drops them every time, 1 never (tests use both)
-_FLUSH_AT_FILL = 0.5
-#: `decode_at` empties the code buffer first when less than this is left (see there)
+#: a recycled engine keeps its translated blocks only while they take at most this much of its
+#: code buffer (`Engine.recycle`; translated code stays resident); 0 drops them every time
+_KEEP_AT_MOST = 2 << 20
+#: the code buffer is emptied outside any run when less than this is left (`Engine.low_on_room`)
 _DECODE_MARGIN = 1 << 20
 
 # uc_ctl requests the machine makes while it runs, encoded once (the binding's wrappers cost several
@@ -147,6 +147,16 @@ _CODEGEN = struct.Struct("<7Q")
 def _codegen_words(words: tuple[int, ...]) -> bool:
     start, size, free, mark = words[0], words[3], words[4], words[6]
     return bool(start) and size > 4096 and mark == start + size - 1024 and start <= free <= mark
+
+
+def _codegen_offsets() -> tuple[int, int, int] | None:
+    if not _CODEGEN_OFFSETS:
+        try:
+            found = _find_codegen()
+        except Exception:  # an emulator that does not behave as expected: do without
+            found = None
+        _CODEGEN_OFFSETS.append(found)
+    return _CODEGEN_OFFSETS[0]
 
 
 def _find_codegen() -> tuple[int, int, int] | None:
@@ -388,22 +398,45 @@ class Engine:
         #: address of the code buffer's bookkeeping (`_find_codegen`), None where it is not known
         self._codegen: int | None = None
         self._used_at_start = 0  # code buffer used when this life began
+        self._flushes_at_start = 0  # and its count of emptyings
         self._most_used = 0  # the most code buffer one life used
-        if not _CODEGEN_OFFSETS:
-            _CODEGEN_OFFSETS.append(_find_codegen())
-        #: how many times the code buffer was emptied (by `recycle`, by `decode_at`, or by
-        #: Unicorn itself inside a run when it filled); a constant 0 where it cannot be seen
+        #: how many times the code buffer was emptied (by `recycle`, by `empty`, or by Unicorn
+        #: itself inside a run when it filled); a constant 0 where it cannot be seen
         self.flush_count = ctypes.c_uint32(0)
+        #: the buffer's next free byte, and the address past which `low_on_room` (constants where
+        #: the bookkeeping is not known: never low)
+        self.free_ptr = ctypes.c_uint64(0)
+        self.room_limit = 1 << 64
         #: called after `decode_at` emptied a nearly full buffer, outside any run: every block went,
-        #: so the machine must translate again the blocks that are not what memory holds
-        self.on_flushed: Callable[[], None] = lambda: None
-        if _CODEGEN_OFFSETS[0] is not None:
-            uc_off, ctx_off, flush_off = _CODEGEN_OFFSETS[0]
+        #: so the machine must translate again every block that stands for a CPU's copy
+        self.on_flushed: Callable[[], None] = _nothing
+        offsets = _codegen_offsets()
+        if offsets is not None:
+            uc_off, ctx_off, flush_off = offsets
             base = ctypes.cast(self._uch, ctypes.c_void_p).value or 0
-            if _codegen_at(base, uc_off, ctx_off) is not None:
+            words = _codegen_at(base, uc_off, ctx_off)
+            if words is not None:
                 ctx = ctypes.c_uint64.from_address(base + uc_off).value
                 self._codegen = ctx + ctx_off
                 self.flush_count = ctypes.c_uint32.from_address(ctx + flush_off)
+                self.free_ptr = ctypes.c_uint64.from_address(ctx + ctx_off + 32)
+                self.room_limit = words[0] + words[3] - _DECODE_MARGIN
+
+    @property
+    def low_on_room(self) -> bool:
+        """Less than `_DECODE_MARGIN` is left in the code buffer: the machine empties it (`empty`)
+        between quanta, so that Unicorn never has to inside a run (where it would drop the blocks
+        that stand for CPUs' copies of sites while they run) nor, worse, for a translation outside
+        one (where it crashes the process)."""
+        return self.free_ptr.value > self.room_limit
+
+    def empty(self) -> None:
+        """Drop every translated block (outside any run: the machine then translates its copies
+        again)."""
+        self.uc.ctl_flush_tb()
+
+    def _codegen_start(self) -> int:
+        return _CODEGEN.unpack(ctypes.string_at(self._codegen, _CODEGEN.size))[0] if self._codegen else 0
 
     def code_buffer(self) -> tuple[int, int] | None:
         """(bytes used, size) of the engine's code buffer, where translated blocks go; None on a
@@ -745,15 +778,15 @@ class Engine:
         # Unicorn translates into a fixed code buffer; a translation requested from outside a run
         # (`decode_at`) that finds it full jumps to a stale stack and crashes the process (QEMU
         # leaves for the run's exit point, and there is no run): measured after about 220 default
-        # seeds into one engine. Every block goes when the buffer is more than half full or has
-        # less room than three times the most a machine used yet (an optprobe seed: 3.3 MiB), and
-        # every time where its use cannot be seen.
+        # seeds into one engine. Every block goes when the kept ones take more than `_KEEP_AT_MOST`
+        # (what stays resident), when less room is left than three times the most a machine used
+        # yet (an optprobe seed: 3.3 MiB; a life in which the buffer was emptied counts as using
+        # all of it), and every time where its use cannot be seen.
         use = self.code_buffer()
         if use is not None:
-            self._most_used = max(self._most_used, use[0] - self._used_at_start)
-        flush = use is None or (
-            _FLUSH_AT_FILL < 1 and (use[0] > _FLUSH_AT_FILL * use[1] or use[1] - use[0] < 3 * self._most_used)
-        )
+            grown = use[1] if self.flush_count.value != self._flushes_at_start else use[0] - self._used_at_start
+            self._most_used = max(self._most_used, grown)
+        flush = use is None or use[0] > _KEEP_AT_MOST or use[1] - use[0] < 3 * self._most_used
         if flush:
             self.uc.ctl_flush_tb()
         else:
@@ -772,13 +805,21 @@ class Engine:
         self._stopped = False
         self.ended_at_exit = False
         self.on_stop_block = self.replace_stop_block
+        self.on_flushed = _nothing  # (the machine that set it is done)
         self.recycled = not flush  # with no block left, a new hook has nothing to drop
         self._used_at_start = 0 if flush or use is None else use[0]
+        self._flushes_at_start = self.flush_count.value
 
     def close(self) -> None:
         """Free the engine's native memory (code buffer, translated blocks) now rather than whenever
         the garbage collector gets to its reference cycles; the engine is not usable afterwards."""
         self._counter = self._limit = None
+        # (these point into the engine's native memory: nothing may read them once it is freed)
+        self._codegen = None
+        self.flush_count = ctypes.c_uint32(0)
+        self.free_ptr = ctypes.c_uint64(0)
+        self.room_limit = 1 << 64
+        self.on_flushed = _nothing
         self.uc._Uc__finalizer()  # the binding's own release, which runs at most once
         self._callbacks.clear()
         self.uc._callbacks.clear()
@@ -855,18 +896,18 @@ class Engine:
         """Translate the block at `address` from current memory now (the CPU "decodes" it). At an
         exit the exit is lifted for the translation: a block translated at an exit is a stop block.
 
-        With the code buffer nearly full every block is dropped first, and `on_flushed` tells the
-        machine, which translates again the blocks that must differ from memory: Unicorn would crash
+        With the code buffer nearly full (`low_on_room`) every block is dropped first, and
+        `on_flushed` tells the machine, which translates every CPU copy again: Unicorn would crash
         the process translating into a full buffer from outside a run (see `recycle`)."""
-        use = None if self._refilling else self.code_buffer()
-        if use is not None and use[1] - use[0] < _DECODE_MARGIN:
+        if not self._refilling and self.free_ptr.value > self.room_limit:
+            use = self.code_buffer() or (0, 0)
             if self._in_emu:
                 # (from a hook of this engine's own run: no emptying the buffer under it)
                 raise SimulatorBug(
                     f"the engine's code buffer is full ({use[0]} of {use[1]} bytes) and a block must be "
                     f"translated at {address:#x} from inside its run"
                 )
-            self.uc.ctl_flush_tb()
+            self.empty()
             self._refilling = True  # (the buffer is empty: what the machine translates again fits)
             try:
                 self.on_flushed()
@@ -880,6 +921,10 @@ class Engine:
             self._ctl(_CTL_REQUEST, ctypes.c_uint64(address), ctypes.byref(self._tb))
         finally:
             self._set_exits(self._exits)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

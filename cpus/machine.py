@@ -407,7 +407,7 @@ class Machine:
         eng.hook_tsc(cpu.now, aux=i)  # a deterministic TSC: the CPU's cycle clock
         eng.hook_mem_write(L.TEXT_PA, L.TEXT_PA + lay.text_size, self._text_store_hook(cpu))
         eng.on_stop_block = lambda site, cpu=cpu: self._redecode_around(cpu, site, True)
-        eng.on_flushed = lambda cpu=cpu: self._copies_decoded_again(cpu)
+        eng.on_flushed = lambda cpu=cpu: self._emptied_outside_a_run(cpu)
         eng.set_rsp(lay.kstack_top(i))
         eng.set_rflags(0x202)
         for name, value in self.image.boot_regs(i, self.config.seed).items():
@@ -595,20 +595,47 @@ class Machine:
             self._install_copy(cpu.index, site, code)
         return differ
 
-    def _after_emulator_flush(self, cpu: Cpu) -> None:
-        """Unicorn emptied `cpu`'s full code buffer inside the quantum that just ended, and with it
-        the blocks that stand for the CPU's copies of sites. Those copies are decoded again now; if
-        one of them differed from memory, the CPU may have run memory's bytes in its place since the
-        emptying, which the model does not allow: the run goes on, but it is reported to the
-        instruments as a simulator limit (`on_limit`: the oracle calls the run incomplete)."""
-        differ = self._copies_decoded_again(cpu)
+    def _emptied_outside_a_run(self, cpu: Cpu) -> None:
+        """`decode_at` emptied `cpu`'s nearly full code buffer: its copies are decoded again before
+        anything runs (after reporting an emptying inside a run not seen yet, if there was one)."""
+        if cpu.engine.flush_count.value - 1 != cpu.flushes_seen:
+            self._after_emulator_flush(cpu)
+        else:
+            self._copies_decoded_again(cpu)
+
+    def _tend_code_buffer(self, cpu: Cpu) -> None:
+        """After a quantum: Unicorn emptied `cpu`'s code buffer during it (see
+        `_after_emulator_flush`), or little room is left in it. Then the machine empties it now,
+        between quanta, and decodes the CPU's copies again: the trace is the same as without, and
+        Unicorn never has to empty it inside a run, which only a quantum translating more than the
+        margin (1 MiB, thousands of blocks) could still make it do."""
+        eng = cpu.engine
+        if eng.flush_count.value != cpu.flushes_seen:
+            self._after_emulator_flush(cpu)
+        if eng.low_on_room:
+            eng.empty()
+            self._copies_decoded_again(cpu)
+
+    def _after_emulator_flush(self, cpu: Cpu, sites: Iterable[int] | None = None) -> None:
+        """Unicorn emptied `cpu`'s full code buffer inside the running quantum, and with it the
+        blocks that stand for the CPU's copies of sites. If one of them differed from memory, the
+        CPU may have run memory's bytes in its place since the emptying, which the model does not
+        allow: the run goes on, but it is reported to the instruments as a simulator limit
+        (`on_limit`: the oracle calls the run incomplete). Between quanta the copies are decoded
+        again; from a site's block hook (`sites`: that site), before the block runs, only the
+        report is made (nothing is translated inside a run)."""
+        if sites is None:
+            differ = self._copies_decoded_again(cpu)
+        else:
+            copies = self.coherence.copies[cpu.index]
+            differ = [s for s in sites if s in copies and bytes(copies[s].code) != self.read(s, len(copies[s].code))]
         if not differ:
             return
         now = cpu.now()
-        sites = ", ".join(f"{s:#x}" for s in differ)
+        where = ", ".join(f"{s:#x}" for s in differ)
         why = (
             f"the emulator emptied CPU {cpu.index}'s full code buffer during a quantum while it held stale "
-            f"copies of {sites}: it may have run memory's bytes in their place"
+            f"copies of {where}: it may have run memory's bytes in their place"
         )
         self.trace.add((now, cpu.index, "emulator-flush", len(differ)))
         for f in self._obs["on_limit"]:
@@ -1148,6 +1175,10 @@ class Machine:
                 if addr not in sites:
                     self.trace.add((now, cpu.index, "mid-site", addr))
                     return
+                if eng.flush_count.value != cpu.flushes_seen:
+                    # emptied by Unicorn earlier in this quantum: this block was translated from
+                    # memory, which a stale copy is not (reported before the fetch is judged)
+                    self._after_emulator_flush(cpu, (addr,))
                 fresh = addr not in decoded
                 code = fetch(cpu.index, addr)
                 if fresh:
@@ -1299,8 +1330,8 @@ class Machine:
                 rip = eng.rip()
             # cpu.extra may already hold the cost of events delivered at this boundary
             stop = eng.run(rip, L.UNTIL, q)
-            if eng.flush_count.value != cpu.flushes_seen:
-                self._after_emulator_flush(cpu)
+            if eng.flush_count.value != cpu.flushes_seen or eng.free_ptr.value > eng.room_limit:
+                self._tend_code_buffer(cpu)
             cpu.rip = after = eng.rip()
             if stop is not None and cpu.crash is None:
                 self._crash(cpu, f"guest fault: {stop.error}", after)

@@ -292,8 +292,8 @@ def run_exact(m: Machine, cycles: int, stop_when: Callable[[], bool] | None = No
         m.hz_max = NO_HORIZON
         if m._deferred_drops:
             m._drop_deferred()
-        if eng.flush_count.value != cpu.flushes_seen:
-            m._after_emulator_flush(cpu)
+        if eng.flush_count.value != cpu.flushes_seen or eng.free_ptr.value > eng.room_limit:
+            m._tend_code_buffer(cpu)
         cpu.rip = after = eng.rip()
         held = cpu.held
         done = held if held is not None else eng.completed()

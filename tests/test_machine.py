@@ -507,16 +507,16 @@ def _pool_hashes(cases, seed: int = 2) -> list[str]:
     return [run_scenario(sc, seed).verdict.trace_hash for sc in cases]
 
 
-@pytest.mark.parametrize("flush_at_fill", [0.0, 1.0])
-def test_recycled_engines_give_the_same_traces(flush_at_fill, monkeypatch):
+@pytest.mark.parametrize("keep_at_most", [0, 1 << 40])
+def test_recycled_engines_give_the_same_traces(keep_at_most, monkeypatch):
     """A machine on engines a finished one handed back (cpus/pool.py) keeps nothing of the last
     machine but, at most, translated blocks of unchanged bytes: every trace is the one new engines
-    give, with the blocks dropped at every hand-over and with them kept (as they are by default until
-    the code buffer is half full)."""
+    give, with the blocks dropped at every hand-over and with them kept (as they are by default while
+    they take little of the code buffer)."""
     import cpus._unicorn as unicorn_mod
     from cpus.pool import POOL
 
-    monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", flush_at_fill)
+    monkeypatch.setattr(unicorn_mod, "_KEEP_AT_MOST", keep_at_most)
 
     fresh = []
     for sc in POOL_CASES:
@@ -529,9 +529,10 @@ def test_recycled_engines_give_the_same_traces(flush_at_fill, monkeypatch):
 
 
 def test_code_buffer_is_watched(monkeypatch):
-    """The engine sees how full its code buffer is (Unicorn has no call for it: `_find_codegen`
-    finds TCG's bookkeeping), so that a recycled engine drops its blocks before the buffer fills,
-    and a translation that would crash the emulator on a full buffer is refused instead."""
+    """The engine sees how full its code buffer is and how often it was emptied (Unicorn has no
+    call for either: `_find_codegen` finds TCG's bookkeeping), so that a recycled engine drops its
+    blocks before they take too much, and a translation outside a run that would crash the
+    emulator on a full buffer empties it first (refused from inside the engine's own run)."""
     import cpus._unicorn as unicorn_mod
     from cpus import Machine
     from cpus.errors import SimulatorBug
@@ -545,28 +546,64 @@ def test_code_buffer_is_watched(monkeypatch):
     use = eng.code_buffer()
     assert use is not None and use[1] > 8 << 20
     m.run(20_000)
-    used, size = eng.code_buffer()
-    assert used > use[0]
-    flushes = eng.flush_count.value
-    refilled = []
-    monkeypatch.setattr(eng, "on_flushed", lambda: refilled.append(eng.code_buffer()[0]))
-    monkeypatch.setattr(unicorn_mod, "_DECODE_MARGIN", size - used + 1)  # "nearly full" now
-    eng.decode_at(boot.worker_entry)  # empties the buffer first, then tells the machine
-    assert eng.flush_count.value == flushes + 1 and refilled == [0]
-    eng._in_emu = True  # as from a hook of its own run: no emptying under it
-    with pytest.raises(SimulatorBug, match="code buffer is full"):
-        eng.decode_at(boot.worker_entry)
-    eng._in_emu = False
-    monkeypatch.setattr(unicorn_mod, "_DECODE_MARGIN", 1 << 20)
-    m.run(20_000)
     used = eng.code_buffer()[0]
-    monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", 1.0)
+    assert used > use[0]
+    assert eng.free_ptr.value == eng._codegen_start() + used and not eng.low_on_room
+    monkeypatch.setattr(unicorn_mod, "_KEEP_AT_MOST", used)
     eng.recycle(())
-    assert eng.code_buffer()[0] == used  # kept: below the fill that drops them
-    monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", (used - 1) / size)
+    assert eng.code_buffer()[0] == used  # kept: not more than it may keep
+    monkeypatch.setattr(unicorn_mod, "_KEEP_AT_MOST", used - 1)
     eng.recycle(())
     assert eng.code_buffer()[0] == 0
     POOL.clear()
+
+    m = Machine(MachineConfig(cpus=1, seed=1), boot)
+    eng = m.cpus[0].engine
+    m.run(20_000)
+    flushes = eng.flush_count.value
+    refilled = []
+    monkeypatch.setattr(eng, "on_flushed", lambda: refilled.append(eng.code_buffer()[0]))
+    limit = eng.room_limit
+    eng.room_limit = eng.free_ptr.value - 1  # "nearly full" now
+    assert eng.low_on_room
+    eng.decode_at(boot.worker_entry)  # empties the buffer first, then tells the machine
+    assert eng.flush_count.value == flushes + 1 and refilled == [0]
+    eng._in_emu = True  # as from a hook of its own run: no emptying under it
+    eng.room_limit = eng.free_ptr.value - 1
+    with pytest.raises(SimulatorBug, match="code buffer is full"):
+        eng.decode_at(boot.worker_entry)
+    eng._in_emu = False
+    eng.room_limit = limit
+    m.run(20_000)
+    monkeypatch.setattr(unicorn_mod, "_KEEP_AT_MOST", 1 << 40)
+    eng.recycle(())
+    assert eng.code_buffer()[0] == 0  # a life that emptied its buffer counts as having filled it
+    POOL.clear()
+
+
+def test_the_emulator_counts_the_emptyings_it_does_inside_a_run():
+    """The count the machine watches (`Engine.flush_count`, found by `_find_codegen`) also counts
+    what Unicorn does by itself when its buffer fills in the middle of a run, on an engine with
+    the smallest buffer running one long chain of blocks."""
+    import ctypes
+
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn.x86_const import UC_X86_REG_RAX
+
+    import cpus._unicorn as unicorn_mod
+
+    offsets = unicorn_mod._codegen_offsets()
+    assert offsets is not None
+    uc_off, _ctx_off, flush_off = offsets
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_set_tcg_buffer_size(1 << 20)
+    n = 20_000
+    uc.mem_map(0x10000, 0x100000)
+    uc.mem_write(0x10000, b"\x48\xff\xc0\xeb\x00" * n)  # inc rax; jmp to the next: a block each
+    base = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    count = ctypes.c_uint32.from_address(ctypes.c_uint64.from_address(base + uc_off).value + flush_off)
+    uc.emu_start(0x10000, 0x10000 + 5 * n)
+    assert uc.reg_read(UC_X86_REG_RAX) == n and count.value >= 2
 
 
 def test_an_emptied_code_buffer_keeps_the_stale_copies(make_machine, kernel, monkeypatch):
@@ -610,23 +647,32 @@ def test_an_emptied_code_buffer_keeps_the_stale_copies(make_machine, kernel, mon
     assert called > 0 and traced > 0  # the new call ran: the copy was lost
 
 
-def test_a_code_buffer_emptied_outside_a_run_changes_no_trace(monkeypatch):
-    """A buffer emptied before a translation outside a run (`decode_at`, here on every call) is
-    refilled with every CPU's copies before anything runs: the trace is the one without emptying.
-    Without the refill it is not (a CPU runs memory's bytes where it held a copy)."""
+@pytest.mark.parametrize("interleave", ["exact", "fine"])
+def test_a_code_buffer_emptied_between_quanta_changes_no_trace(interleave, monkeypatch):
+    """The machine empties a CPU's code buffer between quanta, and before a translation outside a
+    run, when little room is left (here: always, after every quantum and before every such
+    translation) and refills it with every copy the CPU holds before anything runs: the trace is
+    the one without emptying. Without the refill it is not (a CPU runs memory's bytes where it
+    held a copy)."""
     import cpus._unicorn as unicorn_mod
     from cpus.pool import POOL
 
-    sc = Scenario(protocol="bp-batch")
-    POOL.clear()
-    normal = run_scenario(sc, 2).verdict.trace_hash
-    POOL.clear()
-    monkeypatch.setattr(unicorn_mod, "_DECODE_MARGIN", 1 << 40)
-    assert run_scenario(sc, 2).verdict.trace_hash == normal
-    POOL.clear()
-    monkeypatch.setattr(Machine, "_copies_decoded_again", lambda self, cpu: [])
-    assert run_scenario(sc, 2).verdict.trace_hash != normal
-    POOL.clear()
+    sc = (
+        Scenario(protocol="bp-batch")
+        if interleave == "exact"
+        else Scenario(protocol="bp", interleave="fine", cpus=2, sites=2, warmup=1000, settle=1000)
+    )
+    try:
+        POOL.clear()
+        normal = run_scenario(sc, 2).verdict.trace_hash
+        POOL.clear()
+        monkeypatch.setattr(unicorn_mod, "_DECODE_MARGIN", 1 << 40)  # engines made now are always low
+        assert run_scenario(sc, 2).verdict.trace_hash == normal
+        POOL.clear()
+        monkeypatch.setattr(Machine, "_copies_decoded_again", lambda self, cpu: [])
+        assert run_scenario(sc, 2).verdict.trace_hash != normal
+    finally:
+        POOL.clear()
 
 
 def test_recycling_must_drop_the_blocks_of_written_text(monkeypatch):
@@ -641,7 +687,7 @@ def test_recycling_must_drop_the_blocks_of_written_text(monkeypatch):
     from cpus.pool import POOL
     from textpoke.image import build_kernel
 
-    monkeypatch.setattr(unicorn_mod, "_FLUSH_AT_FILL", 1.0)  # blocks kept across hand-overs
+    monkeypatch.setattr(unicorn_mod, "_KEEP_AT_MOST", 1 << 40)  # blocks kept across hand-overs
     boot = build_kernel().boot_image()
     cfg = MachineConfig(cpus=2, seed=1)
     new_bytes = b"\x48\xb8" + (7).to_bytes(8, "little")  # mov rax, 7
