@@ -218,28 +218,41 @@ def _seed_log(json_path: Path, label: str) -> Path:
     return json_path.with_name(json_path.stem + ".seeds") / f"{slug}.jsonl"
 
 
-def _logged(path: Path, seeds: int) -> dict[int, SeedResult]:
-    """The seeds of a row's log below `seeds` (a line cut short by a stop is dropped)."""
+def _logged(path: Path, sc, seeds: int) -> dict[int, SeedResult]:
+    """The seeds of a row's log below `seeds` (a line cut short by a stop is dropped). The log's
+    first line names the scenario it was written for: a log of another one is refused."""
     done: dict[int, SeedResult] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = SeedResult.from_json(json.loads(line))
-            except (ValueError, TypeError, KeyError):
-                continue
-            if r.seed < seeds:
-                done[r.seed] = r
+    if not path.exists():
+        return done
+    lines = path.read_text().splitlines()
+    if lines:
+        try:
+            head = json.loads(lines[0])
+        except ValueError:
+            head = None
+        if not isinstance(head, dict) or head.get("scenario") != json.loads(json.dumps(sc.as_dict())):
+            raise SystemExit(
+                f"{path} was not written for this row's scenario ({sc.as_dict()}): delete it, or run "
+                "without --resume to start the row again"
+            )
+    for line in lines[1:]:
+        try:
+            r = SeedResult.from_json(json.loads(line))
+        except (ValueError, TypeError, KeyError):
+            continue
+        if r.seed < seeds:
+            done[r.seed] = r
     return done
 
 
 def _sweep_row(sc, seeds: int, ex, log: Path | None, resume: bool) -> dict:
     """One row's sweep; with a log, the seeds it holds are not run again (`resume`) and every seed
     that finishes is added to it at once."""
-    done = _logged(log, seeds) if log is not None and resume else {}
+    done = _logged(log, sc, seeds) if log is not None and resume else {}
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            log.write_text("")
+        if not resume or not log.exists() or not log.stat().st_size:
+            log.write_text(json.dumps({"scenario": sc.as_dict()}) + "\n")
     todo = [s for s in range(seeds) if s not in done]
     if done:
         print(f"  {len(done)} of {seeds} seeds kept from {log}", flush=True)

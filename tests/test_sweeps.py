@@ -176,12 +176,12 @@ def test_a_stopped_safety_row_resumes_from_its_seed_log(tmp_path):
     sc = Scenario(protocol="naive-bytes", warmup=1000, settle=1000)
     log = bench._seed_log(tmp_path / "rows.json", "unsafe: byte by byte")
     whole = bench._sweep_row(sc, 3, None, log, resume=False)
-    lines = log.read_text().splitlines()
-    assert len(lines) == 3
+    head, *lines = log.read_text().splitlines()
+    assert json.loads(head) == {"scenario": json.loads(json.dumps(sc.as_dict()))} and len(lines) == 3
     for line in lines:
         r = SeedResult.from_json(json.loads(line))
         assert SeedResult.from_json(json.loads(json.dumps(r.to_json()))) == r
-    log.write_text(lines[0] + "\n" + lines[1][:30])  # the second seed's line cut short
+    log.write_text(head + "\n" + lines[0] + "\n" + lines[1][:30])  # the second seed's line cut short
     ran = []
     real = bench.sweep
     bench.sweep = lambda sc, seeds, **kw: (ran.extend(seeds), real(sc, seeds, **kw))[1]
@@ -190,4 +190,7 @@ def test_a_stopped_safety_row_resumes_from_its_seed_log(tmp_path):
     finally:
         bench.sweep = real
     assert ran == [1, 2] and again == whole
-    assert sorted(json.loads(x)["seed"] for x in log.read_text().splitlines() if x.endswith("}")) == [0, 1, 2]
+    logged = [json.loads(x) for x in log.read_text().splitlines()[1:] if x.endswith("}")]
+    assert sorted(x["seed"] for x in logged) == [0, 1, 2]
+    with pytest.raises(SystemExit, match="not written for this row"):
+        bench._sweep_row(Scenario(protocol="naive-atomic"), 3, None, log, resume=True)

@@ -500,7 +500,8 @@ def cmd_safety(args: argparse.Namespace, out: Console) -> int:
     if result.incomplete:
         first = result.incomplete[0]
         out.print(
-            f"incomplete seeds (a patch operation ran out of its cycle budget while still making progress): "
+            f"incomplete seeds (a patch operation ran out of its cycle budget while still making progress, "
+            f"or the emulator hit a limit): "
             f"{' '.join(map(str, result.incomplete[:40]))}; seed {first}: {data['incomplete_seeds'][str(first)]}",
             markup=False,
         )

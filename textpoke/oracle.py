@@ -140,7 +140,8 @@ class Verdict:
     accounting: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     #: why the run has no full verdict (a patch operation ran out of its cycle budget while still
-    #: making progress); what was seen before that is kept, nothing after it is judged
+    #: making progress, or the emulator hit a limit: `on_limit`); what was seen before that is
+    #: kept, nothing after it is judged
     incomplete: str | None = None
     by_cpu: Counter = field(default_factory=Counter)  # cpu -> violation events
 

@@ -49,7 +49,8 @@ class SeedResult:
     nmi_dropped: int
     first: dict[str, str]  # class -> one-line description of its first violation
     #: why the run is incomplete (a patch operation ran out of its cycle budget while still making
-    #: progress): neither safe nor unsafe, counted on its own; None for a complete run
+    #: progress, or the emulator hit a limit): neither safe nor unsafe, counted on its own; None for
+    #: a complete run
     incomplete: str | None = None
     by_cpu: dict[int, int] = field(default_factory=dict)  # cpu -> violation events
 
