@@ -677,7 +677,7 @@ def test_a_code_buffer_emptied_between_quanta_changes_no_trace(interleave, monke
 
 def test_recycling_must_drop_the_blocks_of_written_text(monkeypatch):
     """Engines handed back keep no block translated from bytes their machine wrote (when they keep
-    blocks, as they do while their code buffer is less than half full): a machine whose
+    blocks, as they do while the kept ones take little of the code buffer): a machine whose
     workload's first instruction was rewritten (a new constant) hands its engines over, and the next
     machine, on the original text, runs as one on new engines. Without that drop it runs the old
     block (the comparison above could not see this: a patch's sites are hooked, and their blocks
