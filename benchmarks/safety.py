@@ -28,7 +28,7 @@ from textpoke.executors import executor
 from textpoke.oracle import CLASSES
 from textpoke.report import markdown_table
 from textpoke.scenario import Scenario
-from textpoke.sweep import SeedResult, SweepResult, sweep, wilson
+from textpoke.sweep import SeedResult, SweepInterrupted, SweepResult, sweep, wilson
 
 NMI = {"nmi_rate": 500}
 
@@ -322,7 +322,12 @@ def main() -> int:
             else:
                 t1 = time.perf_counter()
                 log = _seed_log(args.json, label) if args.json else None
-                d = _sweep_row(sc, args.seeds, ex, log, args.resume)
+                try:
+                    d = _sweep_row(sc, args.seeds, ex, log, args.resume)
+                except SweepInterrupted as stop:
+                    kept = f"; its finished seeds are in {log}: --resume carries on" if log else ""
+                    print(f"interrupted in row {label!r} after {stop.partial.seeds} seeds{kept}", file=sys.stderr)
+                    return 130
                 d["wall_s"] = round(time.perf_counter() - t1, 1)
             row = _row(label, expect, needed, d, args.seeds)
             results.append({"row": row, "sweep": d})
