@@ -899,7 +899,7 @@ class Engine:
         With the code buffer nearly full (`low_on_room`) every block is dropped first, and
         `on_flushed` tells the machine, which translates every CPU copy again: Unicorn would crash
         the process translating into a full buffer from outside a run (see `recycle`)."""
-        if not self._refilling and self.free_ptr.value > self.room_limit:
+        if not self._refilling and self.low_on_room:
             use = self.code_buffer() or (0, 0)
             if self._in_emu:
                 # (from a hook of this engine's own run: no emptying the buffer under it)
